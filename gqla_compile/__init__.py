@@ -1,0 +1,48 @@
+"""gqla_compile: find latent attention (GQLA, MLA) in Hugging Face models and compile it to the decoding
+path that fits the target chip.
+
+    model = gqla_compile.optimize(model, target="h20")
+    model.generate(...)
+    print(gqla_compile.report(model))
+
+Public names are imported lazily (PEP 562) so that ``import gqla_compile`` stays cheap and the command
+line starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "LatentDims": "dims",
+    "kv_cache_elements": "dims",
+    "GqlaConfig": "configuration_gqla",
+    "GqlaForCausalLM": "modeling_gqla",
+    "GqlaModel": "modeling_gqla",
+    "convert": "conversion",
+    "Target": "targets",
+    "plan": "cost_model",
+    "Plan": "cost_model",
+    "optimize": "optimize",
+    "report": "report",
+    "Report": "report",
+}
+_SUBMODULES = {"targets", "passes", "dims", "cost_model", "conversion"}
+
+__all__ = sorted([*_PUBLIC, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'gqla_compile' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,1 @@
+"""Sub-commands of ``gqla-compile``; see gqla_compile/cli.py."""

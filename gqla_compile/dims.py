@@ -1,0 +1,120 @@
+"""Latent-attention dimensions read from a model config, and the cache sizes they imply.
+
+One place for DESIGN.md section 2's per-token cache table, so that the converter, the cost model, the
+report and the benchmarks all count the same elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+CachePath = Literal["absorbed", "grouped", "original"]
+CACHE_PATHS: tuple[str, ...] = ("absorbed", "grouped", "original")
+
+
+@dataclass(frozen=True)
+class LatentDims:
+    """Shapes of one latent-attention layer (DESIGN.md section 2 notation)."""
+
+    n_h: int  # query heads
+    n_g: int  # latent groups: KV heads on the grouped path (n_g = n_h for MLA)
+    d_c: int  # latent rank (kv_lora_rank)
+    d_R: int  # shared RoPE key dims (qk_rope_head_dim)
+    d_n: int  # no-RoPE query/key dims per head (qk_nope_head_dim)
+    d_v: int  # value dims per head (v_head_dim)
+    hidden_size: int
+    q_lora_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_h", "n_g", "d_c", "d_R", "d_v", "hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LatentDims.{name} must be positive, got {getattr(self, name)}")
+        if self.d_n < 0:
+            raise ValueError(f"LatentDims.d_n must be >= 0, got {self.d_n}")
+        if self.n_h % self.n_g:
+            raise ValueError(f"{self.n_h} query heads do not split into {self.n_g} equal groups")
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_h // self.n_g
+
+    @property
+    def d_qk(self) -> int:
+        """Head dim of the attention score: no-RoPE plus RoPE dims."""
+        return self.d_n + self.d_R
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LatentDims":
+        """Read the dims of a GQLA or MLA (DeepSeek-style) config.
+
+        MLA configs (every model type but "gqla") up-project the latent per head, so n_g = n_h whatever
+        their ``num_key_value_heads`` says.
+        """
+        config = getattr(config, "get_text_config", lambda: config)()
+        if not is_latent_config(config):
+            raise ValueError(
+                f"config of model_type {getattr(config, 'model_type', '?')!r} has no latent attention "
+                "(no kv_lora_rank); convert it first with gqla_compile.convert"
+            )
+        n_h = config.num_attention_heads
+        n_g = config.num_key_value_heads if getattr(config, "model_type", None) == "gqla" else n_h
+        return cls(
+            n_h=n_h,
+            n_g=n_g,
+            d_c=config.kv_lora_rank,
+            d_R=config.qk_rope_head_dim,
+            d_n=config.qk_nope_head_dim,
+            d_v=config.v_head_dim,
+            hidden_size=config.hidden_size,
+            q_lora_rank=getattr(config, "q_lora_rank", None),
+        )
+
+
+def is_latent_config(config: Any) -> bool:
+    """True for configs that describe latent attention (a kv_lora_rank and the DeepSeek head dims)."""
+    return all(
+        getattr(config, name, None) is not None
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    )
+
+
+def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:
+    """Cached elements per token and layer for one path of a latent-attention layer.
+
+    absorbed: the latent and the shared RoPE key (d_c + d_R). grouped: each group's expanded key and
+    value; the RoPE key is either copied into every group's key (``rope_key="copied"``, what a stock GQA
+    kernel reads) or kept once (``"shared"``). original: what transformers' own MLA models cache (the
+    latent, then re-expanded at every step), the same elements as absorbed.
+    """
+    if path in ("absorbed", "original"):
+        return dims.d_c + dims.d_R
+    if path == "grouped":
+        if rope_key == "copied":
+            return dims.n_g * (dims.d_n + dims.d_R + dims.d_v)
+        if rope_key == "shared":
+            return dims.n_g * (dims.d_n + dims.d_v) + dims.d_R
+        raise ValueError(f"rope_key must be 'copied' or 'shared', got {rope_key!r}")
+    raise ValueError(f"unknown cache path {path!r}; known: {', '.join(CACHE_PATHS)}")
+
+
+def kv_cache_elements(config: Any, path: str = "original", *, rope_key: str = "copied") -> int:
+    """Cached elements per token and layer for a model config and a decoding path.
+
+    Latent configs (GQLA, MLA) accept "absorbed", "grouped" and "original"; plain GQA/MHA configs
+    (Llama, Qwen2, Mistral, ...) only "original": 2 * num_key_value_heads * head_dim.
+    """
+    config = getattr(config, "get_text_config", lambda: config)()
+    if is_latent_config(config):
+        return latent_cache_elements(LatentDims.from_config(config), path, rope_key=rope_key)
+    if path != "original":
+        raise ValueError(
+            f"a {getattr(config, 'model_type', 'non-latent')} config has no {path!r} path: it has no latent "
+            "attention. Convert it with gqla_compile.convert first, or ask for path='original'"
+        )
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * n_kv * head_dim
