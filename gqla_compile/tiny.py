@@ -19,6 +19,8 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 _MLA = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+# DeepSeek configs default num_key_value_heads to 128; their eager attention repeats K/V by n_h // n_kv.
+_MLA_HEADS = dict(num_key_value_heads=_COMMON["num_attention_heads"])
 
 
 def tiny_llama(**overrides: Any):
@@ -44,7 +46,7 @@ def tiny_deepseek_v2(**overrides: Any):
 
     moe_free = dict(first_k_dense_replace=_COMMON["num_hidden_layers"], n_routed_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=32, n_shared_experts=1)
-    return DeepseekV2Config(**{**_COMMON, **_MLA, **moe_free, "q_lora_rank": None, **overrides})
+    return DeepseekV2Config(**{**_COMMON, **_MLA, **_MLA_HEADS, **moe_free, "q_lora_rank": None, **overrides})
 
 
 def tiny_deepseek_v3(**overrides: Any):
@@ -52,7 +54,7 @@ def tiny_deepseek_v3(**overrides: Any):
 
     moe_free = dict(first_k_dense_replace=_COMMON["num_hidden_layers"], n_routed_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1)
-    return DeepseekV3Config(**{**_COMMON, **_MLA, **moe_free, "q_lora_rank": None, "num_mtp_layers": 0, **overrides})
+    return DeepseekV3Config(**{**_COMMON, **_MLA, **_MLA_HEADS, **moe_free, "q_lora_rank": None, "num_mtp_layers": 0, **overrides})
 
 
 def tiny_gqla(**overrides: Any):

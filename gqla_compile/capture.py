@@ -1,0 +1,250 @@
+"""Capture: record how each candidate block is called, then trace it into an aten graph.
+
+How it is traced (written down here, as the report shows it): the model runs once on a tiny batch with
+forward pre-hooks that record each candidate module's call arguments; each module is then traced with
+``torch.export.export`` (non-strict) with a dynamic batch and sequence dim, no cache and no attention
+mask, and functionalized with ``run_decompositions({})``. The result is a clean aten graph (``linear``,
+``split_with_sizes``, the norm and RoPE ops, one ``scaled_dot_product_attention`` or the eager
+matmul/softmax/matmul) whose parameters are placeholders named by the graph signature. Detection works on
+that graph alone, never on class or parameter names. The cache update is not in the graph: the installed
+attention owns it.
+
+Candidates are found by structure: the smallest modules holding at least four ``nn.Linear`` layers and
+called with a [batch, seq, hidden] tensor. Layers with the same structure (class and parameter shapes)
+are traced once; their graphs differ only in the weights fed to them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_METHOD = "torch.export (non-strict, dynamic batch/seq, no cache, no mask) + run_decompositions({})"
+_BATCH, _SEQ = 2, 11  # sizes of the recording run; distinct from any head count or feature size we use
+_MIN_LINEARS = 4
+_NONE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "attention_mask")
+
+
+@dataclass
+class CallRecord:
+    """How a module was called during the recording run, as keyword arguments of its forward."""
+
+    arguments: dict[str, Any]
+    output_arity: int = 0  # 0: returns a tensor; n: returns a tuple of n items
+
+
+@dataclass
+class CapturedAttention:
+    """One candidate module traced into a functional aten graph with lifted parameters."""
+
+    module_path: str
+    graph_module: fx.GraphModule
+    parameter_inputs: dict[str, str]  # placeholder name -> parameter name inside the module
+    user_inputs: list[tuple[str, int | None]]  # per user placeholder: (argument name, pytree leaf index)
+    argument_names: list[str]  # the forward's parameters in order, for binding positional calls
+    structure_key: tuple
+    seconds: float
+    output_arity: int = 0
+    example_arguments: dict[str, Any] = field(default_factory=dict)  # this layer's recorded call
+    method: str = CAPTURE_METHOD
+    shared_with: list[str] = field(default_factory=list)  # other module paths with the same structure
+
+    def placeholder(self, name: str) -> fx.Node:
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder" and node.name == name:
+                return node
+        raise KeyError(name)
+
+
+def find_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Smallest modules with at least four Linear layers: where attention blocks live, by structure alone."""
+    counts = {name: sum(isinstance(m, nn.Linear) for m in mod.modules()) for name, mod in model.named_modules()}
+    modules = dict(model.named_modules())
+    candidates = {}
+    for name, mod in modules.items():
+        if counts[name] < _MIN_LINEARS or any(isinstance(m, nn.Embedding) for m in mod.modules()):
+            continue
+        children = [f"{name}.{child}" if name else child for child, _ in mod.named_children()]
+        if not any(counts[c] >= _MIN_LINEARS for c in children):
+            candidates[name] = mod
+    return candidates
+
+
+def structure_key(module: nn.Module) -> tuple:
+    """Two modules with equal keys trace to the same graph."""
+    return (type(module), tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+
+
+def record_calls(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, CallRecord]:
+    """Run the model once on a tiny batch and keep each module's first call, bound by name."""
+    records: dict[str, CallRecord] = {}
+    handles = []
+
+    def make_hook(name: str, module: nn.Module):
+        signature = inspect.signature(module.forward)
+
+        def hook(_module, args, kwargs):
+            if name not in records:
+                records[name] = CallRecord(bind_arguments(signature, args, kwargs))
+
+        return hook
+
+    def record_output(name: str):
+        def hook(_module, _args, output):
+            if name in records:
+                records[name].output_arity = len(output) if isinstance(output, tuple) else 0
+
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(make_hook(name, module), with_kwargs=True))
+        handles.append(module.register_forward_hook(record_output(name)))
+    try:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+        device = next(model.parameters()).device
+        input_ids = torch.randint(0, vocab, (_BATCH, _SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Positional and keyword call arguments as one flat name -> value dict (``**kwargs`` flattened)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    flat: dict[str, Any] = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"cannot capture a forward called with extra positional arguments: {name}")
+        else:
+            flat[name] = value
+    return flat
+
+
+def capture_module(path: str, module: nn.Module, record: CallRecord) -> CapturedAttention:
+    """Trace one module with torch.export, dynamic in batch and sequence, with no cache and no mask."""
+    start = time.perf_counter()
+    # Only the forward's named parameters: what travels through **kwargs (position_ids, use_cache, ...)
+    # only configures the attention call, which the paths replace; torch.export cannot give it dynamic dims.
+    named = inspect.signature(module.forward).parameters
+    arguments = {
+        k: (None if k in _NONE_ARGUMENTS else v)
+        for k, v in record.arguments.items()
+        if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    batch, seq = Dim("batch", min=1, max=1 << 16), Dim("seq", min=2, max=1 << 20)
+    dynamic = _dynamic_shapes(arguments, batch, seq)
+    with torch.no_grad():
+        exported = torch.export.export(module, (), kwargs=arguments, dynamic_shapes=dynamic, strict=False)
+        exported = exported.run_decompositions({})
+    signature = exported.graph_signature
+    parameter_inputs = dict(signature.inputs_to_parameters)
+    parameter_inputs.update(signature.inputs_to_buffers)
+    user_inputs = _user_input_sources(arguments)
+    user_placeholders = [
+        n.name
+        for n in exported.graph_module.graph.nodes
+        if n.op == "placeholder" and n.name not in parameter_inputs and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    if len(user_placeholders) != len(user_inputs):
+        raise RuntimeError(f"{path}: {len(user_placeholders)} graph inputs for {len(user_inputs)} tensor arguments")
+    gm = exported.graph_module
+    gm.meta["user_input_sources"] = dict(zip(user_placeholders, user_inputs))
+    return CapturedAttention(
+        module_path=path,
+        graph_module=gm,
+        parameter_inputs=parameter_inputs,
+        user_inputs=user_inputs,
+        argument_names=list(inspect.signature(module.forward).parameters),
+        structure_key=structure_key(module),
+        seconds=time.perf_counter() - start,
+        output_arity=record.output_arity,
+        example_arguments=record.arguments,
+    )
+
+
+def _dynamic_shapes(arguments: dict[str, Any], batch: Dim, seq: Dim) -> dict:
+    return {name: pytree.tree_map(lambda v: _dims_of(v, batch, seq), value) for name, value in arguments.items()}
+
+
+def _dims_of(value: Any, batch: Dim, seq: Dim) -> dict[int, Dim] | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    dims = {}
+    for i, size in enumerate(value.shape):
+        if i == 0 and size == _BATCH:
+            dims[i] = batch
+        elif size == _SEQ:
+            dims[i] = seq
+    return dims or None
+
+
+def _user_input_sources(arguments: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """For each tensor leaf, in the order export flattens them: (argument name, leaf index or None)."""
+    sources = []
+    for name, value in arguments.items():
+        if isinstance(value, torch.Tensor):
+            sources.append((name, None))
+            continue
+        leaves = pytree.tree_leaves(value)
+        sources.extend((name, i) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    return sources
+
+
+def capture_attention_candidates(model: nn.Module) -> list[CapturedAttention]:
+    """Capture every candidate block, tracing each distinct structure once."""
+    candidates = find_candidates(model)
+    if not candidates:
+        return []
+    records = record_calls(model, candidates)
+    by_structure: dict[tuple, CapturedAttention] = {}
+    captures = []
+    for path, module in candidates.items():
+        if path not in records:
+            logger.debug("%s was not called during the recording run; skipped", path)
+            continue
+        key = structure_key(module)
+        if key in by_structure:
+            first = by_structure[key]
+            first.shared_with.append(path)
+            captures.append(_reuse(first, path, records[path]))
+            continue
+        try:
+            capture = capture_module(path, module, records[path])
+        except Exception as exc:  # noqa: BLE001 - a block export cannot trace is reported, not fatal
+            logger.warning("could not trace %s (%s): %s", path, type(module).__name__, exc)
+            continue
+        logger.debug("traced %s in %.2f s", path, capture.seconds)
+        by_structure[key] = capture
+        captures.append(capture)
+    return captures
+
+
+def _reuse(first: CapturedAttention, path: str, record: CallRecord) -> CapturedAttention:
+    return CapturedAttention(
+        module_path=path,
+        graph_module=first.graph_module,
+        parameter_inputs=first.parameter_inputs,
+        user_inputs=first.user_inputs,
+        argument_names=first.argument_names,
+        structure_key=first.structure_key,
+        seconds=0.0,
+        output_arity=first.output_arity,
+        example_arguments=record.arguments,
+    )

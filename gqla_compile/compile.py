@@ -1,0 +1,71 @@
+"""Compile: hand the rewritten model to Inductor through ``torch.compile``, counting what it did.
+
+Graph breaks are counted (dynamo's own counters) and reported, not hidden. If Inductor fails, the error
+names the attention blocks in the failing graph and says to retry with ``optimize(..., compile=False)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import GqlaError
+
+logger = logging.getLogger(__name__)
+
+
+class CompileError(GqlaError, RuntimeError):
+    """Inductor could not compile a graph of the optimized model."""
+
+
+@dataclass
+class CompileStats:
+    """Filled in as dynamo hands graphs to the backend (compilation is lazy: first calls)."""
+
+    backend: str = "inductor"
+    graphs: int = 0
+    seconds: float = 0.0
+    graph_breaks_before: int = 0
+    graph_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def graph_breaks(self) -> int:
+        return _graph_break_count() - self.graph_breaks_before
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "graphs": self.graphs, "seconds": round(self.seconds, 3),
+                "graph_breaks": self.graph_breaks, "graph_sizes": list(self.graph_sizes)}
+
+
+def _graph_break_count() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def compile_model(model: nn.Module) -> CompileStats:
+    """Wrap ``model.forward`` with torch.compile(Inductor); generate and direct calls both go through it."""
+    stats = CompileStats(graph_breaks_before=_graph_break_count())
+
+    def inductor_backend(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        start = time.perf_counter()
+        try:
+            compiled = compile_fx(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the blocks named
+            blocks = sorted({str(v[0]) for n in gm.graph.nodes for v in (n.meta.get("nn_module_stack") or {}).values()
+                             if "attn" in str(v[0])})[:4]
+            raise CompileError(
+                f"Inductor failed on a graph holding {', '.join(blocks) or 'the model'}: {exc}. "
+                "Retry with gqla_compile.optimize(model, ..., compile=False)"
+            ) from exc
+        stats.graphs += 1
+        stats.seconds += time.perf_counter() - start
+        stats.graph_sizes.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"))
+        return compiled
+
+    model.forward = torch.compile(model.forward, backend=inductor_backend)
+    return stats

@@ -1,0 +1,216 @@
+"""``optimize``: capture -> detect -> plan -> rewrite (fold, absorb or expand) -> install -> Inductor.
+
+Each arrow is one module (capture.py, passes/detect.py, cost_model.py, passes/{split,fold,absorb,expand}.py,
+runtime.py, compile.py); this file only wires them and keeps the records the report is built from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import CAPTURE_METHOD, CapturedAttention, capture_attention_candidates
+from .dims import LatentDims, latent_cache_elements
+from .errors import GqlaError, NoLatentAttentionError
+from .passes.absorb import AbsorbQuery
+from .passes.detect import DetectLatentAttention, LatentAttentionMatch, probe_up_projections
+from .passes.expand import ExpandNewTokens
+from .passes.fold import fold_value_up_projection, stack_group_up_projections
+from .passes.manager import PassManager, PassRecord
+from .passes.split import SplitLatentProjection
+from .runtime import InstalledLatentAttention, LatentAttentionCore, install, uninstall
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("absorbed", "grouped")
+
+
+class VerificationError(GqlaError, RuntimeError):
+    """A rewritten layer did not reproduce the original on the check input."""
+
+
+@dataclass
+class LayerRewrite:
+    """What optimize did to one attention module."""
+
+    module_path: str
+    layer_idx: int
+    path: str
+    dims: LatentDims
+    records: list[PassRecord]
+    verification_error: float
+    cache_elements_before: int
+    cache_elements_after: int
+    traced_by: str = CAPTURE_METHOD
+    trace_seconds: float = 0.0
+
+
+@dataclass
+class OptimizationState:
+    """Everything optimize decided and did; kept on the model as ``model.gqla_optimization``."""
+
+    path: str
+    target: Any
+    plan: Any
+    layers: list[LayerRewrite]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    compile: Any = None
+    seconds: float = 0.0
+
+
+def optimize(
+    model: nn.Module,
+    target: Any = "auto",
+    *,
+    path: str = "auto",
+    s_q: int = 1,
+    batch_size: int = 1,
+    context_len: int = 4096,
+    tp: int | None = None,
+    compile: bool = True,
+    verify: bool = True,
+    dump_dir: str | None = None,
+) -> nn.Module:
+    """Rewrite every latent-attention block of ``model`` into the path chosen for ``target``, in place.
+
+    ``path="auto"`` asks the cost model (``gqla_compile.plan``) for the faster path at the given decode
+    shape; "absorbed" or "grouped" forces one. ``compile=True`` runs the model through ``torch.compile``
+    with Inductor; ``compile=False`` keeps the rewritten graphs eager (for debugging). A model without
+    latent attention is returned unchanged with a warning (an error if a path was forced).
+    """
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"path must be 'auto', 'absorbed' or 'grouped', got {path!r}")
+    if tp not in (None, 1):
+        raise NotImplementedError("tensor-parallel sharding (tp > 1) is not available yet; use tp=None")
+    if getattr(model, "gqla_optimization", None) is not None:
+        raise GqlaError("this model is already optimized; optimize a fresh copy to change the target or path")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    captures = capture_attention_candidates(model)
+    found = [(c, _detect(c)) for c in captures]
+    matched = [(c, m, records) for c, (m, records) in found if m is not None]
+    if not matched:
+        message = (
+            f"{type(model).__name__} holds no latent attention (checked {len(captures)} candidate blocks); "
+            "nothing was rewritten. Convert a GQA model with gqla_compile.convert first"
+        )
+        if path != "auto":
+            raise NoLatentAttentionError(message)
+        warnings.warn(message, stacklevel=2)
+        model.train(was_training)
+        return model
+    chosen, plan = _choose_path(model, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len)
+    modules = dict(model.named_modules())
+    layers = []
+    try:
+        for ordinal, (capture, match, detect_records) in enumerate(matched):
+            module = modules[capture.module_path]
+            layers.append(_rewrite_layer(module, capture, match, detect_records, chosen, ordinal, verify, dump_dir))
+    except Exception:
+        for capture, _, _ in matched:
+            uninstall(modules[capture.module_path])
+        raise
+    skipped = [(c.module_path, "no latent attention in its graph") for c, (m, _) in found if m is None]
+    model.gqla_optimization = OptimizationState(
+        path=chosen, target=getattr(plan, "target", target), plan=plan, layers=layers, skipped=skipped
+    )
+    if compile:
+        from .compile import compile_model
+
+        model.gqla_optimization.compile = compile_model(model)
+    model.gqla_optimization.seconds = time.perf_counter() - start
+    logger.info("rewrote %d attention blocks to the %s path in %.1f s", len(layers), chosen, model.gqla_optimization.seconds)
+    model.train(was_training)
+    return model
+
+
+def _detect(capture: CapturedAttention) -> tuple[LatentAttentionMatch | None, list[PassRecord]]:
+    detect = DetectLatentAttention(capture)
+    manager = PassManager([detect])
+    manager(capture.graph_module, capture.module_path)
+    return detect.match, manager.records
+
+
+def _choose_path(model, target, path, **shape):
+    """The forced path, or the cost model's choice for the target at this decode shape."""
+    from .cost_model import plan as make_plan
+
+    plan = make_plan(model, target=target, path=path, **shape)
+    return (path if path != "auto" else plan.path), plan
+
+
+def _rewrite_layer(module, capture, match, detect_records, chosen, ordinal, verify, dump_dir) -> LayerRewrite:
+    parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
+    up = probe_up_projections(capture, match, parameters)
+    dims = replace(match.dims, n_g=up.num_groups)
+    o_weight = parameters[match.weight_name(capture, match.output_projection)]
+    o_bias_name = match.weight_name(capture, match.output_projection, 2)
+    o_bias = parameters[o_bias_name] if o_bias_name else None
+    split = SplitLatentProjection(capture, parameters)
+    if chosen == "absorbed":
+        folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=capture.module_path)
+        passes = [split, AbsorbQuery(up.key, folded)]
+        core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c)
+    else:
+        passes = [split, ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n)]
+        core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=None)
+    manager = PassManager(passes, dump_dir=dump_dir)
+    projection = manager(capture.graph_module, capture.module_path)
+    runtime = InstalledLatentAttention(
+        projection,
+        core,
+        path=chosen,
+        layer_idx=getattr(module, "layer_idx", ordinal),
+        argument_names=capture.argument_names,
+        user_inputs=capture.user_inputs,
+        output_arity=capture.output_arity,
+    )
+    error = verify_rewrite(module, runtime, capture) if verify else float("nan")
+    install(module, runtime)
+    return LayerRewrite(
+        module_path=capture.module_path,
+        layer_idx=runtime.layer_idx,
+        path=chosen,
+        dims=dims,
+        records=detect_records + manager.records,
+        verification_error=error,
+        cache_elements_before=latent_cache_elements(dims, "original"),
+        cache_elements_after=latent_cache_elements(dims, chosen),
+        trace_seconds=capture.seconds,
+    )
+
+
+def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
+    """Relative error of the rewritten block against the original on the recorded call (no cache)."""
+    arguments = {k: v for k, v in capture.example_arguments.items() if k not in ("cache", "past_key_values")}
+    hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
+    seq = hidden.shape[1]
+    # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
+    causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)
+    arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
+    with torch.no_grad():
+        expected = _first(module(**arguments))
+        got = _first(runtime(**arguments))
+    if expected.shape != got.shape:
+        raise VerificationError(
+            f"{capture.module_path}: rewritten output has shape {tuple(got.shape)}, original {tuple(expected.shape)}"
+        )
+    error = ((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 3e-2
+    if not error <= tolerance:
+        raise VerificationError(
+            f"{capture.module_path}: the rewritten attention differs from the original (relative error "
+            f"{error:.2e} > {tolerance:.0e}); the model was left unchanged. Please report this model"
+        )
+    return error
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output

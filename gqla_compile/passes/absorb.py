@@ -1,0 +1,57 @@
+"""The absorbed-MQA path: the query moves into latent space; every head attends over [c ; k_R].
+
+W_UK^g is applied to the query as one batched matmul per group (the report records this as "bmm"); the
+cache entry per token is the latent and the RoPE key, d_c + d_R values shared by all heads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import fx
+
+from .graph import append_to_graph
+
+QUERY_ABSORPTION = "bmm"
+
+
+def absorb_query(query, latent, rope_key, w_uk, *, d_n: int, n_g: int):
+    """query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope_key [B, T, d_R], W_UK [n_g, d_n, d_c] ->
+    (query in latent space [B, n_h, T, d_c + d_R], cache entry [B, 1, T, d_c + d_R]).
+
+    Plain PyTorch: it runs eagerly and is also traced onto the graph (dims are passed in because FX
+    proxies have no concrete shapes).
+    """
+    q_nope, q_rope = query[..., :d_n], query[..., d_n:]
+    q_latent = torch.matmul(q_nope.unflatten(1, (n_g, -1)), w_uk.unsqueeze(1)).flatten(1, 2)
+    return torch.cat([q_latent, q_rope], dim=-1), torch.cat([latent, rope_key], dim=-1).unsqueeze(1)
+
+
+def absorb_latent_attention(projection: fx.GraphModule, w_uk: torch.Tensor) -> fx.GraphModule:
+    """Append the query absorption to a latent projection graph (outputs: query, cache entry)."""
+    n_g, d_n, _ = w_uk.shape
+    tail = functools.partial(absorb_query, d_n=d_n, n_g=n_g)
+    return append_to_graph(projection, tail, {"w_uk": w_uk}, class_name="AbsorbedProjection")
+
+
+class AbsorbQuery:
+    """Pass: the absorbed path's projection (query into latent space, [c ; k_R] cache entry)."""
+
+    name = "absorb"
+
+    def __init__(self, w_uk: torch.Tensor, folded_output: torch.Tensor):
+        self.w_uk = w_uk
+        self.folded_output = folded_output  # W_O~, used by the attention core; recorded here
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return absorb_latent_attention(gm, self.w_uk)
+
+    def summary(self) -> dict:
+        return {
+            "query_absorption": QUERY_ABSORPTION,
+            "folded_weights": {
+                "w_uk (W_UK^g per group, applied to the query)": list(self.w_uk.shape),
+                "o_proj_folded (W_O,h W_UV^g(h))": list(self.folded_output.shape),
+            },
+        }

@@ -1,0 +1,385 @@
+"""Detect latent attention in a captured aten graph, by its dataflow alone.
+
+The skeleton, described once with its optional pieces (instead of one pattern per variant):
+
+    attention(q, K, V)                  sdpa, or eager matmul -> [scale] -> [mask] -> softmax -> matmul
+      V <- views <- linear(latent, W_UKV)                  the up-projection (grouped or per head)
+      latent <- [norm] <- split/slice <- linear(x, W_DKV)   the down-projection
+      K = merge(views of the same linear(latent, W_UKV), rope_key)
+      rope_key: the only tensor that flows into K from W_DKV's output without passing W_UKV
+    out = linear(views(attention), W_O)                    the output projection
+
+Dims come from shapes; the group structure of the up-projection (n_g) and its per-group matrices come
+from probing the graph with basis vectors fed where the latent was (so any row layout, GQA broadcast or
+per-head expansion is handled the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..capture import CapturedAttention
+from ..dims import LatentDims
+from ..errors import ShapeMismatchError
+from .graph import (
+    LAYOUT_OPS,
+    MATMUL_OPS,
+    SDPA_OPS,
+    SOFTMAX_OPS,
+    ancestors,
+    evaluate_nodes,
+    is_linear,
+    op_histogram,
+    tensor_meta,
+    walk_back_through_layout,
+    walk_forward_through_layout,
+)
+
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+@dataclass
+class LatentAttentionMatch:
+    """Where latent attention sits in one captured graph, with its dims and weights' placeholder names."""
+
+    module_path: str
+    attention_kind: str  # "sdpa" or "eager"
+    query: fx.Node  # attention's query input [B, n_h, T, d_n + d_R]
+    latent: fx.Node  # input of the up-projection (normalised latent)
+    rope_key: fx.Node  # the shared RoPE key, last node before it merges with the expanded keys
+    key: fx.Node
+    value: fx.Node
+    attention_output: fx.Node  # [B, n_h, T, d_v]
+    up_projection: fx.Node  # linear(latent, W_UKV)
+    down_projection: fx.Node  # linear(x, W_DKV)
+    output_projection: fx.Node  # linear(., W_O[, b_O])
+    scaling: float
+    dims: LatentDims
+    q_lora: bool
+    matched_nodes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def weight_name(self, capture: CapturedAttention, linear: fx.Node, index: int = 1) -> str | None:
+        """Parameter name behind a linear's weight (index 1) or bias (index 2) placeholder."""
+        if len(linear.args) <= index or linear.args[index] is None:
+            return None
+        return capture.parameter_inputs.get(linear.args[index].name)
+
+
+def detect_latent_attention(capture: CapturedAttention) -> LatentAttentionMatch | None:
+    """Find the latent-attention skeleton in a captured graph; None when the graph holds none."""
+    gm = capture.graph_module
+    for attention in _attention_sites(gm):
+        match = _match_site(capture, *attention)
+        if match is not None:
+            return match
+    return None
+
+
+def _attention_sites(gm: fx.GraphModule):
+    """(kind, q, k, v, output, scale) for each attention in the graph."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_OPS:
+            q, k, v = node.args[:3]
+            scale = node.kwargs.get("scale")
+            if scale is None:
+                scale = 1.0 / math.sqrt(tensor_meta(q).shape[-1])
+            yield "sdpa", q, k, v, node, float(scale)
+        elif node.target in SOFTMAX_OPS:
+            site = _eager_site(node)
+            if site is not None:
+                yield ("eager", *site)
+
+
+def _eager_site(softmax: fx.Node):
+    """matmul(q, k^T) [* scale | / d] [+ mask] -> softmax -> [cast/dropout] -> matmul(p, v)."""
+    scale = 1.0
+    node = softmax.args[0]
+    while node.op == "call_function" and node.target not in MATMUL_OPS:
+        if node.target in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(node.args[1], (int, float)):
+            scale *= float(node.args[1])
+        elif node.target in (aten.div.Tensor, aten.div.Scalar) and isinstance(node.args[1], (int, float)):
+            scale /= float(node.args[1])
+        elif node.target not in (aten.add.Tensor, *LAYOUT_OPS):
+            return None
+        node = node.args[0]
+    if node.op != "call_function" or node.target not in MATMUL_OPS:
+        return None
+    q, key_t = node.args[:2]
+    if key_t.target not in (aten.transpose.int, aten.permute.default):
+        return None
+    consumer = _probability_consumer(softmax)
+    if consumer is None:
+        return None
+    return q, key_t.args[0], consumer.args[1], consumer, scale
+
+
+def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
+    """The matmul(p, v) fed by the softmax through casts and the (identity, at inference) dropout.
+
+    The probabilities may have other users too (eager attention returns them as attention weights).
+    """
+    chain = [softmax]
+    while chain:
+        node = chain.pop()
+        for user in node.users:
+            if user.target in MATMUL_OPS and user.args[0] is node:
+                return user
+            if user.target in LAYOUT_OPS:
+                chain.append(user)
+    return None
+
+
+def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | None:
+    up = walk_back_through_layout(v)
+    if not is_linear(up) or up.args[1].op != "placeholder":
+        return None
+    latent = up.args[0]
+    down = _nearest_linear_ancestor(latent)
+    if down is None:
+        return None
+    up_and_above = ancestors(up) | {up}
+    key_sources = ancestors(k) | {k}
+    if up not in key_sources:
+        return None  # keys are not expanded from the same latent as the values
+    rope_keys = [
+        n
+        for n in key_sources
+        if tensor_meta(n) is not None
+        and n not in up_and_above
+        and down in ancestors(n)
+        and up not in ancestors(n)
+        and any(up in (ancestors(u) | {u}) for u in n.users if u in key_sources)
+    ]
+    if len(rope_keys) != 1:
+        return None
+    (rope_key,) = rope_keys
+    o_proj = walk_forward_through_layout(out)
+    if o_proj is None or not is_linear(o_proj):
+        return None
+    dims = _dims(capture, q, v, up, rope_key, o_proj)
+    if dims is None:
+        return None
+    q_lora = any(is_linear(n) for n in ancestors(_nearest_linear_ancestor(q) or q))
+    matched = len((ancestors(o_proj) | {o_proj}) - {n for n in ancestors(o_proj) if n.op == "placeholder"})
+    match = LatentAttentionMatch(
+        module_path=capture.module_path,
+        attention_kind=kind,
+        query=q,
+        latent=latent,
+        rope_key=rope_key,
+        key=k,
+        value=v,
+        attention_output=out,
+        up_projection=up,
+        down_projection=down,
+        output_projection=o_proj,
+        scaling=scale,
+        dims=dims,
+        q_lora=q_lora,
+        matched_nodes=matched,
+    )
+    logger.debug("latent attention in %s: %s", capture.module_path, dims)
+    return match
+
+
+def _nearest_linear_ancestor(node: fx.Node) -> fx.Node | None:
+    frontier = [node]
+    seen: set[fx.Node] = set()
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for inp in n.all_input_nodes:
+                if inp in seen:
+                    continue
+                seen.add(inp)
+                if is_linear(inp):
+                    return inp
+                nxt.append(inp)
+        frontier = nxt
+    return None
+
+
+def _dims(capture, q, v, up, rope_key, o_proj) -> LatentDims | None:
+    qm, vm, rm = tensor_meta(q), tensor_meta(v), tensor_meta(rope_key)
+    weight = _placeholder_shape(capture, up.args[1])
+    o_weight = _placeholder_shape(capture, o_proj.args[1])
+    if qm is None or vm is None or rm is None or weight is None or o_weight is None or qm.dim() != 4:
+        return None
+    n_h, d_qk, d_v, d_r = int(qm.shape[1]), int(qm.shape[-1]), int(vm.shape[-1]), int(rm.shape[-1])
+    d_n, d_c = d_qk - d_r, int(weight[1])
+    if d_n < 0 or weight[0] % (d_n + d_v):
+        return None
+    n_up = weight[0] // (d_n + d_v)  # heads the up-projection produces: n_g (grouped) or n_h (per head)
+    if n_h % n_up or o_weight[1] != n_h * d_v:
+        return None
+    # n_g is settled by probing (identical per-head blocks form a group); start from the row count.
+    return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
+
+
+def _placeholder_shape(capture: CapturedAttention, node: fx.Node) -> tuple[int, ...] | None:
+    meta = tensor_meta(node)
+    if node.op != "placeholder" or node.name not in capture.parameter_inputs or meta is None:
+        return None
+    return tuple(int(s) for s in meta.shape)
+
+
+@dataclass
+class UpProjections:
+    """Per-group up-projections read off the graph: W_UK [n_g, d_n, d_c] and W_UV [n_g, d_v, d_c]."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.key.shape[0]
+
+
+def probe_up_projections(
+    capture: CapturedAttention,
+    match: LatentAttentionMatch,
+    parameters: dict[str, torch.Tensor],
+) -> UpProjections:
+    """Feed basis vectors where the latent was and read the keys' no-RoPE part and the values.
+
+    The map latent -> (K_nope, V) is linear, so column s of each head's matrix is the output for basis
+    vector e_s. Heads whose matrices are identical in consecutive blocks form one group: that is n_g,
+    whether the graph broadcast K/V per group (GQA) or per head (MLA, n_g = n_h).
+    """
+    dims = match.dims
+    feeds = _probe_feeds(capture, match, parameters, seq=dims.d_c)
+    latent_meta = tensor_meta(match.latent)
+    basis = torch.eye(dims.d_c, dtype=latent_meta.dtype)
+    feeds[match.latent] = _in_layout(basis, latent_meta, capture, batch=1, seq=dims.d_c)
+    rope_meta = tensor_meta(match.rope_key)
+    feeds[match.rope_key] = torch.zeros(_concrete_shape(rope_meta, capture, batch=1, seq=dims.d_c), dtype=rope_meta.dtype)
+    with torch.no_grad():
+        key, value = evaluate_nodes(capture.graph_module, [match.key, match.value], feeds)
+        feeds[match.latent] = torch.zeros_like(feeds[match.latent])
+        key0, value0 = evaluate_nodes(capture.graph_module, [match.key, match.value], feeds)
+    if key0[..., : dims.d_n].abs().max() > 0 or value0.abs().max() > 0:
+        raise ShapeMismatchError(
+            f"{match.module_path}: the latent up-projection has a bias; absorbing it is not supported"
+        )
+    # key: [1, heads, d_c, d_n + d_R] -> per head [d_n, d_c]
+    w_uk = key[0, :, :, : dims.d_n].transpose(1, 2)
+    w_uv = value[0].transpose(1, 2)
+    w_uk, w_uv = _per_query_head(w_uk, dims.n_h), _per_query_head(w_uv, dims.n_h)
+    n_g = _group_count(w_uk, w_uv)
+    step = dims.n_h // n_g
+    return UpProjections(key=w_uk[::step].contiguous(), value=w_uv[::step].contiguous())
+
+
+def _per_query_head(per_kv_head: torch.Tensor, n_h: int) -> torch.Tensor:
+    heads = per_kv_head.shape[0]
+    if n_h % heads:
+        raise ShapeMismatchError(f"{heads} key/value heads do not divide {n_h} query heads")
+    return per_kv_head.repeat_interleave(n_h // heads, dim=0)
+
+
+def _group_count(w_uk: torch.Tensor, w_uv: torch.Tensor) -> int:
+    """Smallest n_g for which each block of n_h / n_g consecutive heads shares one up-projection."""
+    n_h = w_uk.shape[0]
+    for n_g in range(1, n_h + 1):
+        if n_h % n_g:
+            continue
+        step = n_h // n_g
+        if all(
+            torch.equal(w[g * step], w[g * step + j]) for w in (w_uk, w_uv) for g in range(n_g) for j in range(step)
+        ):
+            return n_g
+    return n_h
+
+
+def _probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
+    """Parameters and zero user inputs sized for a probe of ``seq`` tokens and batch 1."""
+    feeds: dict[fx.Node, torch.Tensor] = {}
+    for node in capture.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in capture.parameter_inputs:
+            feeds[node] = parameters[capture.parameter_inputs[node.name]]
+        elif (meta := tensor_meta(node)) is not None:
+            feeds[node] = torch.zeros(_concrete_shape(meta, capture, batch=1, seq=seq), dtype=meta.dtype)
+    return feeds
+
+
+def _concrete_shape(meta: torch.Tensor, capture: CapturedAttention, *, batch: int, seq: int) -> list[int]:
+    batch_sym, seq_sym = _batch_and_seq_symbols(capture)
+    shape = []
+    for size in meta.shape:
+        text = str(size)
+        shape.append(batch if text == batch_sym else seq if text == seq_sym else int(size))
+    return shape
+
+
+def _in_layout(rows: torch.Tensor, meta: torch.Tensor, capture, *, batch: int, seq: int) -> torch.Tensor:
+    """Place a [seq, features] matrix into a tensor of ``meta``'s layout (batch 1, other dims broadcast)."""
+    shape = _concrete_shape(meta, capture, batch=batch, seq=seq)
+    _, seq_sym = _batch_and_seq_symbols(capture)
+    seq_dim = next(i for i, s in enumerate(meta.shape) if str(s) == seq_sym)
+    last = len(shape) - 1
+    view = [seq if i == seq_dim else rows.shape[1] if i == last else 1 for i in range(len(shape))]
+    return rows.reshape(view).expand(shape).contiguous()
+
+
+def _batch_and_seq_symbols(capture: CapturedAttention) -> tuple[str, str]:
+    """The symbolic batch and sequence sizes, read off the hidden-states input [B, T, D]."""
+    cached = capture.graph_module.meta.get("batch_seq_symbols")
+    if cached:
+        return cached
+    for node in capture.graph_module.graph.nodes:
+        meta = tensor_meta(node)
+        if node.op == "placeholder" and node.name not in capture.parameter_inputs and meta is not None and meta.dim() == 3:
+            symbols = (str(meta.shape[0]), str(meta.shape[1]))
+            capture.graph_module.meta["batch_seq_symbols"] = symbols
+            return symbols
+    raise ShapeMismatchError(f"{capture.module_path}: no [batch, seq, hidden] input found")
+
+
+def describe(match: LatentAttentionMatch, capture: CapturedAttention) -> dict:
+    """Plain-data summary of a match, for the pass record and the report."""
+    return {
+        "module": match.module_path,
+        "attention": match.attention_kind,
+        "dims": match.dims.as_dict(),
+        "scaling": match.scaling,
+        "q_lora": match.q_lora,
+        "matched_nodes": match.matched_nodes,
+        "weights": {
+            "down_projection": match.weight_name(capture, match.down_projection),
+            "up_projection": match.weight_name(capture, match.up_projection),
+            "output_projection": match.weight_name(capture, match.output_projection),
+        },
+        "ops": dict(op_histogram(capture.graph_module)),
+    }
+
+
+class DetectLatentAttention:
+    """Analysis pass: finds the match, stores it in ``gm.meta["latent_attention"]``, changes nothing."""
+
+    name = "detect"
+
+    def __init__(self, capture: CapturedAttention):
+        self.capture = capture
+        self.match: LatentAttentionMatch | None = None
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self.match = detect_latent_attention(self.capture)
+        gm.meta["latent_attention"] = self.match
+        return gm
+
+    def summary(self) -> dict:
+        if self.match is None:
+            return {"matched": 0}
+        return {"matched": 1, **describe(self.match, self.capture)}

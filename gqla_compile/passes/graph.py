@@ -1,0 +1,231 @@
+"""Small helpers over captured aten graphs, shared by the passes.
+
+The captured graphs (see ``gqla_compile/capture.py``) are functional aten graphs whose parameters are
+placeholders; nodes carry ``meta["val"]`` (fake tensors with symbolic batch and sequence sizes).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+#: Ops that only move, view, split, cast or copy data: walking through them keeps "the same tensor".
+LAYOUT_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.split_with_sizes.default,
+    aten.split.Tensor,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.type_as.default,
+    aten.repeat_interleave.self_int,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    operator.getitem,
+}
+LINEAR_OPS = {aten.linear.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    """The fake tensor a node produces, or None for non-tensor nodes."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node the given node depends on (not including itself)."""
+    seen: set[fx.Node] = set()
+    stack = input_nodes(node)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(input_nodes(n))
+    return seen
+
+
+def walk_back_through_layout(node: fx.Node) -> fx.Node:
+    """Follow a tensor back through views/splits/casts to the op that computed it."""
+    while node.op == "call_function" and node.target in LAYOUT_OPS and node.args:
+        node = node.args[0]
+    return node
+
+
+#: Ops that check metadata and produce nothing: not real consumers.
+CHECK_OPS = {aten._assert_tensor_metadata.default}
+
+
+def walk_forward_through_layout(node: fx.Node) -> fx.Node | None:
+    """Follow a tensor forward through single-user views/casts to the op that consumes it."""
+    while True:
+        users = [u for u in node.users if u.target not in CHECK_OPS]
+        if len(users) != 1:
+            return None
+        (user,) = users
+        if user.op == "call_function" and user.target in LAYOUT_OPS:
+            node = user
+            continue
+        return user
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_OPS
+
+
+def op_histogram(gm: fx.GraphModule) -> Counter:
+    """Counts of call_function targets by name (``aten.linear``, ``aten.matmul``, ...)."""
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            counts[op_name(node.target)] += 1
+        elif node.op in ("call_method", "call_module"):
+            counts[f"{node.op}:{node.target}"] += 1
+    return counts
+
+
+def op_name(target: object) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._schema.name.split('::')[-1]}" if target.namespace == "aten" else str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def extract_subgraph(
+    gm: fx.GraphModule,
+    inputs: Sequence[fx.Node],
+    outputs: Sequence[fx.Node],
+    attributes: Mapping[fx.Node, tuple[str, torch.Tensor]],
+) -> fx.GraphModule:
+    """Copy the part of ``gm`` that computes ``outputs`` from ``inputs`` into a new GraphModule.
+
+    ``inputs`` become the new placeholders (in order; any node may serve as a cut point), nodes listed in
+    ``attributes`` (parameter placeholders) become ``get_attr`` nodes holding the given tensors as
+    non-persistent buffers, so that the new module adds nothing to a model's state_dict. Any other
+    placeholder the outputs need is an error: the cut must be complete.
+    """
+    needed = _backward_closure(outputs, stop=set(inputs))
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    root = torch.nn.Module()
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in gm.graph.nodes:
+        if node not in needed or node in env:
+            continue
+        if node in attributes:
+            attr_name, tensor = attributes[node]
+            root.register_buffer(attr_name, tensor, persistent=False)
+            env[node] = graph.get_attr(attr_name)
+            env[node].meta = dict(node.meta)
+        elif node.op == "placeholder":
+            raise ValueError(f"subgraph needs input {node.name!r}, which is neither an input nor an attribute")
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in outputs))
+    sub = fx.GraphModule(root, graph, class_name="LatentSubgraph")
+    for name in list(sub._buffers):
+        sub._non_persistent_buffers_set.add(name)
+    return sub
+
+
+def _backward_closure(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+    needed: set[fx.Node] = set()
+    stack = list(outputs)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in stop:
+            stack.extend(input_nodes(n))
+    return needed
+
+
+def evaluate_nodes(
+    gm: fx.GraphModule,
+    outputs: Sequence[fx.Node],
+    feeds: Mapping[fx.Node, object],
+) -> list[torch.Tensor]:
+    """Run only what ``outputs`` need, with ``feeds`` standing in for nodes (placeholders or cut points).
+
+    Used to probe a captured graph: feed basis vectors where the latent was, read the keys and values.
+    """
+    needed = _backward_closure(outputs, stop=set(feeds))
+    env: dict[fx.Node, object] = dict(feeds)
+    for node in gm.graph.nodes:
+        if node in env or node not in needed:
+            continue
+        if node.op != "call_function":
+            raise ValueError(f"cannot evaluate {node.op} node {node.name!r} without a feed")
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        env[node] = node.target(*args, **kwargs)
+    return [env[n] for n in outputs]
+
+
+def append_to_graph(
+    gm: fx.GraphModule,
+    tail: Callable[..., tuple],
+    extra_attributes: Mapping[str, torch.Tensor],
+    *,
+    class_name: str,
+) -> fx.GraphModule:
+    """Return a copy of ``gm`` whose outputs are ``tail(*old_outputs, *attribute_tensors)``.
+
+    ``tail`` is a plain PyTorch function (it also runs eagerly and is tested as such); it is traced onto
+    the graph with FX proxies, so a rewrite reads as the math it performs. ``extra_attributes`` become
+    non-persistent buffers (folded weights) passed to ``tail`` after the old outputs.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    old_outputs: tuple = ()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            old_outputs = fx.node.map_arg(node.args[0], lambda n: env[n])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    root = torch.nn.Module()
+    for name, buf in gm.named_buffers():
+        root.register_buffer(name, buf, persistent=False)
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    attribute_proxies = []
+    for name, tensor in extra_attributes.items():
+        root.register_buffer(name, tensor, persistent=False)
+        attribute_proxies.append(fx.Proxy(graph.get_attr(name), tracer))
+    results = tail(*(fx.Proxy(n, tracer) for n in old_outputs), *attribute_proxies)
+    graph.output(tuple(r.node for r in results))
+    new = fx.GraphModule(root, graph, class_name=class_name)
+    for name in list(new._buffers):
+        new._non_persistent_buffers_set.add(name)
+    return new
+
+
+def same_size(a: object, b: object) -> bool:
+    """Equality of possibly symbolic sizes (SymInts compare by their expression)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return a == b

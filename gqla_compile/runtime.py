@@ -1,0 +1,132 @@
+"""Install: the rewritten attention that replaces the original's forward, with transformers' own caches.
+
+Cache layouts (DESIGN.md section 4: transformers' cache layers size themselves from the first update,
+keys and values separately, so no cache class of our own is needed; generate, beam search, cropping and
+StaticCache come for free):
+
+- absorbed: key = [c ; k_R] as one head [B, 1, T, d_c + d_R], value zero-width [B, 1, T, 0]; the
+  attention reads the latent part of the key as its values, so each token costs d_c + d_R elements.
+- grouped: keys [B, n_g, T, d_n + d_R] (k_R copied into each group), values [B, n_g, T, d_v].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of T new queries over S cached keys (the last T of which are the new ones).
+
+    ``attention_mask`` is what transformers prepared for the model's attention implementation (boolean
+    for sdpa, additive for eager); without one the mask is causal, aligned to the end of the keys.
+    """
+    t, s = query.shape[-2], key.shape[-2]
+    if attention_mask is not None:
+        mask, causal = attention_mask[..., :s], False
+    elif t == 1:
+        mask, causal = None, False
+    elif t == s:
+        mask, causal = None, True
+    else:
+        mask, causal = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t), False
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+
+
+class LatentAttentionCore(nn.Module):
+    """Attention over the cache, then the output projection: one module for both paths.
+
+    absorbed: values are the first ``latent_value_dims`` (= d_c) dims of the cached key, and the output
+    projection is the folded W_O~ [D, n_h d_c]. grouped: values come from the cache, o_proj unchanged.
+    """
+
+    def __init__(self, o_weight: torch.Tensor, o_bias: torch.Tensor | None, scale: float, latent_value_dims: int | None):
+        super().__init__()
+        self.register_buffer("o_weight", o_weight, persistent=False)
+        self.register_buffer("o_bias", o_bias, persistent=False)
+        self.scale = scale
+        self.latent_value_dims = latent_value_dims
+
+    def forward(self, query, key, value, attention_mask):
+        if self.latent_value_dims is not None:
+            value = key[..., : self.latent_value_dims]
+        out = causal_attention(query, key, value, attention_mask, self.scale)
+        return F.linear(out.transpose(1, 2).flatten(2), self.o_weight, self.o_bias)
+
+
+class InstalledLatentAttention(nn.Module):
+    """Replaces an attention module's forward: projection graph -> cache update -> attention core.
+
+    It is registered on the original module as ``gqla_runtime`` with only non-persistent buffers (shared
+    with the original parameters where unchanged), so ``state_dict`` and ``save_pretrained`` see exactly
+    the user's untouched weights.
+    """
+
+    def __init__(
+        self,
+        projection: fx.GraphModule,
+        core: LatentAttentionCore,
+        *,
+        path: str,
+        layer_idx: int,
+        argument_names: list[str],
+        user_inputs: list[tuple[str, int | None]],
+        output_arity: int,
+    ):
+        super().__init__()
+        self.projection = projection
+        self.core = core
+        self.path = path
+        self.layer_idx = layer_idx
+        self.argument_names = list(argument_names)
+        self.user_inputs = list(user_inputs)
+        self.output_arity = output_arity
+
+    def forward(self, *args, **kwargs):
+        arguments = dict(zip(self.argument_names, args))
+        arguments.update(kwargs)
+        inputs = [_argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
+        outputs = self.projection(*inputs)
+        if self.path == "absorbed":
+            query, key = outputs
+            value = key[..., :0]
+        else:
+            query, key, value = outputs
+        cache = next((arguments[n] for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out = self.core(query, key, value, arguments.get("attention_mask"))
+        if self.output_arity == 0:
+            return out
+        return (out,) + (None,) * (self.output_arity - 1)
+
+
+def _argument_leaf(arguments: dict, name: str, leaf: int | None):
+    value = arguments[name]
+    return value if leaf is None else pytree.tree_leaves(value)[leaf]
+
+
+def install(module: nn.Module, runtime: InstalledLatentAttention) -> None:
+    """Route the module's calls to the runtime; the module keeps its parameters untouched."""
+    module.gqla_runtime = runtime
+    module.forward = runtime.forward
+
+
+def uninstall(module: nn.Module) -> None:
+    """Undo :func:`install` (used when verification fails, so the model is left as it was)."""
+    if "forward" in module.__dict__:
+        del module.forward
+    if hasattr(module, "gqla_runtime"):
+        del module.gqla_runtime
