@@ -15,6 +15,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+from . import modeling_gqla as _modeling_gqla  # noqa: F401  registers model_type "gqla" with the Auto classes
 
 # public name -> module that defines it
 _PUBLIC = {
