@@ -1,0 +1,470 @@
+"""Roofline cost model: which decoding path (absorbed-MQA or grouped-GQA) is faster for one decode step of
+a latent-attention model on a target chip (DESIGN.md sections 1-2).
+
+Per layer and tensor-parallel rank, each path's step is split into parts that are kept apart so that the
+report can show where the time goes: reading the cache in the attention core, writing the new tokens'
+cache entries, the attention projections (weight bytes, read once per step, and their FLOPs) and the
+all-reduce after o_proj. Each part costs max(bytes / bandwidth, FLOPs / peak); the parts are summed (no
+overlap assumed), and the path with the smaller sum wins.
+
+Not counted: activations of the projections (KB next to MB of weights at decode batch sizes), the
+query/output bytes of the attention core, kernel launch overheads and everything outside attention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any
+
+from . import targets as _targets
+from .dims import LatentDims, is_latent_config, latent_cache_elements
+from .errors import NoLatentAttentionError
+from .targets import DTYPE_BYTES, Target, dtype_name
+
+logger = logging.getLogger(__name__)
+
+PATHS: tuple[str, ...] = ("absorbed", "grouped")
+ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
+ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks ties: the bmm keeps the smaller weights
+
+
+@dataclass(frozen=True)
+class PartCost:
+    """One part of a path's step on one rank: its traffic, its work, and the roofline's verdict."""
+
+    name: str
+    bytes: float
+    flops: float
+    time_s: float
+    bound: str  # "memory", "compute" or "interconnect"
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "arithmetic_intensity": self.arithmetic_intensity}
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """One path's cost per decode step, per layer and per rank, split into parts."""
+
+    path: str
+    parts: tuple[PartCost, ...]
+    num_layers: int
+    cache_bytes_per_token: int  # per layer, the whole layer (all ranks together)
+    cache_bytes_per_token_per_rank: int  # per layer, what one rank holds
+
+    @property
+    def bytes(self) -> float:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def flops(self) -> float:
+        return sum(p.flops for p in self.parts)
+
+    @property
+    def time_s(self) -> float:
+        """Predicted time of one layer's attention for one decode step."""
+        return sum(p.time_s for p in self.parts)
+
+    @property
+    def step_time_s(self) -> float:
+        """Predicted attention time of one decode step through the whole model."""
+        return self.num_layers * self.time_s
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    @property
+    def bound(self) -> str:
+        """The bound of the part that takes the most time."""
+        return max(self.parts, key=lambda p: p.time_s).bound
+
+    def part(self, name: str) -> PartCost:
+        return next(p for p in self.parts if p.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        totals = ("bytes", "flops", "time_s", "step_time_s", "arithmetic_intensity", "bound",
+                  "cache_bytes_per_token", "cache_bytes_per_token_per_rank")
+        return {"path": self.path, "parts": [p.to_dict() for p in self.parts],
+                **{name: getattr(self, name) for name in totals}}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one decoder layer (all layers of a model share one shape, hence one decision)."""
+
+    index: int
+    path: str
+    costs: Mapping[str, PathCost] = field(hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cost model's decision with every figure it rests on; ``explain()`` shows them as a table."""
+
+    path: str
+    reason: str
+    target: Target
+    dims: LatentDims
+    num_layers: int
+    s_q: int
+    batch_size: int
+    context_len: int
+    tp: int
+    dtype: str
+    rope_key: str
+    peak_flops: float  # the target's peak for dtype
+    costs: Mapping[str, PathCost] = field(hash=False)  # per feasible path
+    query_absorption: str  # absorbed path: W_UK "folded" into q_proj or applied as a per-head "bmm"
+    output_absorption: str  # absorbed path: W_UV "folded" into o_proj or applied as a per-head "bmm"
+    layers: tuple[LayerPlan, ...] = field(hash=False, repr=False)
+
+    @property
+    def ridge(self) -> float:
+        """The target's ridge point for dtype, in FLOP/B."""
+        return self.peak_flops / self.target.memory_bandwidth
+
+    @property
+    def step_time_s(self) -> float:
+        """Predicted attention time of one decode step on the chosen path."""
+        return self.costs[self.path].step_time_s
+
+    def explain(self) -> str:
+        """A terminal table of both paths' parts and totals, then the cache sizes and the reason."""
+        from tabulate import tabulate
+
+        rows = []
+        for path, cost in self.costs.items():
+            label = f"{path} *" if path == self.path else path
+            for part in cost.parts:
+                rows.append([label, part.name, _si(part.bytes, "B"), _si(part.flops, "FLOP"),
+                             f"{part.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", part.bound,
+                             _duration(part.time_s)])
+            rows.append([label, "total / layer", _si(cost.bytes, "B"), _si(cost.flops, "FLOP"),
+                         f"{cost.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", cost.bound, _duration(cost.time_s)])
+            rows.append([label, f"step ({self.num_layers} layers)", "", "", "", "", "", _duration(cost.step_time_s)])
+        table = tabulate(rows, headers=["path", "part", "bytes", "FLOPs", "AI (FLOP/B)", "ridge", "bound", "time"],
+                         tablefmt="simple")
+        header = (f"plan on {self.target.name}: {self.dtype}, s_q={self.s_q}, batch {self.batch_size}, "
+                  f"context {self.context_len}, tp={self.tp}, RoPE key {self.rope_key}; figures per layer and rank")
+        cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
+                          for p, c in self.costs.items())
+        absorption = f"absorbed path applies W_UK as {self.query_absorption}, W_UV as {self.output_absorption}"
+        return "\n".join([header, table, f"cache per token and layer: {cache}", absorption, self.reason])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure, JSON-serialisable."""
+        return {
+            "path": self.path,
+            "reason": self.reason,
+            "target": {**asdict(self.target), "ridge": self.ridge},
+            "inputs": {"s_q": self.s_q, "batch_size": self.batch_size, "context_len": self.context_len,
+                       "tp": self.tp, "dtype": self.dtype, "rope_key": self.rope_key},
+            "dims": self.dims.as_dict(),
+            "num_layers": self.num_layers,
+            "peak_flops": self.peak_flops,
+            "ridge": self.ridge,
+            "query_absorption": self.query_absorption,
+            "output_absorption": self.output_absorption,
+            "paths": {p: c.to_dict() for p, c in self.costs.items()},
+            "layers": [{"index": layer.index, "path": layer.path} for layer in self.layers],
+        }
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The workload of one decode step on one rank, and the roofline it runs on."""
+
+    dims: LatentDims
+    s_q: int
+    batch_size: int
+    context_len: int
+    tp: int
+    rope_key: str
+    dtype_bytes: int
+    peak: float
+    bandwidth: float
+    link_bandwidth: float
+
+    @property
+    def tokens(self) -> int:
+        """New tokens in the step: every sequence of the batch decodes s_q of them."""
+        return self.batch_size * self.s_q
+
+    def part(self, name: str, elements: float, flops: float, *, over_link: bool = False) -> PartCost:
+        """The one place a part's time and bound are decided: max(bytes / bandwidth, FLOPs / peak)."""
+        n_bytes = elements * self.dtype_bytes
+        bandwidth, medium = (self.link_bandwidth, "interconnect") if over_link else (self.bandwidth, "memory")
+        transfer, compute = n_bytes / bandwidth, flops / self.peak
+        return PartCost(name, n_bytes, flops, max(transfer, compute), medium if transfer >= compute else "compute")
+
+
+@dataclass(frozen=True)
+class _Matmul:
+    """A weight the projections read once per step, and the FLOPs it costs per new token."""
+
+    weight_elements: int
+    flops_per_token: int
+    sharded: bool = True  # split over TP ranks; replicated weights (every rank needs the whole latent) are not
+
+
+def _linear(out_features: int, in_features: int, *, sharded: bool = True) -> _Matmul:
+    return _Matmul(out_features * in_features, 2 * out_features * in_features, sharded)
+
+
+def _per_head(dims: LatentDims, rows: int) -> _Matmul:
+    """W_UK or W_UV applied as a batched matmul: one [rows, d_c] matrix per group, used by each of its heads."""
+    return _Matmul(dims.n_g * rows * dims.d_c, 2 * dims.n_h * rows * dims.d_c)
+
+
+def _query_matmuls(dims: LatentDims, nope_rows: int) -> list[_Matmul]:
+    """q_proj (or q_a_proj + q_b_proj) with ``nope_rows`` no-RoPE output rows per head."""
+    rows = dims.n_h * (nope_rows + dims.d_R)
+    if dims.q_lora_rank is None:
+        return [_linear(rows, dims.hidden_size)]
+    return [_linear(dims.q_lora_rank, dims.hidden_size, sharded=False), _linear(rows, dims.q_lora_rank)]
+
+
+def _projection_matmuls(path: str, dims: LatentDims, query: str, output: str) -> list[_Matmul]:
+    """The attention projections one path runs per step; ``query``/``output`` say how the absorbed path
+    applies W_UK and W_UV (folded into q_proj / o_proj, or as per-head bmm's)."""
+    kv_a = _linear(dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
+    o_proj = _linear(dims.hidden_size, dims.n_h * dims.d_v)
+    if path == "grouped":
+        kv_b = _linear(dims.n_g * (dims.d_n + dims.d_v), dims.d_c)  # expands the new tokens' latents only
+        return [*_query_matmuls(dims, dims.d_n), kv_a, kv_b, o_proj]
+    q = _query_matmuls(dims, dims.d_c) if query == "folded" else [*_query_matmuls(dims, dims.d_n), _per_head(dims, dims.d_n)]
+    o = [_linear(dims.hidden_size, dims.n_h * dims.d_c)] if output == "folded" else [_per_head(dims, dims.d_v), o_proj]
+    return [*q, kv_a, *o]
+
+
+def _projections(step: _Step, matmuls: Iterable[_Matmul]) -> PartCost:
+    elements = flops = 0.0
+    for m in matmuls:
+        share = step.tp if m.sharded else 1
+        elements += m.weight_elements / share
+        flops += step.tokens * m.flops_per_token / share
+    return step.part("projections", elements, flops)
+
+
+def _rank_cache_elements(path: str, step: _Step) -> int:
+    """Cache elements per token and layer on one rank: the absorbed latent is replicated on every rank,
+    the grouped cache is split by group."""
+    if path == "absorbed":
+        return latent_cache_elements(step.dims, "absorbed")
+    rank_dims = replace(step.dims, n_h=step.dims.n_h // step.tp, n_g=step.dims.n_g // step.tp)
+    return latent_cache_elements(rank_dims, "grouped", rope_key=step.rope_key)
+
+
+def _attention_core(path: str, step: _Step) -> PartCost:
+    """Read the cache over the context; scores, softmax and values (DESIGN.md section 2 table)."""
+    d = step.dims
+    head_dims = 2 * d.d_c + d.d_R if path == "absorbed" else d.d_n + d.d_R + d.d_v
+    flops_per_token = 2 * (d.n_h // step.tp) * step.s_q * head_dims
+    contexts = step.batch_size * step.context_len
+    return step.part("attention_core", contexts * _rank_cache_elements(path, step), contexts * flops_per_token)
+
+
+def _all_reduce(step: _Step) -> PartCost:
+    """Ring all-reduce of o_proj's output: 2 (P - 1) / P of the activations cross each rank's link."""
+    p = step.tp
+    return step.part("all_reduce", 2 * (p - 1) / p * step.tokens * step.dims.hidden_size, 0.0, over_link=True)
+
+
+def _path_cost(path: str, step: _Step, num_layers: int, query: str, output: str) -> PathCost:
+    rank_elements = _rank_cache_elements(path, step)
+    parts = (
+        _attention_core(path, step),
+        step.part("cache_write", step.tokens * rank_elements, 0.0),
+        _projections(step, _projection_matmuls(path, step.dims, query, output)),
+        _all_reduce(step),
+    )
+    whole_elements = latent_cache_elements(step.dims, path, rope_key=step.rope_key)
+    return PathCost(path, parts, num_layers, whole_elements * step.dtype_bytes, rank_elements * step.dtype_bytes)
+
+
+def _cheapest_absorption(step: _Step) -> tuple[str, str]:
+    """How the absorbed path should apply W_UK and W_UV: whichever combination makes the projections cheapest.
+
+    Folding multiplies a weight by d_c / d_n (or d_c / d_v), which at decode batch sizes costs more weight
+    bytes than the bmm's FLOPs save; with a tiny latent or big batches folding can win.
+    """
+    options = itertools.product(ABSORPTIONS, ABSORPTIONS)
+    return min(options, key=lambda qo: _projections(step, _projection_matmuls("absorbed", step.dims, *qo)).time_s)
+
+
+def _check_workload(s_q: int, batch_size: int, context_len: int, tp: int, path: str, rope_key: str) -> None:
+    for name, value in (("s_q", s_q), ("batch_size", batch_size), ("context_len", context_len), ("tp", tp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"path must be 'auto', 'absorbed' or 'grouped', got {path!r}")
+    if rope_key not in ROPE_KEYS:
+        raise ValueError(f"rope_key must be 'copied' or 'shared', got {rope_key!r}")
+
+
+def _shard_problem(path: str, dims: LatentDims, tp: int) -> str | None:
+    """Why ``tp`` ranks cannot shard this path, or None when they can."""
+    count, what = (dims.n_g, "latent groups") if path == "grouped" else (dims.n_h, "query heads")
+    if count % tp:
+        return (f"tp={tp} does not divide the {count} {what}: the {path} path gives each rank whole "
+                f"{what}; use a tp that divides {count}")
+    return None
+
+
+def _config_of(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def _latent_dims(config: Any) -> LatentDims:
+    if not is_latent_config(config):
+        raise NoLatentAttentionError(
+            f"a model of type {getattr(config, 'model_type', type(config).__name__)!r} has no latent attention "
+            "(no kv_lora_rank) to plan for; convert it to GQLA first with gqla_compile.convert(model, ...)"
+        )
+    return LatentDims.from_config(config)
+
+
+def _default_dtype(model_or_config: Any) -> str:
+    """bfloat16, the usual decode dtype, unless the model (or its config) is float32 or float16."""
+    dtype = getattr(model_or_config, "dtype", None) or getattr(_config_of(model_or_config), "dtype", None)
+    try:
+        name = dtype_name(dtype) if dtype is not None else "bfloat16"
+    except ValueError:
+        name = "bfloat16"
+    return name if name in ("float32", "float16") else "bfloat16"
+
+
+def _reason(chosen: str, auto: str, costs: Mapping[str, PathCost], step: _Step, target: Target,
+            forced: bool, ridge: float) -> str:
+    """One sentence: which path wins and why (the attention cores' side of the ridge, and the times)."""
+    where = f"on {target.name} at s_q={step.s_q}, batch {step.batch_size}, context {step.context_len}, tp={step.tp}"
+    if len(costs) == 1:
+        (only,) = costs
+        other = next(p for p in PATHS if p != only)
+        because = f"{only} is the only path {where}: {_shard_problem(other, step.dims, step.tp)}"
+    else:
+        cores = ", ".join(
+            f"{p} attention is {c.part('attention_core').bound}-bound "
+            f"(AI {c.part('attention_core').arithmetic_intensity:.0f} "
+            f"{'>' if c.part('attention_core').arithmetic_intensity > ridge else '<='} ridge {ridge:.0f})"
+            for p, c in costs.items())
+        loser = next(p for p in costs if p != auto)
+        win_t, lose_t = costs[auto].step_time_s, costs[loser].step_time_s
+        because = (f"{auto} wins {where}: {cores}; predicted step {_duration(win_t)} vs {_duration(lose_t)} "
+                   f"({lose_t / win_t:.2f}x faster)")
+    return f"path forced to {chosen}; the cost model would pick {because}" if forced else because
+
+
+def plan(
+    model_or_config: Any,
+    target: str | Target = "auto",
+    *,
+    s_q: int = 1,
+    batch_size: int = 1,
+    context_len: int = 4096,
+    tp: int = 1,
+    dtype: Any = None,
+    path: str = "auto",
+    rope_key: str = "copied",
+) -> Plan:
+    """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
+
+    ``model_or_config``: a transformers model or config with latent attention (GQLA or MLA). ``target``: a
+    name, a ``Target``, or "auto" (this machine's GPU, else the measured CPU). ``s_q``: tokens decoded per
+    sequence and step (2 for MTP or speculative verification). ``path`` forces a path; the plan still
+    costs both. ``rope_key``: whether the grouped cache copies the RoPE key into every group ("copied",
+    what a stock GQA kernel reads) or keeps it once ("shared").
+    """
+    _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
+    config = _config_of(model_or_config)
+    dims = _latent_dims(config)
+    chip = _targets.resolve(target)
+    dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
+    if tp > chip.devices_per_node:
+        logger.warning("tp=%d spans more than one %s node (%d devices): the all-reduce will be slower than "
+                       "the interconnect figure says", tp, chip.name, chip.devices_per_node)
+    peak = chip.peak(dtype)
+    step = _Step(dims, s_q, batch_size, context_len, tp, rope_key, DTYPE_BYTES[dtype], peak,
+                 chip.memory_bandwidth, chip.interconnect_bandwidth)
+    feasible = [p for p in PATHS if _shard_problem(p, dims, tp) is None]
+    if path != "auto" and path not in feasible:
+        raise ValueError(_shard_problem(path, dims, tp))
+    if not feasible:
+        raise ValueError(_shard_problem("absorbed", dims, tp))  # n_g divides n_h: tp not dividing n_h fails both
+    query, output = _cheapest_absorption(step)
+    num_layers = getattr(config, "num_hidden_layers", 1)
+    costs = {p: _path_cost(p, step, num_layers, query, output) for p in feasible}
+    auto = min(costs, key=lambda p: costs[p].time_s)  # ties go to absorbed: the smaller cache
+    chosen = auto if path == "auto" else path
+    reason = _reason(chosen, auto, costs, step, chip, path != "auto", peak / chip.memory_bandwidth)
+    logger.debug("%s", reason)
+    layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
+    return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
+                costs, query, output, layers)
+
+
+def reference_configs() -> dict[str, SimpleNamespace]:
+    """The two GQLA shapes the paper argues with, as plain config objects ``LatentDims.from_config`` reads."""
+    common = dict(model_type="gqla", qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=512,
+                  num_key_value_heads=8, dtype="bfloat16")
+    return {
+        # DeepSeek-V3's attention (61 layers, q_lora_rank 1536) with its 128 heads' up-projections in 8 groups
+        "DeepSeek-V3-shaped": SimpleNamespace(**common, hidden_size=7168, num_attention_heads=128,
+                                                   q_lora_rank=1536, num_hidden_layers=61),
+        # LLaMA-3-8B after TransGQLA: 8 KV heads become 8 groups over a 512 + 64 latent
+        "LLaMA-3-8B-TransGQLA": SimpleNamespace(**common, hidden_size=4096, num_attention_heads=32,
+                                                      q_lora_rank=None, num_hidden_layers=32),
+    }
+
+
+def choice_table(
+    configs: Mapping[str, Any] | None = None,
+    chips: Sequence[Target] = _targets.BUILTINS,
+    s_qs: Sequence[int] = (1, 2, 4),
+    batches: Sequence[int] = (1, 32),
+    context_len: int = 4096,
+) -> str:
+    """Markdown table of the chosen path over targets x batch (rows) and shapes x s_q (columns).
+
+    Each cell is the winning path and how much faster its predicted step is than the other path's.
+    """
+    from tabulate import tabulate
+
+    configs = reference_configs() if configs is None else configs
+    headers = ["target", "ridge (FLOP/B)", "batch",
+               *(f"{name}, s_q={s}" for name in configs for s in s_qs)]
+    rows = []
+    for chip in chips:
+        for batch in batches:
+            cells = []
+            for config in configs.values():
+                for s in s_qs:
+                    p = plan(config, chip, s_q=s, batch_size=batch, context_len=context_len)
+                    other = next(c for c in p.costs if c != p.path)
+                    cells.append(f"{p.path} {p.costs[other].time_s / p.costs[p.path].time_s:.2f}x")
+            rows.append([chip.name, f"{chip.ridge():.0f}", str(batch), *cells])
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if seconds >= factor:
+            return f"{seconds / factor:.2f} {unit}"
+    return f"{seconds * 1e9:.0f} ns"
