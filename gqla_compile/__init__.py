@@ -28,9 +28,9 @@ _PUBLIC = {
     "Target": "targets",
     "plan": "cost_model",
     "Plan": "cost_model",
-    "optimize": "optimize",
-    "report": "report",
-    "Report": "report",
+    "optimize": "pipeline",
+    "report": "reporting",
+    "Report": "reporting",
 }
 _SUBMODULES = {"targets", "passes", "dims", "cost_model", "conversion"}
 

@@ -1,0 +1,206 @@
+"""The compiler end to end: detect, rewrite to each path, install, run under generate (eager and Inductor).
+
+Every check is against the unmodified eager model in float32: logits of the prefill and of 32 decode
+steps within 1e-4 relative error, identical greedy tokens, and caches of exactly the predicted size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _models import HandWrittenLatentLM, cache_elements, logits_of, relative_error, teacher_forced_decode
+from transformers import AutoModelForCausalLM
+
+import gqla_compile
+from gqla_compile.dims import latent_cache_elements
+from gqla_compile.errors import NoLatentAttentionError
+from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_llama
+
+PATHS = ("absorbed", "grouped")
+DECODE_STEPS = 32
+
+
+def _hf_model(factory, attn_implementation="sdpa", **overrides):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(factory(**overrides), attn_implementation=attn_implementation).eval()
+
+
+MODELS = {
+    "deepseek_v2": lambda: _hf_model(tiny_deepseek_v2),
+    "deepseek_v2_eager": lambda: _hf_model(tiny_deepseek_v2, "eager"),
+    "deepseek_v3": lambda: _hf_model(tiny_deepseek_v3),
+    "deepseek_v3_q_lora": lambda: _hf_model(tiny_deepseek_v3, q_lora_rank=24),
+    "deepseek_v3_eager": lambda: _hf_model(tiny_deepseek_v3, "eager"),
+    "hand_written_gqla": lambda: HandWrittenLatentLM().eval(),
+}
+
+
+def _check_equivalent(reference, optimized, vocab: int) -> None:
+    tokens = torch.randint(0, vocab, (2, 6 + DECODE_STEPS))
+    with torch.no_grad():
+        expected = teacher_forced_decode(reference, tokens, prompt_len=6)
+        actual = teacher_forced_decode(optimized, tokens, prompt_len=6)
+    assert len(actual) == DECODE_STEPS + 1
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        assert relative_error(a, e) < 1e-4, f"step {step}: relative error {relative_error(a, e):.2e}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eager_rewrite_matches_original(name, path):
+    reference = MODELS[name]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    state = optimized.gqla_optimization
+    assert state.path == path and len(state.layers) == 2
+    vocab = getattr(getattr(reference, "config", None), "vocab_size", None) or reference.vocab
+    _check_equivalent(reference, optimized, vocab)
+
+
+def test_detection_reads_dims_and_groups_from_the_graph():
+    model = gqla_compile.optimize(HandWrittenLatentLM().eval(), path="grouped", target="h100", compile=False)
+    layer = model.gqla_optimization.layers[0]
+    assert layer.module_path == "blocks.0"
+    d = layer.dims
+    assert (d.n_h, d.n_g, d.d_c, d.d_R, d.d_n, d.d_v) == (6, 3, 20, 8, 12, 10)
+    detect = layer.records[0]
+    assert detect.pass_name == "detect" and detect.summary["matched"] == 1
+    assert detect.summary["attention"] == "eager"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_generate_same_tokens_and_cache_size(path):
+    reference = MODELS["deepseek_v3"]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    prompt = torch.randint(0, reference.config.vocab_size, (2, 7))
+    kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    expected = reference.generate(prompt, **kwargs)
+    actual = optimized.generate(prompt, **kwargs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    dims = optimized.gqla_optimization.layers[0].dims
+    cached_tokens = prompt.shape[1] + DECODE_STEPS - 1
+    per_token = latent_cache_elements(dims, path)
+    assert cache_elements(actual.cache) == 2 * cached_tokens * per_token * prompt.shape[0]
+
+
+def test_generate_modes_left_padding_beam_sampling_static_cache():
+    reference = MODELS["deepseek_v3"]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h100", compile=False)
+    vocab = reference.config.vocab_size
+    prompt = torch.randint(1, vocab, (2, 8))
+    mask = torch.ones_like(prompt)
+    prompt[0, :3], mask[0, :3] = 0, 0  # left padding on the first row
+    common = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    for mode in (dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(cache_implementation="static")):
+        assert torch.equal(optimized.generate(prompt, **common, **mode), reference.generate(prompt, **common, **mode)), mode
+    torch.manual_seed(5)
+    sampled = optimized.generate(prompt, **common, do_sample=True, top_k=5)
+    torch.manual_seed(5)
+    assert torch.equal(sampled, reference.generate(prompt, **common, do_sample=True, top_k=5))
+
+
+def test_save_pretrained_keeps_the_users_weights(tmp_path):
+    reference = MODELS["deepseek_v3"]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h100", compile=False)
+    assert optimized.state_dict().keys() == reference.state_dict().keys()
+    optimized.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_model_without_latent_attention_is_left_unchanged():
+    model = _hf_model(tiny_llama)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="no latent attention"):
+        result = gqla_compile.optimize(model, target="h100", compile=False)
+    assert result is model and getattr(model, "gqla_optimization", None) is None
+    assert all("gqla_runtime" not in name for name, _ in model.named_modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(NoLatentAttentionError, match="no latent attention"):
+        gqla_compile.optimize(model, path="absorbed", target="h100", compile=False)
+
+
+def test_bad_arguments():
+    model = MODELS["deepseek_v3"]()
+    with pytest.raises(ValueError, match="path must be"):
+        gqla_compile.optimize(model, path="fastest")
+    gqla_compile.optimize(model, path="grouped", target="h100", compile=False)
+    with pytest.raises(gqla_compile.errors.GqlaError, match="already optimized"):
+        gqla_compile.optimize(model, path="absorbed", target="h100", compile=False)
+
+
+# --- decode-graph op counts -------------------------------------------------------------------------------
+
+
+def _decode_graph_linears(model, context: int):
+    """Run one decode step under torch.compile with a recording backend; return (weight, input) shapes
+    of every linear/matmul-like op in the captured graph(s)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    tokens = torch.randint(0, model.config.vocab_size, (1, context))
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(tokens[:, :-1], cache=cache, use_cache=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(model.forward, backend=record, fullgraph=False)
+        compiled(tokens[:, -1:], cache=cache, use_cache=True)
+    torch._dynamo.reset()
+    shapes = []
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (torch._C._nn.linear, torch.nn.functional.linear, torch.matmul):
+                a, b = (arg.meta["example_value"].shape for arg in node.args[:2])
+                shapes.append((node.target.__name__, tuple(a), tuple(b)))
+    return shapes
+
+
+def test_absorbed_decode_graph_has_no_up_projection_matmul():
+    reference = MODELS["deepseek_v3"]()
+    kv_b = tuple(reference.model.layers[0].self_attn.kv_b_proj.weight.shape)
+    before = _decode_graph_linears(reference, context=12)
+    assert sum(kv_b in (a, b) for _, a, b in before) == 2  # the unmodified model re-expands the cache
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h100", compile=False)
+    after = _decode_graph_linears(optimized, context=12)
+    assert not [op for op in after if kv_b in op[1:]]
+    # The only use of W_UK: one batched matmul per layer mapping the new token's query into latent space.
+    n_g, d_n, d_c = 4, 16, 32
+    assert sum(b == (n_g, 1, d_n, d_c) for _, _, b in after) == 2
+
+
+def test_grouped_decode_graph_expands_only_the_new_token():
+    reference = MODELS["deepseek_v3"]()
+    kv_b = tuple(reference.model.layers[0].self_attn.kv_b_proj.weight.shape)
+    before = _decode_graph_linears(reference, context=12)
+    assert any(b == kv_b and a[-2] == 12 for _, a, b in before)  # whole context re-expanded each step
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="grouped", target="h100", compile=False)
+    expansions = [a for _, a, b in _decode_graph_linears(optimized, context=12) if b == kv_b]
+    assert len(expansions) == 2 and all(a[-2] == 1 for a in expansions)
+
+
+# --- Inductor -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=PATHS)
+def compiled_deepseek(request):
+    reference = MODELS["deepseek_v3"]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=request.param, target="h100", compile=True)
+    return request.param, reference, optimized
+
+
+@pytest.mark.slow
+def test_compiled_paths_match_and_generate_same_tokens(compiled_deepseek):
+    path, reference, optimized = compiled_deepseek
+    _check_equivalent(reference, optimized, reference.config.vocab_size)
+    prompt = torch.randint(0, reference.config.vocab_size, (1, 9))
+    kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
+    stats = optimized.gqla_optimization.compile
+    assert stats.graphs >= 1 and stats.graph_breaks == 0
