@@ -294,8 +294,8 @@ def _path_cost(path: str, step: _Step, num_layers: int, query: str, output: str)
 def _cheapest_absorption(step: _Step) -> tuple[str, str]:
     """How the absorbed path should apply W_UK and W_UV: whichever combination makes the projections cheapest.
 
-    Folding multiplies a weight by d_c / d_n (or d_c / d_v), which at decode batch sizes costs more weight
-    bytes than the bmm's FLOPs save; with a tiny latent or big batches folding can win.
+    Folding widens q_proj's no-RoPE rows from d_n to d_c per head (o_proj's columns from d_v to d_c), which
+    costs more bytes and FLOPs than the per-group bmm unless the latent is barely wider than the heads.
     """
     options = itertools.product(ABSORPTIONS, ABSORPTIONS)
     return min(options, key=lambda qo: _projections(step, _projection_matmuls("absorbed", step.dims, *qo)).time_s)
