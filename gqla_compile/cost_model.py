@@ -241,7 +241,10 @@ def _projection_matmuls(path: str, dims: LatentDims, query: str, output: str) ->
     if path == "grouped":
         kv_b = _linear(dims.n_g * (dims.d_n + dims.d_v), dims.d_c)  # expands the new tokens' latents only
         return [*_query_matmuls(dims, dims.d_n), kv_a, kv_b, o_proj]
-    q = _query_matmuls(dims, dims.d_c) if query == "folded" else [*_query_matmuls(dims, dims.d_n), _per_head(dims, dims.d_n)]
+    if query == "folded":  # q's no-RoPE rows come out in latent space: d_c per head
+        q = _query_matmuls(dims, dims.d_c)
+    else:
+        q = [*_query_matmuls(dims, dims.d_n), _per_head(dims, dims.d_n)]
     o = [_linear(dims.hidden_size, dims.n_h * dims.d_c)] if output == "folded" else [_per_head(dims, dims.d_v), o_proj]
     return [*q, kv_a, *o]
 

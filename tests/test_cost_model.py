@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from gqla_compile import cost_model, kv_cache_elements
+from gqla_compile import kv_cache_elements, targets
 from gqla_compile.cost_model import PATHS, choice_table, plan, reference_configs
 from gqla_compile.errors import NoLatentAttentionError
 from gqla_compile.targets import BUILTINS, Target
@@ -158,7 +158,7 @@ def test_custom_target_and_measured_cpu():
     chip = Target("slow-chip", {"bfloat16": 10e12}, memory_bandwidth=1e12, memory_capacity=1e10,
                   interconnect_bandwidth=1e10)
     assert plan(DSV3, chip, s_q=4, batch_size=32).target is chip
-    cpu = cost_model._targets.measure_cpu()
+    cpu = targets.measure_cpu()
     assert plan(tiny_deepseek_v3(), "cpu").target is cpu
 
 
