@@ -99,7 +99,7 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return text
 
 
-_BUILTINS: tuple[Target, ...] = (
+BUILTINS: tuple[Target, ...] = (
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5), https://www.nvidia.com/en-us/data-center/h100/ :
     # FP8 3,958 / BF16 1,979 / FP16 1,979 TFLOPS with sparsity (half dense), FP32 67 TFLOPS,
     # 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
@@ -139,7 +139,7 @@ _BUILTINS: tuple[Target, ...] = (
            memory_bandwidth=5.3e12, memory_capacity=192 * _GB, interconnect_bandwidth=448 * _G),
 )
 
-_REGISTRY: dict[str, Target] = {t.name: t for t in _BUILTINS}
+_REGISTRY: dict[str, Target] = {t.name: t for t in BUILTINS}
 
 
 def names() -> list[str]:
