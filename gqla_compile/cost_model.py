@@ -17,7 +17,6 @@ import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
 from . import targets as _targets
@@ -416,17 +415,19 @@ def plan(
                 costs, query, output, layers)
 
 
-def reference_configs() -> dict[str, SimpleNamespace]:
-    """The two GQLA shapes the paper argues with, as plain config objects ``LatentDims.from_config`` reads."""
-    common = dict(model_type="gqla", qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=512,
-                  num_key_value_heads=8, dtype="bfloat16")
+def reference_configs() -> dict[str, Any]:
+    """The two GQLA shapes the paper argues with, as ``GqlaConfig``s (attention dims only matter here)."""
+    from .configuration_gqla import GqlaConfig
+
+    common = dict(qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=512, num_key_value_heads=8,
+                  dtype="bfloat16")
     return {
         # DeepSeek-V3's attention (61 layers, q_lora_rank 1536) with its 128 heads' up-projections in 8 groups
-        "DeepSeek-V3-shaped": SimpleNamespace(**common, hidden_size=7168, num_attention_heads=128,
-                                                   q_lora_rank=1536, num_hidden_layers=61),
+        "DeepSeek-V3-shaped": GqlaConfig(**common, hidden_size=7168, num_attention_heads=128, q_lora_rank=1536,
+                                         num_hidden_layers=61),
         # LLaMA-3-8B after TransGQLA: 8 KV heads become 8 groups over a 512 + 64 latent
-        "LLaMA-3-8B-TransGQLA": SimpleNamespace(**common, hidden_size=4096, num_attention_heads=32,
-                                                      q_lora_rank=None, num_hidden_layers=32),
+        "LLaMA-3-8B-TransGQLA": GqlaConfig(**common, hidden_size=4096, num_attention_heads=32, q_lora_rank=None,
+                                           num_hidden_layers=32),
     }
 
 

@@ -1,5 +1,6 @@
 """The cost model: the paper's two decisions, the choice table's invariants, the figures and the errors."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -102,7 +103,8 @@ def test_absorbed_path_prefers_bmm_over_bigger_folded_weights():
 
 
 def test_folding_wins_when_the_latent_is_smaller_than_the_heads():
-    small_latent = type(DSV3)(**{**vars(DSV3), "kv_lora_rank": 32, "q_lora_rank": None})
+    small_latent = copy.deepcopy(DSV3)
+    small_latent.kv_lora_rank, small_latent.q_lora_rank = 32, None
     assert plan(small_latent, "h100").query_absorption == "folded"
 
 
