@@ -7,6 +7,7 @@ report and the benchmarks all count the same elements.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any, Literal
 
 CachePath = Literal["absorbed", "grouped", "original"]
@@ -46,6 +47,21 @@ class LatentDims:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def as_config(self, num_layers: int) -> SimpleNamespace:
+        """A GQLA-style config carrying these dims, for planning a model known only by its graph."""
+        return SimpleNamespace(
+            model_type="gqla",
+            num_attention_heads=self.n_h,
+            num_key_value_heads=self.n_g,
+            kv_lora_rank=self.d_c,
+            qk_rope_head_dim=self.d_R,
+            qk_nope_head_dim=self.d_n,
+            v_head_dim=self.d_v,
+            hidden_size=self.hidden_size,
+            q_lora_rank=self.q_lora_rank,
+            num_hidden_layers=num_layers,
+        )
 
     @classmethod
     def from_config(cls, config: Any) -> "LatentDims":

@@ -106,13 +106,17 @@ def optimize(
         warnings.warn(message, stacklevel=2)
         model.train(was_training)
         return model
-    chosen, plan = _choose_path(model, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len)
+    chosen, plan = _choose_path(model, matched, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len)
     modules = dict(model.named_modules())
     layers = []
     try:
         for ordinal, (capture, match, detect_records) in enumerate(matched):
             module = modules[capture.module_path]
-            layers.append(_rewrite_layer(module, capture, match, detect_records, chosen, ordinal, verify, dump_dir))
+            layers.append(
+                _rewrite_layer(
+                    module, capture, match, detect_records, chosen, plan.output_absorption, ordinal, verify, dump_dir
+                )
+            )
     except Exception:
         for capture, _, _ in matched:
             uninstall(modules[capture.module_path])
@@ -138,15 +142,23 @@ def _detect(capture: CapturedAttention) -> tuple[LatentAttentionMatch | None, li
     return detect.match, manager.records
 
 
-def _choose_path(model, target, path, **shape):
-    """The forced path, or the cost model's choice for the target at this decode shape."""
+def _choose_path(model, matched, target, path, **shape):
+    """The forced path, or the cost model's choice for the target at this decode shape.
+
+    The plan is made from the dims detection read off the graph (not the model's config, which a
+    hand-written model may not have), in the dtype of the model's weights.
+    """
     from .cost_model import plan as make_plan
 
-    plan = make_plan(model, target=target, path=path, **shape)
+    _, first, _ = matched[0]
+    dtype = next(model.parameters()).dtype
+    plan = make_plan(first.dims.as_config(len(matched)), target=target, path=path, dtype=dtype, **shape)
     return (path if path != "auto" else plan.path), plan
 
 
-def _rewrite_layer(module, capture, match, detect_records, chosen, ordinal, verify, dump_dir) -> LayerRewrite:
+def _rewrite_layer(
+    module, capture, match, detect_records, chosen, output_absorption, ordinal, verify, dump_dir
+) -> LayerRewrite:
     parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
     up = probe_up_projections(capture, match, parameters)
     dims = replace(match.dims, n_g=up.num_groups)
@@ -155,12 +167,17 @@ def _rewrite_layer(module, capture, match, detect_records, chosen, ordinal, veri
     o_bias = parameters[o_bias_name] if o_bias_name else None
     split = SplitLatentProjection(capture, parameters)
     if chosen == "absorbed":
-        folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=capture.module_path)
-        passes = [split, AbsorbQuery(up.key, folded)]
-        core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c)
+        if output_absorption == "folded":
+            folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=capture.module_path)
+            core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c)
+            value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
+        else:
+            core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=dims.d_c, value_up=up.value)
+            value_side = {"value_up (W_UV^g per group, after attention)": up.value}
+        passes = [split, AbsorbQuery(up.key, output_absorption, value_side)]
     else:
         passes = [split, ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n)]
-        core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=None)
+        core = LatentAttentionCore(o_weight, o_bias, match.scaling)
     manager = PassManager(passes, dump_dir=dump_dir)
     projection = manager(capture.graph_module, capture.module_path)
     runtime = InstalledLatentAttention(

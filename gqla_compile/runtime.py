@@ -48,21 +48,36 @@ def causal_attention(
 class LatentAttentionCore(nn.Module):
     """Attention over the cache, then the output projection: one module for both paths.
 
-    absorbed: values are the first ``latent_value_dims`` (= d_c) dims of the cached key, and the output
-    projection is the folded W_O~ [D, n_h d_c]. grouped: values come from the cache, o_proj unchanged.
+    absorbed: the values are the first ``latent_value_dims`` (= d_c) dims of the cached key; the output
+    of attention lives in latent space and leaves it either through ``value_up`` (W_UV per group, one
+    batched matmul, then the unchanged o_proj) or through an o_proj with W_UV folded in (W_O~, [D, n_h d_c]),
+    whichever the plan found cheaper. grouped: values come from the cache, o_proj unchanged.
     """
 
-    def __init__(self, o_weight: torch.Tensor, o_bias: torch.Tensor | None, scale: float, latent_value_dims: int | None):
+    def __init__(
+        self,
+        o_weight: torch.Tensor,
+        o_bias: torch.Tensor | None,
+        scale: float,
+        *,
+        latent_value_dims: int | None = None,
+        value_up: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.register_buffer("o_weight", o_weight, persistent=False)
         self.register_buffer("o_bias", o_bias, persistent=False)
+        self.register_buffer("value_up", value_up, persistent=False)
         self.scale = scale
         self.latent_value_dims = latent_value_dims
+        self.num_groups = value_up.shape[0] if value_up is not None else None
 
     def forward(self, query, key, value, attention_mask):
         if self.latent_value_dims is not None:
             value = key[..., : self.latent_value_dims]
         out = causal_attention(query, key, value, attention_mask, self.scale)
+        if self.value_up is not None:
+            grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
+            out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
         return F.linear(out.transpose(1, 2).flatten(2), self.o_weight, self.o_bias)
 
 

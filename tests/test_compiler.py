@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import gqla_compile
 from gqla_compile.dims import latent_cache_elements
 from gqla_compile.errors import NoLatentAttentionError
-from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_llama
+from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_gqla, tiny_llama
 
 PATHS = ("absorbed", "grouped")
 DECODE_STEPS = 32
@@ -33,6 +33,9 @@ MODELS = {
     "deepseek_v3": lambda: _hf_model(tiny_deepseek_v3),
     "deepseek_v3_q_lora": lambda: _hf_model(tiny_deepseek_v3, q_lora_rank=24),
     "deepseek_v3_eager": lambda: _hf_model(tiny_deepseek_v3, "eager"),
+    "gqla": lambda: _hf_model(tiny_gqla),
+    "gqla_q_lora_eager": lambda: _hf_model(tiny_gqla, "eager", q_lora_rank=24),
+    "gqla_converted_style": lambda: _hf_model(tiny_gqla, kv_a_layernorm=False, attention_bias=True, attention_output_bias=True),
     "hand_written_gqla": lambda: HandWrittenLatentLM().eval(),
 }
 
@@ -56,6 +59,11 @@ def test_eager_rewrite_matches_original(name, path):
     assert state.path == path and len(state.layers) == 2
     vocab = getattr(getattr(reference, "config", None), "vocab_size", None) or reference.vocab
     _check_equivalent(reference, optimized, vocab)
+
+
+def test_gqla_groups_are_found_by_probing():
+    model = gqla_compile.optimize(MODELS["gqla"](), path="absorbed", target="h100", compile=False)
+    assert model.gqla_optimization.layers[0].dims.n_g == 2  # grouped kv_b_proj, broadcast to 4 query heads
 
 
 def test_detection_reads_dims_and_groups_from_the_graph():
@@ -204,3 +212,17 @@ def test_compiled_paths_match_and_generate_same_tokens(compiled_deepseek):
     assert torch.equal(optimized.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
     stats = optimized.gqla_optimization.compile
     assert stats.graphs >= 1 and stats.graph_breaks == 0
+
+
+def test_value_up_projection_folded_or_bmm_agree():
+    """W_UV applied after attention as a per-group bmm equals W_UV folded into o_proj (W_O~)."""
+    from gqla_compile.passes.fold import fold_value_up_projection
+    from gqla_compile.runtime import LatentAttentionCore
+
+    n_h, n_g, d_c, d_r, d_v, hidden = 6, 3, 10, 4, 5, 12
+    w_uv, w_o, b_o = torch.randn(n_g, d_v, d_c), torch.randn(hidden, n_h * d_v), torch.randn(hidden)
+    bmm = LatentAttentionCore(w_o, b_o, 0.3, latent_value_dims=d_c, value_up=w_uv)
+    folded = LatentAttentionCore(fold_value_up_projection(w_o, w_uv, n_h), b_o, 0.3, latent_value_dims=d_c)
+    query, key = torch.randn(2, n_h, 3, d_c + d_r), torch.randn(2, 1, 9, d_c + d_r)
+    empty = key[..., :0]
+    assert relative_error(bmm(query, key, empty, None), folded(query, key, empty, None)) < 1e-6

@@ -36,22 +36,25 @@ def absorb_latent_attention(projection: fx.GraphModule, w_uk: torch.Tensor) -> f
 
 
 class AbsorbQuery:
-    """Pass: the absorbed path's projection (query into latent space, [c ; k_R] cache entry)."""
+    """Pass: the absorbed path's projection (query into latent space, [c ; k_R] cache entry).
+
+    The value side (W_UV per group after attention, or folded into o_proj: the plan's choice, applied
+    by runtime.LatentAttentionCore) is recorded here with the other folded weights.
+    """
 
     name = "absorb"
 
-    def __init__(self, w_uk: torch.Tensor, folded_output: torch.Tensor):
-        self.w_uk = w_uk
-        self.folded_output = folded_output  # W_O~, used by the attention core; recorded here
+    def __init__(self, w_uk: torch.Tensor, output_absorption: str, value_side: dict[str, torch.Tensor]):
+        self.w_uk, self.output_absorption, self.value_side = w_uk, output_absorption, value_side
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         return absorb_latent_attention(gm, self.w_uk)
 
     def summary(self) -> dict:
+        weights = {"w_uk (W_UK^g per group, applied to the query)": list(self.w_uk.shape)}
+        weights.update({name: list(tensor.shape) for name, tensor in self.value_side.items()})
         return {
             "query_absorption": QUERY_ABSORPTION,
-            "folded_weights": {
-                "w_uk (W_UK^g per group, applied to the query)": list(self.w_uk.shape),
-                "o_proj_folded (W_O,h W_UV^g(h))": list(self.folded_output.shape),
-            },
+            "output_absorption": self.output_absorption,
+            "folded_weights": weights,
         }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -169,7 +169,10 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | No
     dims = _dims(capture, q, v, up, rope_key, o_proj)
     if dims is None:
         return None
-    q_lora = any(is_linear(n) for n in ancestors(_nearest_linear_ancestor(q) or q))
+    q_linear = _nearest_linear_ancestor(q)
+    q_lora = q_linear is not None and any(is_linear(n) for n in ancestors(q_linear))
+    if q_lora:
+        dims = replace(dims, q_lora_rank=int(tensor_meta(q_linear.args[0]).shape[-1]))
     matched = len((ancestors(o_proj) | {o_proj}) - {n for n in ancestors(o_proj) if n.op == "placeholder"})
     match = LatentAttentionMatch(
         module_path=capture.module_path,
