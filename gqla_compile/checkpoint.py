@@ -1,0 +1,128 @@
+"""Saving and loading checkpoints without losing anything a user owns.
+
+Saving writes into a temporary folder beside the destination and renames it into place once complete, so
+an interrupted save never leaves a half-written model, and an existing folder is replaced only when asked
+(``force``) and only after the new one is complete. Loading reads safetensors only: pickle weights
+(``*.bin``, ``*.pt``, ``*.pth``) can run code when unpickled, so a folder holding only those is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import GqlaError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OutputExistsError", "UnsafeCheckpointError", "ModelNotFoundError", "save_pretrained_atomic", "load_model"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class OutputExistsError(GqlaError, FileExistsError):
+    """The output folder exists and overwriting it was not asked for."""
+
+
+class UnsafeCheckpointError(GqlaError, ValueError):
+    """A checkpoint stored only as pickle files, which are not loaded."""
+
+
+class ModelNotFoundError(GqlaError, FileNotFoundError):
+    """Neither a local model folder nor a built-in tiny config name."""
+
+
+def check_output_free(out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """``out_dir`` as a Path; raise OutputExistsError if it exists and ``force`` is not set.
+
+    Called before long work (a conversion) so that the user learns at once, and again before the rename.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"output folder {str(out_dir)!r} already exists; pass --force (force=True) to replace it")
+    return out_dir
+
+
+def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike, *, force: bool = False, tokenizer: Any = None) -> Path:
+    """``model.save_pretrained`` (safetensors) and ``tokenizer.save_pretrained`` into ``out_dir``, atomically.
+
+    The files are written into a temporary folder in the same parent (same file system, so the final
+    rename is atomic); an existing ``out_dir`` is moved aside only once the new folder is complete, and
+    deleted after the new one is in place. On any error the temporary folder is removed and ``out_dir``
+    is left as it was.
+    """
+    out_dir = check_output_free(out_dir, force=force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _replace_folder(staging, check_output_free(out_dir, force=force))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved %s to %s", type(model).__name__, out_dir)
+    return out_dir
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)  # put the user's folder back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """Raise UnsafeCheckpointError if ``folder`` has pickle weights and no safetensors weights."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{str(folder)!r} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors first (e.g. load them yourself if you trust them and save_pretrained)"
+        )
+
+
+def load_model(path_or_name: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> Any:
+    """A causal LM from a local folder (safetensors only) or a built-in tiny config name (random weights, seed 0).
+
+    ``dtype`` None keeps the checkpoint's dtype (float32 for tiny configs). The model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import modeling_gqla  # noqa: F401  registers model_type "gqla"
+    from .tiny import TINY_CONFIGS
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    name = str(path_or_name)
+    folder = Path(path_or_name)
+    if folder.is_dir():
+        refuse_pickle_only(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=dtype or "auto")
+        return model.eval()
+    if name in TINY_CONFIGS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
+        return model.to(dtype or torch.float32).eval()
+    raise ModelNotFoundError(
+        f"{name!r} is neither a local model folder nor a built-in tiny config ({', '.join(TINY_CONFIGS)})"
+    )
