@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +151,9 @@ def capture_module(path: str, module: nn.Module, record: CallRecord) -> Captured
     }
     batch, seq = Dim("batch", min=1, max=1 << 16), Dim("seq", min=2, max=1 << 20)
     dynamic = _dynamic_shapes(arguments, batch, seq)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.export's own pytree deprecation notice (LeafSpec) says nothing to our users.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(module, (), kwargs=arguments, dynamic_shapes=dynamic, strict=False)
         exported = exported.run_decompositions({})
     signature = exported.graph_signature
