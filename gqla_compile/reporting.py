@@ -1,0 +1,730 @@
+"""The graph-diff report: what ``optimize`` found, chose and changed, per layer, built from its records.
+
+``report(model)`` reads ``model.gqla_optimization`` (the pass records, the plan, the installed runtimes);
+``report(model, target=...)`` on a model that was not optimized is a dry run on a deep copy (the model is
+left untouched). The :class:`Report` holds plain data only (JSON types), so ``to_json`` / ``from_json``
+round-trip exactly; ``str()`` renders terminal tables, ``to_markdown()`` Markdown and ``to_html(path)``
+one self-contained HTML file with a roofline chart drawn as inline SVG.
+
+Identical layers (same dims, path and op histograms) are folded into one row with a count.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import html
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import GqlaError, NoLatentAttentionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Report", "report"]
+
+SCHEMA_VERSION = 1
+# Core trace: one decode step (one new query token) over this many cached tokens.
+CORE_TRACE_CONTEXT = 16
+# Ops that only reshape or re-view a tensor: a weight passed through them is still that weight.
+_VIEW_OPS = {
+    "view", "reshape", "transpose", "t", "permute", "unsqueeze", "squeeze", "expand", "flatten", "unflatten",
+    "contiguous", "clone", "alias", "_unsafe_view", "select", "slice", "repeat_interleave", "to", "detach",
+}
+_MATMUL_OPS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum"}
+
+_LAYOUTS = {
+    "absorbed": "key [B, 1, T, d_c + d_R] = [c ; k_R] (one head, shared by all heads), value [B, 1, T, 0] "
+                "(zero-width: attention reads the latent part of the key)",
+    "grouped": "keys [B, n_g, T, d_n + d_R] (k_R copied into each group's key), values [B, n_g, T, d_v]",
+    "original": "latent c and RoPE key k_R per token (d_c + d_R), re-expanded to per-head keys and values "
+                "over the whole context at every step",
+}
+
+
+class ReportError(GqlaError, ValueError):
+    """A report that cannot be made as asked (e.g. an unoptimized model and no target)."""
+
+
+# --------------------------------------------------------------------------------------------- Report
+
+
+@dataclass
+class Report:
+    """The graph-diff report of one optimized (or dry-run) model: plain JSON data plus renderers."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data = json.loads(json.dumps(_plain(self.data), sort_keys=True))  # JSON types only
+
+    # ---- accessors
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """One row per group of identical layers."""
+        return self.data.get("layers", [])
+
+    @property
+    def path(self) -> str | None:
+        return self.data.get("path")
+
+    @property
+    def has_latent_attention(self) -> bool:
+        return bool(self.data.get("latent_attention"))
+
+    # ---- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.data, sort_keys=True, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"not a gqla_compile report (schema {SCHEMA_VERSION}) JSON document")
+        return cls(data)
+
+    # ---- rendering
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self, *, verbose: bool = False) -> str:
+        """Terminal tables; ``verbose`` adds the full op histograms and the unified graph diff."""
+        return "\n\n".join(_sections(self.data, "simple", verbose=verbose, markdown=False))
+
+    def to_markdown(self) -> str:
+        return "\n\n".join(_sections(self.data, "github", verbose=True, markdown=True)) + "\n"
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write one self-contained HTML file (inline CSS and SVG, no external assets); returns its path."""
+        path = Path(path)
+        path.write_text(render_html(self.data), encoding="utf-8")
+        return path
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def report(model: nn.Module, target: Any = None, **optimize_kwargs: Any) -> Report:
+    """The graph-diff report of ``model``.
+
+    On an optimized model (``gqla_compile.optimize`` was run on it) the report reads its records. On a
+    model that was not optimized, ``target=`` makes it a dry run: a deep copy is optimized with
+    ``compile=False`` (and ``optimize_kwargs``: path, s_q, batch_size, context_len, ...) and reported on;
+    the model itself is not changed.
+    """
+    state = getattr(model, "gqla_optimization", None)
+    dry_run = False
+    if state is None:
+        if target is None:
+            raise ReportError(
+                f"{type(model).__name__} was not optimized: call gqla_compile.optimize(model, target=...) first, "
+                "or pass target= for a dry run (report(model, target='h100') optimizes a copy)"
+            )
+        from .pipeline import optimize
+
+        optimize_kwargs.setdefault("compile", False)
+        subject = copy.deepcopy(model)
+        dry_run = True
+        try:
+            with _warnings_as_log():
+                optimize(subject, target=target, **optimize_kwargs)
+        except NoLatentAttentionError as exc:
+            return _no_latent_report(model, str(exc), target, dry_run)
+        state = getattr(subject, "gqla_optimization", None)
+        if state is None:
+            return _no_latent_report(model, None, target, dry_run)
+    else:
+        subject = model
+        if target is not None:
+            logger.info("the model is already optimized; reporting its optimization, not a new one for %s", target)
+    return _build(subject, state, dry_run)
+
+
+class _warnings_as_log:
+    """optimize warns when a model holds no latent attention; the report says so itself."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", UserWarning)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _no_latent_report(model: nn.Module, message: str | None, target: Any, dry_run: bool) -> Report:
+    message = message or (
+        f"{type(model).__name__} holds no latent attention: nothing was rewritten. "
+        "Convert a GQA model with gqla_compile.convert first"
+    )
+    return Report({
+        "schema": SCHEMA_VERSION,
+        "model": type(model).__name__,
+        "dry_run": dry_run,
+        "latent_attention": False,
+        "message": message,
+        "target": {"name": getattr(target, "name", str(target))},
+        "path": None,
+        "layers": [],
+        "skipped": [],
+        "compile": None,
+    })
+
+
+def _build(model: nn.Module, state: Any, dry_run: bool) -> Report:
+    plan = state.plan
+    modules = dict(model.named_modules())
+    dtype = plan.dtype
+    from .targets import DTYPE_BYTES
+
+    dtype_bytes = DTYPE_BYTES.get(dtype, 4)
+    rows = [_layer_row(layer, modules[layer.module_path], dtype_bytes) for layer in state.layers]
+    groups: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = json.dumps([row["dims"], row["path"], row["ops_before"], row["ops_after"]], sort_keys=True)
+        if key not in groups:
+            groups[key] = {**row, "count": 0, "modules": [], "layer_indices": [], "verification_error": None}
+        group = groups[key]
+        group["count"] += 1
+        group["modules"].append(row["module"])
+        group["layer_indices"].append(row["layer_idx"])
+        error = row["verification_error"]
+        if error is not None:
+            group["verification_error"] = max(error, group["verification_error"] or 0.0)
+    layers = []
+    for group in groups.values():
+        group.pop("module"), group.pop("layer_idx")
+        layers.append(group)
+
+    num_layers = len(state.layers)
+    per_token_before = sum(r["cache"]["bytes_before"] for r in rows)
+    per_token_after = sum(r["cache"]["bytes_after"] for r in rows)
+    tokens = plan.context_len * plan.batch_size
+    compile_stats = state.compile.to_dict() if state.compile is not None else None
+    return Report({
+        "schema": SCHEMA_VERSION,
+        "model": type(model).__name__,
+        "dry_run": dry_run,
+        "latent_attention": True,
+        "message": None,
+        "path": state.path,
+        "target": {
+            "name": plan.target.name,
+            "dtype": dtype,
+            "peak_flops": plan.peak_flops,
+            "memory_bandwidth": plan.target.memory_bandwidth,
+            "ridge": plan.ridge,
+        },
+        "plan": _plan_section(plan),
+        "layers": layers,
+        "rewritten_layers": num_layers,
+        "cache": {
+            "dtype": dtype,
+            "dtype_bytes": dtype_bytes,
+            "context_len": plan.context_len,
+            "batch_size": plan.batch_size,
+            "bytes_per_token_before": per_token_before,  # all rewritten layers together
+            "bytes_per_token_after": per_token_after,
+            "bytes_before": per_token_before * tokens,
+            "bytes_after": per_token_after * tokens,
+        },
+        "compile": compile_stats,
+        "skipped": [{"module": m, "reason": r} for m, r in state.skipped],
+        "seconds": round(float(state.seconds), 3),
+    })
+
+
+def _plan_section(plan: Any) -> dict[str, Any]:
+    paths = {}
+    for name, cost in plan.costs.items():
+        core = cost.part("attention_core")
+        paths[name] = {
+            "step_time_s": cost.step_time_s,
+            "layer_time_s": cost.time_s,
+            "bytes": cost.bytes,
+            "flops": cost.flops,
+            "arithmetic_intensity": cost.arithmetic_intensity,
+            "bound": cost.bound,
+            "cache_bytes_per_token": cost.cache_bytes_per_token,
+            "core": {"bytes": core.bytes, "flops": core.flops, "time_s": core.time_s,
+                     "arithmetic_intensity": core.arithmetic_intensity, "bound": core.bound},
+        }
+    return {
+        "path": plan.path,
+        "reason": plan.reason,
+        "s_q": plan.s_q,
+        "batch_size": plan.batch_size,
+        "context_len": plan.context_len,
+        "tp": plan.tp,
+        "rope_key": plan.rope_key,
+        "query_absorption": plan.query_absorption,
+        "output_absorption": plan.output_absorption,
+        "paths": paths,
+    }
+
+
+def _layer_row(layer: Any, module: nn.Module, dtype_bytes: int) -> dict[str, Any]:
+    records = {r.pass_name: r for r in layer.records}
+    detect = records.get("detect")
+    final = layer.records[-1]
+    runtime = module.gqla_runtime
+    core_gm, core_names, core_shapes = _trace_core(runtime, layer.dims)
+    from .passes.graph import op_histogram
+
+    ops_projection = dict(op_histogram(runtime.projection))
+    ops_core = dict(op_histogram(core_gm))
+    ops_after = dict(Counter(ops_projection) + Counter(ops_core))
+    ops_before = dict(detect.ops_before) if detect else {}
+    code_before = detect.code_before if detect else ""
+    code_after = (runtime.projection.code.strip("\n")
+                  + f"\n\n# attention core at decode (make_fx, 1 query token, {CORE_TRACE_CONTEXT} cached tokens)\n"
+                  + core_gm.code.strip("\n"))
+
+    before_shapes = {f"p_{n.replace('.', '_')}": (n, list(p.shape)) for n, p in module.named_parameters()
+                     if not n.startswith("gqla_runtime.")}
+    before_shapes.update({f"b_{n.replace('.', '_')}": (n, list(b.shape)) for n, b in module.named_buffers()
+                          if not n.startswith("gqla_runtime.")})
+    projection_shapes = {n: (n, list(b.shape)) for n, b in runtime.projection.named_buffers()}
+    projection_shapes.update({n: (n, list(p.shape)) for n, p in runtime.projection.named_parameters()})
+    matmuls_before = [{"graph": "captured", **m} for m in weight_operands(code_before, before_shapes)]
+    matmuls_after = [{"graph": "projection", **m} for m in weight_operands(runtime.projection.code, projection_shapes)]
+    matmuls_after += [{"graph": "core", **m} for m in weight_operands(
+        core_gm.code, {k: (core_names.get(k, k), s) for k, s in core_shapes.items()})]
+
+    folded: dict[str, list[int]] = {}
+    absorption: dict[str, Any] = {}
+    for name in ("absorb", "expand"):
+        if name in records:
+            summary = records[name].summary
+            folded.update({k: list(v) for k, v in summary.get("folded_weights", {}).items()})
+            absorption.update({k: summary[k] for k in ("query_absorption", "output_absorption") if k in summary})
+    detect_summary = detect.summary if detect else {}
+    elements_before, elements_after = layer.cache_elements_before, layer.cache_elements_after
+    error = layer.verification_error
+    return {
+        "module": layer.module_path,
+        "layer_idx": layer.layer_idx,
+        "dims": layer.dims.as_dict(),
+        "path": layer.path,
+        "traced_by": layer.traced_by,
+        "attention": detect_summary.get("attention"),
+        "verification_error": None if error is None or math.isnan(error) else float(error),
+        "projections": detect_summary.get("weights", {}),
+        "ops_before": ops_before,
+        "ops_after": ops_after,
+        "ops_after_projection": ops_projection,
+        "ops_after_core": ops_core,
+        "matmul_weights_before": matmuls_before,
+        "matmul_weights_after": matmuls_after,
+        "folded_weights": folded,
+        "absorption": absorption,
+        "removed": (records["split"].summary.get("removed", {}) if "split" in records else {}),
+        "passes": [{"name": r.pass_name, "uuid": r.uuid, "seconds": round(r.seconds, 4)} for r in layer.records],
+        "diff": "\n".join(difflib.unified_diff(
+            code_before.strip("\n").splitlines(), code_after.splitlines(),
+            "before: captured attention graph (" + final.module_path + ")",
+            "after: projection graph + attention core", lineterm="")),
+        "cache": {
+            "layout_before": _LAYOUTS["original"],
+            "layout_after": _LAYOUTS[layer.path],
+            "elements_before": elements_before,
+            "elements_after": elements_after,
+            "bytes_before": elements_before * dtype_bytes,
+            "bytes_after": elements_after * dtype_bytes,
+        },
+    }
+
+
+def _trace_core(runtime: nn.Module, dims: Any):
+    """The attention core's aten graph at one decode step (make_fx, pre-dispatch: linear/matmul/sdpa kept)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    core = runtime.core
+    dtype = core.o_weight.dtype
+    L = CORE_TRACE_CONTEXT
+    if runtime.path == "absorbed":
+        width = dims.d_c + dims.d_R
+        query = torch.zeros(1, dims.n_h, 1, width, dtype=dtype)
+        key = torch.zeros(1, 1, L, width, dtype=dtype)
+        value = key[..., :0]
+    else:
+        query = torch.zeros(1, dims.n_h, 1, dims.d_n + dims.d_R, dtype=dtype)
+        key = torch.zeros(1, dims.n_g, L, dims.d_n + dims.d_R, dtype=dtype)
+        value = torch.zeros(1, dims.n_g, L, dims.d_v, dtype=dtype)
+    with torch.no_grad():
+        gm = make_fx(lambda q, k, v: core(q, k, v, None), pre_dispatch=True)(query, key, value)
+    buffers = {n: b for n, b in core.named_buffers() if b is not None}
+    names, shapes = {}, {}
+    for attr, tensor in list(gm.named_buffers()) + [(n, getattr(gm, n)) for n in dir(gm) if n.startswith("_tensor_constant")]:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        shapes[attr] = list(tensor.shape)
+        for name, buf in buffers.items():
+            if buf.shape == tensor.shape and buf.data_ptr() == tensor.data_ptr():
+                names[attr] = f"core.{name}"
+    return gm, names, {k: v for k, v in shapes.items()}
+
+
+def weight_operands(code: str, shapes: dict[str, tuple[str, list[int]]]) -> list[dict[str, Any]]:
+    """Matmul-like ops (linear, matmul, bmm, ...) in FX ``code`` that take a weight, with its name and shape.
+
+    ``shapes`` maps a graph variable or ``self`` attribute to (weight name, shape). A weight that passes
+    through view-like ops (transpose, unsqueeze, ...) on its way to the matmul is still that weight.
+    """
+    if not code.strip():
+        return []
+    try:
+        tree = ast.parse(code.strip("\n"))
+    except SyntaxError:
+        logger.debug("could not parse graph code for weight operands")
+        return []
+    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef)), None)
+    if function is None:
+        return []
+    env: dict[str, tuple[str, list[int]]] = {a.arg: shapes[a.arg] for a in function.args.args if a.arg in shapes}
+    found = []
+    for statement in function.body:
+        if not isinstance(statement, ast.Assign) or len(statement.targets) != 1:
+            continue
+        target, value = statement.targets[0], statement.value
+        if not isinstance(target, ast.Name):
+            continue
+        if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id == "self":
+            if value.attr in shapes:
+                env[target.id] = shapes[value.attr]
+            continue
+        if not isinstance(value, ast.Call):
+            continue
+        op, operands = _call_op(value, env)
+        weights = [env[a] for a in operands if a in env]
+        if op in _MATMUL_OPS:
+            for name, shape in weights:
+                found.append({"op": op, "weight": name, "shape": list(shape)})
+        elif op in _VIEW_OPS and operands and operands[0] in env:
+            env[target.id] = env[operands[0]]
+    return found
+
+
+def _call_op(call: ast.Call, env: dict) -> tuple[str, list[str]]:
+    """(op name, names of the tensor arguments) of one FX code call."""
+    args = [a.id for a in call.args if isinstance(a, ast.Name)]
+    func = call.func
+    chain = []
+    while isinstance(func, ast.Attribute):
+        chain.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        chain.append(func.id)
+    chain.reverse()  # e.g. ["torch", "ops", "aten", "linear", "default"] or ["w_uk", "unsqueeze"]
+    if len(chain) == 2 and chain[0] not in ("torch", "operator", "math", "F") and isinstance(call.func, ast.Attribute):
+        return chain[1], [chain[0], *args]  # method call on a graph value
+    if "aten" in chain:
+        index = chain.index("aten")
+        return (chain[index + 1] if index + 1 < len(chain) else ""), args
+    return (chain[-1] if chain else ""), args
+
+
+def _plain(value: Any) -> Any:
+    """JSON-native copy: tuples to lists, NaN/inf to None, torch sizes to lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, torch.Size)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def _si(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for factor, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if seconds >= factor:
+            return f"{seconds / factor:.2f} {unit}"
+    return f"{seconds * 1e9:.0f} ns"
+
+
+def _dims_text(d: dict) -> str:
+    q = f", q_lora={d['q_lora_rank']}" if d.get("q_lora_rank") else ""
+    return f"n_h={d['n_h']} n_g={d['n_g']} d_c={d['d_c']} d_R={d['d_R']} d_n={d['d_n']} d_v={d['d_v']}{q}"
+
+
+def _modules_text(modules: list[str]) -> str:
+    return modules[0] if len(modules) == 1 else f"{modules[0]} .. {modules[-1]}"
+
+
+def _ops_rows(before: dict, after: dict, *, changed_only: bool) -> list[list]:
+    rows = []
+    for op in sorted(set(before) | set(after)):
+        b, a = before.get(op, 0), after.get(op, 0)
+        if changed_only and a == b:
+            continue
+        rows.append([op, b, a, f"{a - b:+d}"])
+    return rows
+
+
+def _weights_text(items: list[dict]) -> str:
+    return ", ".join(f"{m['op']}({m['weight']} {list(m['shape'])})" for m in items) or "-"
+
+
+def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[str]:
+    from tabulate import tabulate
+
+    def table(rows, headers):
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+    def title(text):
+        return f"### {text}" if markdown else f"{text}\n{'-' * len(text)}"
+
+    head = "# gqla_compile report" if markdown else "gqla_compile report"
+    kind = " (dry run on a copy)" if data.get("dry_run") else ""
+    if not data.get("latent_attention"):
+        return [f"{head}: {data.get('model')}{kind}", f"No latent attention: {data.get('message')}"]
+    target, plan, cache = data["target"], data["plan"], data["cache"]
+    out = [f"{head}: {data['model']}{kind} on {target['name']} ({target['dtype']}): {data['path']} path, "
+           f"{data['rewritten_layers']} attention block(s) rewritten",
+           f"plan: {plan['reason']}"]
+
+    rows = []
+    for name, p in plan["paths"].items():
+        rows.append([f"{name} *" if name == data["path"] else name, _duration(p["step_time_s"]),
+                     _duration(p["layer_time_s"]), f"{p['core']['arithmetic_intensity']:.1f}",
+                     f"{p['arithmetic_intensity']:.1f}", p["bound"], f"{p['cache_bytes_per_token']} B"])
+    out.append(title(f"paths (s_q={plan['s_q']}, batch {plan['batch_size']}, context {plan['context_len']}, "
+                     f"ridge {target['ridge']:.0f} FLOP/B)") + "\n"
+               + table(rows, ["path", "step time", "per layer", "core AI", "total AI", "bound", "cache/token/layer"]))
+
+    rows = []
+    for g in data["layers"]:
+        err = g["verification_error"]
+        rows.append([_modules_text(g["modules"]), g["count"], _dims_text(g["dims"]), g["attention"] or "-",
+                     g["path"], "-" if err is None else f"{err:.1e}"])
+    out.append(title("layers") + "\n" + table(rows, ["module(s)", "count", "dims", "attention", "path", "verify err"]))
+
+    for index, g in enumerate(data["layers"]):
+        label = f"graph diff: {_modules_text(g['modules'])} (x{g['count']})"
+        rows = _ops_rows(g["ops_before"], g["ops_after"], changed_only=not verbose)
+        parts = [title(label), table(rows, ["op", "before", "after", "change"])]
+        parts.append("matmuls on weights before: " + _weights_text(g["matmul_weights_before"]))
+        parts.append("matmuls on weights after:  " + _weights_text(g["matmul_weights_after"]))
+        folded = ", ".join(f"{k} {v}" for k, v in g["folded_weights"].items()) or "-"
+        parts.append(f"folded weights: {folded}")
+        if g.get("absorption"):
+            parts.append("absorption: " + ", ".join(f"{k}={v}" for k, v in sorted(g["absorption"].items())))
+        c = g["cache"]
+        parts.append(f"cache per token and layer: {c['elements_before']} -> {c['elements_after']} elements "
+                     f"({c['bytes_before']} -> {c['bytes_after']} B); after: {c['layout_after']}")
+        if verbose:
+            parts.append(f"traced by: {g['traced_by']}")
+            parts.append("passes: " + ", ".join(f"{p['name']} ({p['seconds'] * 1e3:.1f} ms, uuid {p['uuid']})"
+                                                for p in g["passes"]))
+            diff = g["diff"] or "(no change)"
+            parts.append(f"<details><summary>unified diff of the graph code</summary>\n\n```diff\n{diff}\n```\n\n</details>"
+                         if markdown else diff)
+        out.append("\n".join(parts))
+
+    out.append(title(f"cache (whole model: {data['rewritten_layers']} layers, context {cache['context_len']}, "
+                     f"batch {cache['batch_size']}, {cache['dtype']})") + "\n" + table(
+        [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", _bytes(cache["bytes_before"])],
+         [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", _bytes(cache["bytes_after"])]],
+        ["cache", "per token", "total"]))
+
+    comp = data.get("compile")
+    if comp is None:
+        out.append("compile: not compiled (compile=False: rewritten graphs run eagerly)")
+    else:
+        sizes = ", ".join(str(s) for s in comp.get("graph_sizes", [])) or "-"
+        out.append(f"compile: {comp['backend']}, {comp['graphs']} graph(s) compiled in {comp['seconds']:.2f} s "
+                   f"(nodes per graph: {sizes}), {comp['graph_breaks']} graph break(s)"
+                   + ("; graphs compile lazily on the first calls" if comp["graphs"] == 0 else ""))
+    skipped = data.get("skipped") or []
+    out.append("skipped: " + ("; ".join(f"{s['module']} ({s['reason']})" for s in skipped) if skipped else "nothing"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#1d2433;line-height:1.4}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d0d7e2}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #d0d7e2;padding:.25em .6em;text-align:left}th{background:#eef2f8}
+pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.8em}
+.add{color:#116329}.del{color:#a40e26}.hunk{color:#6639ba}
+.note{color:#57606a}summary{cursor:pointer;font-weight:600}
+svg text{font-family:system-ui,Helvetica,Arial,sans-serif}
+"""
+
+
+def _html_table(rows: list[list], headers: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_diff(diff: str) -> str:
+    lines = []
+    for line in diff.splitlines():
+        cls = ("add" if line.startswith("+") else "del" if line.startswith("-")
+               else "hunk" if line.startswith("@@") else "")
+        text = html.escape(line)
+        lines.append(f'<span class="{cls}">{text}</span>' if cls else text)
+    return "<pre>" + "\n".join(lines) + "</pre>"
+
+
+def roofline_svg(data: dict, width: int = 720, height: int = 440) -> str:
+    """Log-log roofline of the target (bandwidth slope, peak line, ridge) with both paths' operating points."""
+    target, plan = data["target"], data["plan"]
+    peak, bandwidth, ridge = target["peak_flops"], target["memory_bandwidth"], target["ridge"]
+    points = []
+    for name, p in plan["paths"].items():
+        for kind, figures in (("core", p["core"]), ("total", {"flops": p["flops"], "bytes": p["bytes"],
+                                                              "time_s": p["layer_time_s"]})):
+            if figures["bytes"] and figures["flops"] and figures["time_s"]:
+                points.append((name, kind, figures["flops"] / figures["bytes"], figures["flops"] / figures["time_s"]))
+    intensities = [ridge] + [p[2] for p in points]
+    x_lo = 10 ** math.floor(math.log10(min(intensities) / 2))
+    x_hi = 10 ** math.ceil(math.log10(max(intensities) * 4))
+    y_hi = 10 ** math.ceil(math.log10(peak * 1.5))
+    y_lo = 10 ** math.floor(math.log10(min([x_lo * bandwidth] + [p[3] for p in points]) / 2))
+    left, right, top, bottom = 80, 20, 30, 60
+    pw, ph = width - left - right, height - top - bottom
+
+    def sx(x):
+        return left + pw * (math.log10(x) - math.log10(x_lo)) / (math.log10(x_hi) - math.log10(x_lo))
+
+    def sy(y):
+        return top + ph * (1 - (math.log10(y) - math.log10(y_lo)) / (math.log10(y_hi) - math.log10(y_lo)))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="roofline" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="roofline chart">',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fbfcfe" stroke="#8c959f"/>']
+    for e in range(round(math.log10(x_lo)), round(math.log10(x_hi)) + 1):
+        x = sx(10 ** e)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#e3e8ef"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">1e{e}</text>')
+    for e in range(round(math.log10(y_lo)), round(math.log10(y_hi)) + 1):
+        y = sy(10 ** e)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e3e8ef"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">1e{e}</text>')
+    x0 = max(x_lo, y_lo / bandwidth)
+    roof = [(x0, x0 * bandwidth), (ridge, peak), (x_hi, peak)]
+    parts.append('<polyline class="roof" fill="none" stroke="#0969da" stroke-width="2.5" points="'
+                 + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in roof) + '"/>')
+    parts.append(f'<line x1="{sx(ridge):.1f}" y1="{sy(peak):.1f}" x2="{sx(ridge):.1f}" y2="{top + ph}" '
+                 'stroke="#0969da" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{sx(ridge) + 4:.1f}" y="{top + ph - 6}" font-size="11" fill="#0969da">'
+                 f'ridge {ridge:.1f} FLOP/B</text>')
+    parts.append(f'<text x="{sx(x_hi) - 6:.1f}" y="{sy(peak) - 6:.1f}" font-size="11" text-anchor="end" '
+                 f'fill="#0969da">peak {_si(peak, "FLOP/s")}</text>')
+    parts.append(f'<text x="{sx(x0) + 6:.1f}" y="{sy(x0 * bandwidth) - 8:.1f}" font-size="11" fill="#0969da">'
+                 f'{_si(bandwidth, "B/s")}</text>')
+    colours = {"absorbed": "#cf222e", "grouped": "#1a7f37"}
+    for index, (name, kind, ai, achieved) in enumerate(points):
+        x, y = sx(ai), sy(achieved)
+        colour = colours.get(name, "#6639ba")
+        chosen = " (chosen)" if name == data["path"] else ""
+        shape = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}"/>' if kind == "core" else
+                 f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="none" stroke="{colour}" '
+                 'stroke-width="2"/>')
+        parts.append(f'<g class="point" data-path="{name}" data-kind="{kind}">{shape}'
+                     f'<text x="{x + 9:.1f}" y="{y + (12 if index % 2 else -8):.1f}" font-size="12" fill="{colour}">'
+                     f'{html.escape(name)} {kind}{chosen}</text></g>')
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 18}" font-size="13" text-anchor="middle">'
+                 'arithmetic intensity (FLOP/B)</text>')
+    parts.append(f'<text x="18" y="{top + ph / 2:.0f}" font-size="13" text-anchor="middle" '
+                 f'transform="rotate(-90 18 {top + ph / 2:.0f})">attainable FLOP/s</text>')
+    parts.append(f'<text x="{left}" y="18" font-size="13" font-weight="600">roofline of {html.escape(target["name"])} '
+                 f'({html.escape(target["dtype"])}): circles attention core, squares whole step per layer</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def render_html(data: dict) -> str:
+    kind = " (dry run on a copy)" if data.get("dry_run") else ""
+    body = [f"<h1>gqla_compile report: {html.escape(str(data.get('model')))}{kind}</h1>"]
+    if not data.get("latent_attention"):
+        body.append(f"<p>No latent attention: {html.escape(str(data.get('message')))}</p>")
+    else:
+        sections = _sections(data, "simple", verbose=False, markdown=False)
+        target, plan, cache = data["target"], data["plan"], data["cache"]
+        body.append(f"<p>{html.escape(sections[0].split(': ', 1)[1])}</p>")
+        body.append(f"<p><b>plan:</b> {html.escape(plan['reason'])}</p>")
+        body.append("<h2>Paths</h2>")
+        rows = [[f"{n} *" if n == data["path"] else n, _duration(p["step_time_s"]), _duration(p["layer_time_s"]),
+                 f"{p['core']['arithmetic_intensity']:.1f}", f"{p['arithmetic_intensity']:.1f}", p["bound"],
+                 f"{p['cache_bytes_per_token']} B"] for n, p in plan["paths"].items()]
+        body.append(_html_table(rows, ["path", "step time", "per layer", "core AI", "total AI", "bound",
+                                       "cache/token/layer"]))
+        body.append(f'<p class="note">s_q={plan["s_q"]}, batch {plan["batch_size"]}, context {plan["context_len"]}, '
+                    f'tp={plan["tp"]}; ridge {target["ridge"]:.1f} FLOP/B</p>')
+        body.append(roofline_svg(data))
+        body.append("<h2>Layers</h2>")
+        rows = [[", ".join(g["modules"]), g["count"], _dims_text(g["dims"]), g["attention"] or "-", g["path"],
+                 "-" if g["verification_error"] is None else f"{g['verification_error']:.1e}", g["traced_by"]]
+                for g in data["layers"]]
+        body.append(_html_table(rows, ["module(s)", "count", "dims", "attention", "path", "verify err", "traced by"]))
+        for g in data["layers"]:
+            body.append(f"<h2>Graph diff: {html.escape(_modules_text(g['modules']))} (x{g['count']})</h2>")
+            body.append(_html_table(_ops_rows(g["ops_before"], g["ops_after"], changed_only=False),
+                                    ["op", "before", "after", "change"]))
+            rows = [[m["graph"], m["op"], m["weight"], str(m["shape"])]
+                    for m in g["matmul_weights_before"] + g["matmul_weights_after"]]
+            body.append("<p>Matmuls on weights (captured = before; projection and core = after):</p>")
+            body.append(_html_table(rows, ["graph", "op", "weight", "shape"]))
+            body.append("<p>Folded weights:</p>")
+            body.append(_html_table([[k, str(v)] for k, v in g["folded_weights"].items()], ["weight", "shape"]))
+            c = g["cache"]
+            body.append(_html_table([["before", c["layout_before"], c["elements_before"], c["bytes_before"]],
+                                     ["after", c["layout_after"], c["elements_after"], c["bytes_after"]]],
+                                    ["cache", "layout", "elements/token/layer", "bytes/token/layer"]))
+            body.append(f"<details><summary>unified diff of the graph code</summary>{_html_diff(g['diff'])}</details>")
+        body.append("<h2>Cache, whole model</h2>")
+        body.append(_html_table(
+            [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", _bytes(cache["bytes_before"])],
+             [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", _bytes(cache["bytes_after"])]],
+            ["cache", "per token", f"total (context {cache['context_len']}, batch {cache['batch_size']})"]))
+        body.append("<h2>Compile and skipped blocks</h2>")
+        body.append("<p>" + html.escape(sections[-2]) + "</p><p>" + html.escape(sections[-1]) + "</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>gqla_compile report: {html.escape(str(data.get('model')))}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
