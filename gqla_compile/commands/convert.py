@@ -1,0 +1,95 @@
+"""``gqla-compile convert``: TransGQLA of a GQA checkpoint folder into a GQLA checkpoint folder.
+
+Exit codes (cli.py): 2 for a missing source, an existing destination without ``--force`` and ranks or an
+architecture the conversion cannot take (nothing is written then); 1 for other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..cli import UsageError
+from ..conversion.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, random_token_sequences, token_chunks
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a GQA checkpoint (Llama, Qwen2, Mistral) into a GQLA checkpoint (TransGQLA)",
+        description="TransGQLA: split each layer's keys into a shared RoPE part (RoRoPE) and a no-RoPE part, "
+        "compress the no-RoPE keys and values of all groups jointly into a latent (PCA on calibration "
+        "activations), and write a GQLA checkpoint (safetensors) into DST_DIR.",
+    )
+    parser.add_argument("src", metavar="SRC_DIR", help="source model folder (safetensors), or a tiny config name")
+    parser.add_argument("dst", metavar="DST_DIR", help="output folder (must not exist unless --force)")
+    parser.add_argument("--kv-lora-rank", type=int, default=512, help="latent rank d_c (default 512)")
+    parser.add_argument("--qk-rope-head-dim", type=int, default=64, help="shared RoPE key dims d_R (default 64)")
+    parser.add_argument("--calibration-file", type=Path, default=None,
+                        help="UTF-8 text to calibrate on (default: random token ids, poor quality)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer folder for --calibration-file (default: SRC_DIR's); saved into DST_DIR")
+    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the output (default: the source's)")
+    parser.add_argument("--force", action="store_true", help="replace DST_DIR if it exists (only once complete)")
+    parser.set_defaults(func=run)
+
+
+def _load_tokenizer(folder: Path | None) -> Any:
+    """The tokenizer saved in ``folder``, or None when there is none."""
+    if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> list:
+    """Token sequences from --calibration-file, or random token ids (with a warning)."""
+    if args.num_samples <= 0 or args.seq_len <= 0:
+        raise UsageError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
+    if args.calibration_file is None:
+        logger.warning("no --calibration-file: calibrating on random token ids; conversion quality needs real text")
+        return random_token_sequences(vocab_size, args.num_samples, args.seq_len, seed=args.seed)
+    if not args.calibration_file.is_file():
+        raise UsageError(f"calibration file {str(args.calibration_file)!r} does not exist")
+    if tokenizer is None:
+        raise UsageError("--calibration-file needs a tokenizer: SRC_DIR has none, pass --tokenizer DIR")
+    text = args.calibration_file.read_text(encoding="utf-8")
+    return token_chunks(tokenizer(text)["input_ids"], args.num_samples, args.seq_len)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..checkpoint import ModelNotFoundError, check_output_free, load_model, save_pretrained_atomic
+    from ..conversion import convert
+    from ..dims import kv_cache_elements
+    from ..errors import ConversionError
+
+    try:
+        check_output_free(args.dst, force=args.force)
+        source = load_model(args.src)
+    except (FileExistsError, ModelNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    src_folder = Path(args.src) if Path(args.src).is_dir() else None
+    tokenizer = _load_tokenizer(args.tokenizer or src_folder)
+    calibration = _calibration(args, tokenizer, source.config.vocab_size)
+    try:
+        model = convert(source, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.qk_rope_head_dim,
+                        calibration=calibration, dtype=args.dtype, progress=not args.quiet, seed=args.seed)
+    except ConversionError as exc:
+        raise UsageError(str(exc)) from exc
+    save_pretrained_atomic(model, args.dst, force=args.force, tokenizer=tokenizer)
+    before = kv_cache_elements(source.config, "original")
+    after = kv_cache_elements(model.config, "absorbed")
+    print(f"converted {args.src} ({type(source).__name__}) -> {args.dst} (GqlaForCausalLM, "
+          f"d_c={args.kv_lora_rank}, d_R={args.qk_rope_head_dim}): KV cache per token and layer "
+          f"{before} -> {after} elements absorbed ({100 * after / before:.2f} %)")
