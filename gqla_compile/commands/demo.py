@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> None:
         say(f"== {target}, s_q={s_q}: {state.path} path; {state.plan.reason}")
         say(f"   generated {tokens[0, prompt.shape[1]:].tolist()}: "
             f"{'identical to' if same else 'DIFFERENT from'} the unoptimized model's tokens")
-        say()
-        say(str(gqla_compile.report(model)))
+        if not quiet:
+            print()
+            print(gqla_compile.report(model))
 
     ok = all(same for *_, same in results) and errors["full rank"] < 1e-4
     paths = ", ".join(f"{t} s_q={s}: {p}" for t, s, p, _ in results)
