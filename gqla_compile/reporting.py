@@ -414,6 +414,8 @@ def weight_operands(code: str, shapes: dict[str, tuple[str, list[int]]]) -> list
         weights = [env[a] for a in operands if a in env]
         if op in _MATMUL_OPS:
             for name, shape in weights:
+                if len(shape) < 2:  # a bias, not a matrix the op multiplies by
+                    continue
                 found.append({"op": op, "weight": name, "shape": list(shape)})
         elif op in _VIEW_OPS and operands and operands[0] in env:
             env[target.id] = env[operands[0]]
