@@ -37,20 +37,31 @@ def convert(
             conversion is exact at full kv_lora_rank).
         calibration: token-id sequences (tensors or lists), or strings with ``tokenizer``; None uses 64
             sequences of 128 random token ids (seeded) and warns: quality needs real text.
-        num_groups: latent groups n_g; for a GQA source only num_key_value_heads (the default) is available.
+        num_groups: latent groups n_g; for a GQA source only num_key_value_heads (the default) is available. For a
+            latent-attention source (MLA, GQLA; found by the compiler's detector) any divisor of the query heads
+            (default: as many as heads, exact); kv_lora_rank and qk_rope_head_dim are then the source's own.
         dtype: dtype of the returned model; None keeps the source's. The arithmetic is float64 regardless.
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
-        **kwargs: ``batch_size`` of calibration (8); ``_latent_basis`` "pca" (default) or "random" (a
+        **kwargs: ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
+            "similarity"), ``weighting`` (None or "loss") and ``score_aware`` (see ``conversion/mla.py``);
+            ``_latent_basis`` "pca" (default) or "random" (a
             baseline for tests and benchmarks).
 
     Returns the new model in eval mode; ``config.conversion`` records how it was made.
     """
-    if is_latent_config(model.config):
-        raise ConversionError(
-            f"{type(model).__name__} already has latent attention (kv_lora_rank={model.config.kv_lora_rank}); "
-            "conversion of latent models to fewer groups (num_groups) is not available yet"
-        )
+    # Latent models (MLA, GQLA), and any model asked for the latent options, go to the latent converter,
+    # whose detector decides (and says so when the model holds no latent attention).
+    latent_options = {name: kwargs.pop(name) for name in ("grouping", "weighting", "score_aware") if name in kwargs}
+    config = getattr(model, "config", None)
+    gqa_groups = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    wants_latent = any(v not in (None, False) for v in latent_options.values()) or (
+        num_groups is not None and num_groups != gqa_groups)
+    if config is None or is_latent_config(config) or wants_latent:
+        from .mla import convert_mla
+
+        return convert_mla(model, num_groups=num_groups, calibration=calibration, tokenizer=tokenizer, dtype=dtype,
+                           progress=progress, seed=seed, **latent_options, **kwargs)
     return convert_gqa(
         model, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim, calibration=calibration,
         tokenizer=tokenizer, num_groups=num_groups, dtype=dtype, progress=progress, seed=seed, **kwargs,

@@ -1,0 +1,685 @@
+"""TransGQLA for latent-attention checkpoints: MLA (DeepSeek-V2/V3 style, n_g = n_h) or GQLA -> GQLA with fewer groups.
+
+The latent c, the shared RoPE key and everything outside attention stay as they are; only the up-projections
+are regrouped. Per layer, with C = E[c c^T] (float64, over calibration tokens, optionally weighted) and the
+heads of one new group G stacked, M = [W_UK^h]_{h in G} (m d_n x d_c):
+
+- whiten: X_h = W_UK^h C^{1/2}; stack X = [X_h]; SVD X = U S V^T; keep the top d_n right singular vectors V.
+- shared up-projection of the group: W_UK^G = diag(sigma) V^T C^{-1/2} (sigma = S / sqrt(m): the group's key has
+  the scale of one head's key);
+- head map A_h = X_h V diag(1 / sigma) (d_n x d_n), so that A_h W_UK^G = W_UK^h C^{1/2} V V^T C^{-1/2}, the best
+  approximation of W_UK^h on the calibration latents (Eckart-Young in the C-metric). The head's score
+  q_h . A_h W_UK^G c = (A_h^T q_h) . W_UK^G c, so A_h^T is folded into q_h's no-RoPE rows.
+- values likewise (d_v directions), with B_h folded into o_proj's columns of head h.
+
+C is damped (C + 1e-6 mean(diag C) I) and C^{1/2}, C^{-1/2} come from the same eigendecomposition, so they are
+exact inverses: with n_g = n_h (m = 1, rank d_n) the conversion reproduces the model up to rounding.
+
+Options:
+
+- ``score_aware``: weight the PCA by what the heads do with keys and values: each head's key rows by the
+  square root of its queries' second moment E[q_h q_h^T] (so the kept subspace preserves the scores
+  q . k rather than the keys), each head's value rows by (W_O,h^T W_O,h)^{1/2} (so it preserves the output
+  projection of the values). A_h and B_h stay the least-squares maps (they do not depend on a left weight).
+- ``grouping="similarity"``: heads assigned to equal-size groups by how well their (whitened) key and value
+  row spaces share one d_n (d_v) dim basis: greedy construction, then pairwise swaps, started from both
+  the greedy and the neighbour grouping, keeping the one of least calibration residual (so it is never worse
+  than neighbour grouping on the calibration data). The permutation is applied to q head blocks and o_proj
+  column blocks.
+- ``weighting="loss"``: each calibration token's latent is weighted by the original model's next-token loss
+  at that position (normalised to mean 1 per batch): the latents of positions the model finds hard count
+  more (the last position, which has no target, gets weight 1).
+
+Finding the blocks: the compiler's detector (``capture_attention_candidates`` + ``detect_latent_attention``)
+finds every latent-attention block, its dims, its softmax scale and (by probing) the per-head up-projections
+W_UK^h, W_UV^h; the layout of the RoPE key is settled by evaluating the captured graph (rotate_half or
+interleaved pairs). Once the detector has confirmed a block, its q / kv_a / o weights are read by the
+DeepSeek names that every transformers MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/
+``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``o_proj``) and the result is written in
+GqlaForCausalLM's layout, which uses the same names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..configuration_gqla import GqlaConfig
+from ..dims import LatentDims
+from ..errors import ConversionError
+from .calibration import DEFAULT_BATCH_SIZE, CalibrationInput, _batches, prepare_calibration
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GROUPINGS",
+    "WEIGHTINGS",
+    "LatentBlock",
+    "find_latent_blocks",
+    "collect_latent_statistics",
+    "group_basis",
+    "similarity_grouping",
+    "convert_mla",
+]
+
+GROUPINGS = ("neighbour", "similarity")
+WEIGHTINGS = (None, "loss")
+MOMENT_DAMPING = 1e-6
+_SWAP_PASSES = 4
+
+
+# --- detection ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentBlock:
+    """One detected latent-attention block and what conversion needs from the detector."""
+
+    path: str
+    layer_index: int
+    module: nn.Module
+    dims: LatentDims  # n_g: the source's groups (n_h for MLA)
+    scaling: float
+    key_up: torch.Tensor  # W_UK^h per query head, float64 [n_h, d_n, d_c]
+    value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
+    rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
+    rope_layout: str  # "rotate_half" or "interleaved"
+
+
+def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    for index, layer in enumerate(layers):
+        if getattr(layer, "self_attn", None) is module:
+            return index
+    return None
+
+
+# Detection traces each block with torch.export (about a second per distinct block structure); converting one
+# model several times (to several num_groups) reuses it while no parameter was replaced or changed in place.
+_DETECTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[list[LatentBlock], int]]]" = weakref.WeakKeyDictionary()
+
+
+def _parameter_state(model: nn.Module) -> tuple:
+    return tuple((name, p.data_ptr(), p._version, tuple(p.shape)) for name, p in model.named_parameters())
+
+
+def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
+    """The model's latent-attention blocks as the compiler detects them; and how many candidates were checked."""
+    state = _parameter_state(model)
+    cached = _DETECTED.get(model)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    found = _detect_latent_blocks(model)
+    _DETECTED[model] = (state, found)
+    return found
+
+
+def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
+    from ..capture import capture_attention_candidates
+    from ..passes.detect import detect_latent_attention, probe_up_projections
+
+    captures = capture_attention_candidates(model)
+    modules = dict(model.named_modules())
+    blocks = []
+    for capture in captures:
+        match = detect_latent_attention(capture)
+        if match is None:
+            continue
+        module = modules[capture.module_path]
+        parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
+        up = probe_up_projections(capture, match, parameters)
+        dims = match.dims
+        per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
+        index = _layer_index(model, module)
+        if index is None:
+            raise ConversionError(
+                f"latent attention found at {capture.module_path}, which is not model.layers[i].self_attn: "
+                "conversion writes a GqlaForCausalLM and needs the decoder layout transformers' MLA models share"
+            )
+        layout, order = _rope_layout(capture, match, parameters)
+        blocks.append(LatentBlock(
+            path=capture.module_path, layer_index=index, module=module,
+            dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
+            key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
+            rope_order=order, rope_layout=layout,
+        ))
+    return sorted(blocks, key=lambda b: b.layer_index), len(captures)
+
+
+def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
+    """Which pairs the block's RoPE rotates, read off the graph: (layout, row order into rotate_half layout).
+
+    The graph is evaluated on the recorded call; the RoPE key it produces is compared with the pre-RoPE key
+    (the down-projection's last d_R outputs): a rotation keeps the norm of each rotated pair, and only the
+    true pairing does so at every position.
+    """
+    from ..passes.detect import _probe_feeds
+    from ..passes.graph import evaluate_nodes, tensor_meta
+    from torch.utils import _pytree as pytree
+
+    dims = match.dims
+    gm = capture.graph_module
+    feeds = _probe_feeds(capture, match, parameters, seq=2)
+    sources = gm.meta.get("user_input_sources", {})
+    for node in list(feeds):
+        if node.name in sources:
+            arg, leaf = sources[node.name]
+            value = capture.example_arguments[arg]
+            feeds[node] = value if leaf is None else pytree.tree_leaves(value)[leaf]
+    with torch.no_grad():
+        rope, down = evaluate_nodes(gm, [match.rope_key, match.down_projection], feeds)
+    if down.shape[-1] != dims.d_c + dims.d_R or rope.shape[-1] != dims.d_R:
+        raise ConversionError(f"{capture.module_path}: the down-projection does not end in the {dims.d_R} RoPE key dims")
+    batch, seq = down.shape[0], down.shape[1]
+    while rope.dim() > 3:  # broadcast over heads ([B, heads, T, d_R] or similar): every head holds the same key
+        head_dim = next((i for i, size in enumerate(rope.shape[:-1]) if size not in (batch, seq)), 1)
+        rope = rope.select(head_dim, 0)
+    pre = down[..., dims.d_c:].reshape(-1, dims.d_R).double()
+    post = rope.reshape(-1, dims.d_R).double()
+    if pre.shape != post.shape:
+        raise ConversionError(f"{capture.module_path}: cannot line up the RoPE key with its input")
+    half = dims.d_R // 2
+    candidates = {
+        "rotate_half": list(range(dims.d_R)),
+        "interleaved": list(range(0, dims.d_R, 2)) + list(range(1, dims.d_R, 2)),
+    }
+    errors = {}
+    for layout, order in candidates.items():
+        a = pre[:, order]
+        norm_in = a[:, :half] ** 2 + a[:, half:] ** 2  # pair p is (p, p + half) in the candidate's order
+        # the output may come out in either layout (DeepSeek-V3's interleaved RoPE returns rotate_half order)
+        errors[layout] = min(
+            float((norm_in - (b := post[:, out_order])[:, :half] ** 2 - b[:, half:] ** 2).abs().max()
+                  / norm_in.max().clamp_min(1e-30))
+            for out_order in candidates.values()
+        )
+    layout = min(errors, key=errors.get)
+    if errors[layout] > 1e-4 or (dims.d_R > 2 and sorted(errors.values())[1] < 1e-4 and post.shape[0] > 2):
+        raise ConversionError(
+            f"{capture.module_path}: could not tell which dims the RoPE rotates together (pair-norm errors {errors})"
+        )
+    return layout, candidates[layout]
+
+
+# --- calibration statistics ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentStatistics:
+    latent: list[torch.Tensor]  # per layer E_w[c c^T] [d_c, d_c] float64
+    query: list[torch.Tensor] | None  # per layer E_w[q^n_h q^n_h^T] [n_h, d_n, d_n] (score_aware only)
+    tokens: int
+    weight_sum: float
+
+
+def _query_linear(attention: nn.Module) -> nn.Linear:
+    return attention.q_proj if getattr(attention, "q_proj", None) is not None else attention.q_b_proj
+
+
+@torch.no_grad()
+def collect_latent_statistics(
+    model: nn.Module,
+    blocks: Sequence[LatentBlock],
+    sequences: Sequence[torch.Tensor],
+    *,
+    weighting: str | None = None,
+    queries: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> LatentStatistics:
+    """Weighted second moments of the latents (and of the no-RoPE queries) of every block, float64.
+
+    Hooks on each block's latent (the output of ``kv_a_layernorm``, or the first d_c outputs of
+    ``kv_a_proj_with_mqa`` when there is no norm) keep the current batch; after the forward the token weights
+    (padding mask, times the next-token loss with ``weighting="loss"``) are known and the moments are summed.
+    """
+    stash: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def keep(key, width=None, view=None):
+        def hook(_module, _args, output):
+            out = output[..., :width] if width is not None else output
+            if view is not None:
+                out = out.reshape(*out.shape[:-1], view[0], view[1])[..., : view[2]]
+            stash[key] = out.detach().to("cpu", torch.float64)
+        return hook
+
+    for i, block in enumerate(blocks):
+        attn, d = block.module, block.dims
+        norm = getattr(attn, "kv_a_layernorm", None)
+        if isinstance(norm, nn.Module):
+            handles.append(norm.register_forward_hook(keep((i, "c"))))
+        else:
+            handles.append(attn.kv_a_proj_with_mqa.register_forward_hook(keep((i, "c"), width=d.d_c)))
+        if queries:
+            handles.append(_query_linear(attn).register_forward_hook(keep((i, "q"), view=(d.n_h, d.d_qk, d.d_n))))
+
+    latent = [torch.zeros(b.dims.d_c, b.dims.d_c, dtype=torch.float64) for b in blocks]
+    query = [torch.zeros(b.dims.n_h, b.dims.d_n, b.dims.d_n, dtype=torch.float64) for b in blocks] if queries else None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tokens, weight_sum = 0, 0.0
+    n_batches = -(-len(sequences) // batch_size)
+    try:
+        for ids, mask in tqdm(_batches(sequences, batch_size), total=n_batches, desc="calibration", unit="batch",
+                              disable=not progress):
+            stash.clear()
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            weights = mask.to(torch.float64)
+            if weighting == "loss":
+                weights = weights * _loss_weights(out.logits, ids.to(out.logits.device), mask)
+            flat = weights.reshape(-1)
+            tokens += int(mask.sum())
+            weight_sum += float(flat.sum())
+            for i in range(len(blocks)):
+                c = stash[(i, "c")].reshape(-1, blocks[i].dims.d_c)
+                latent[i] += (c * flat[:, None]).T @ c
+                if queries:
+                    q = stash[(i, "q")].reshape(flat.shape[0], blocks[i].dims.n_h, -1)
+                    query[i] += torch.einsum("t,thd,the->hde", flat, q, q)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    scale = 1.0 / max(weight_sum, 1e-300)
+    return LatentStatistics(
+        latent=[m * scale for m in latent], query=[m * scale for m in query] if queries else None,
+        tokens=tokens, weight_sum=weight_sum,
+    )
+
+
+def _loss_weights(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per position, the next-token loss normalised to mean 1 over the batch's scored positions (float64, CPU).
+
+    Positions with no next token (the last real one of each row) get weight 1.
+    """
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1).to("cpu", torch.float64)
+    scored = (mask[:, 1:] * mask[:, :-1]).to(torch.float64)
+    mean = float((nll * scored).sum() / scored.sum().clamp_min(1))
+    weights = torch.ones(ids.shape, dtype=torch.float64)
+    if mean > 0:
+        weights[:, :-1] = torch.where(scored.bool(), nll / mean, torch.ones_like(nll))
+    return weights
+
+
+# --- the per-group PCA ----------------------------------------------------------------------------------------
+
+
+def _sqrt_pair(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^{1/2} and C^{-1/2} of the damped C (one eigendecomposition, so they are exact inverses)."""
+    ridge = MOMENT_DAMPING * max(float(moment.diagonal().mean()), 1e-300)
+    eigvals, eigvecs = torch.linalg.eigh(moment + ridge * torch.eye(moment.shape[0], dtype=moment.dtype))
+    eigvals = eigvals.clamp_min(ridge)
+    return (eigvecs * eigvals.sqrt()) @ eigvecs.T, (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a (batch of) PSD matrices, damped like C."""
+    ridge = MOMENT_DAMPING * matrix.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
+    eigvals, eigvecs = torch.linalg.eigh(matrix + ridge[..., None, None] * eye)
+    return (eigvecs * eigvals.clamp_min(0).sqrt()[..., None, :]) @ eigvecs.transpose(-1, -2)
+
+
+def group_basis(
+    whitened: torch.Tensor, inv_sqrt: torch.Tensor, left: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Shared up-projection and head maps of one group.
+
+    Args:
+        whitened: X_h = W^h C^{1/2} of the group's heads [m, d, d_c].
+        inv_sqrt: C^{-1/2} [d_c, d_c].
+        left: optional per-head left weights L_h [m, d, d] (the PCA then keeps what L_h X_h needs most).
+
+    Returns W^G [d, d_c], the head maps A [m, d, d] with A_h W^G = X_h V V^T C^{-1/2}, and the share of the
+    (weighted) energy kept.
+    """
+    m, d, d_c = whitened.shape
+    target = whitened if left is None else left @ whitened
+    _, s, vh = torch.linalg.svd(target.reshape(m * d, d_c), full_matrices=False)
+    k = min(d, vh.shape[0])
+    v = vh[:k].T  # [d_c, k]
+    s = s[:k]
+    sigma = torch.where(s > 1e-12 * s[0].clamp_min(1e-300), s / math.sqrt(m), torch.ones_like(s))
+    basis = torch.zeros(d, d_c, dtype=whitened.dtype)
+    maps = torch.zeros(m, d, d, dtype=whitened.dtype)
+    basis[:k] = sigma[:, None] * (v.T @ inv_sqrt)
+    maps[:, :, :k] = (whitened @ v) / sigma
+    total = float(target.square().sum())
+    kept = float(s.square().sum()) / total if total > 0 else 1.0
+    return basis, maps, kept
+
+
+def _gram(whitened: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+    """Per head G_h = (L_h X_h)^T (L_h X_h) [n, d_c, d_c]."""
+    target = whitened if left is None else left @ whitened
+    return target.transpose(-1, -2) @ target
+
+
+def _residual(gram_sum: torch.Tensor, d: int) -> float:
+    eigvals = torch.linalg.eigvalsh(gram_sum)
+    return float(eigvals[:-d].clamp_min(0).sum()) if d < eigvals.numel() else 0.0
+
+
+class _GroupingCost:
+    """Calibration residual of a grouping: per kind (keys, values), the energy PCA loses, relative to the total."""
+
+    def __init__(self, grams: Sequence[torch.Tensor], ranks: Sequence[int]):
+        self.grams, self.ranks = grams, ranks
+        self.totals = [float(g.diagonal(dim1=-2, dim2=-1).sum()) or 1.0 for g in grams]
+        self.cache: dict[frozenset, float] = {}
+
+    def group(self, heads) -> float:
+        key = frozenset(heads)
+        if key not in self.cache:
+            index = torch.tensor(sorted(key))
+            self.cache[key] = sum(_residual(g[index].sum(0), d) / t for g, d, t in zip(self.grams, self.ranks, self.totals))
+        return self.cache[key]
+
+    def total(self, groups) -> float:
+        return sum(self.group(g) for g in groups)
+
+
+def similarity_grouping(grams: Sequence[torch.Tensor], ranks: Sequence[int], num_groups: int) -> tuple[list[list[int]], float, float]:
+    """Equal-size groups of heads whose subspaces share one basis best: (groups, cost, neighbour cost).
+
+    Greedy construction (seed: the unassigned head of most energy; then the head that adds the least
+    residual), then pairwise swaps between groups while they lower the residual, started from the greedy and
+    from the neighbour grouping; the better result is kept.
+    """
+    n_h = grams[0].shape[0]
+    m = n_h // num_groups
+    cost = _GroupingCost(grams, ranks)
+    neighbour = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
+    energy = sum(g.diagonal(dim1=-2, dim2=-1).sum(-1) / t for g, t in zip(grams, cost.totals))
+    unassigned = set(range(n_h))
+    greedy = []
+    for _ in range(num_groups):
+        group = [max(unassigned, key=lambda h: (float(energy[h]), -h))]
+        unassigned.discard(group[0])
+        while len(group) < m:
+            best = min(unassigned, key=lambda h: (cost.group(group + [h]), h))
+            group.append(best)
+            unassigned.discard(best)
+        greedy.append(group)
+    results = [_swap_search(start, cost) for start in (greedy, neighbour)]
+    groups = min(results, key=cost.total)
+    groups = sorted((sorted(g) for g in groups), key=lambda g: g[0])
+    return groups, cost.total(groups), cost.total(neighbour)
+
+
+def _swap_search(groups: list[list[int]], cost: _GroupingCost) -> list[list[int]]:
+    groups = [list(g) for g in groups]
+    if len(groups) < 2:
+        return groups
+    for _ in range(_SWAP_PASSES):
+        improved = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                for i in range(len(groups[a])):
+                    for j in range(len(groups[b])):
+                        before = cost.group(groups[a]) + cost.group(groups[b])
+                        ga, gb = list(groups[a]), list(groups[b])
+                        ga[i], gb[j] = gb[j], ga[i]
+                        if cost.group(ga) + cost.group(gb) < before - 1e-12 * max(before, 1e-300):
+                            groups[a], groups[b] = ga, gb
+                            improved = True
+        if not improved:
+            break
+    return groups
+
+
+# --- one layer ------------------------------------------------------------------------------------------------
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def convert_layer(
+    block: LatentBlock,
+    latent_moment: torch.Tensor,
+    query_moment: torch.Tensor | None,
+    num_groups: int,
+    grouping: str,
+    score_aware: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The new attention tensors of one layer (float64, by name below ``self_attn.``) and its record."""
+    attn, d = block.module, block.dims
+    m = d.n_h // num_groups
+    sqrt_c, inv_sqrt_c = _sqrt_pair(latent_moment)
+    x_key, x_value = block.key_up @ sqrt_c, block.value_up @ sqrt_c  # [n_h, d, d_c]
+    o_weight = _f64(attn.o_proj.weight)  # [D, n_h d_v]
+    o_heads = o_weight.view(-1, d.n_h, d.d_v).permute(1, 0, 2)  # [n_h, D, d_v]
+    left_key = left_value = None
+    if score_aware:
+        left_key = _psd_sqrt(query_moment)
+        left_value = _psd_sqrt(o_heads.transpose(1, 2) @ o_heads)
+
+    grams = [_gram(x_key, left_key), _gram(x_value, left_value)]
+    ranks = [d.d_n, d.d_v]
+    if grouping == "similarity" and 1 < num_groups < d.n_h:
+        groups, cost, neighbour_cost = similarity_grouping(grams, ranks, num_groups)
+    else:
+        groups = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
+        cost = neighbour_cost = _GroupingCost(grams, ranks).total(groups) if num_groups < d.n_h else 0.0
+    permutation = [h for g in groups for h in g]
+
+    kv_b, key_maps, value_maps, kept_k, kept_v = [], [], [], [], []
+    for heads in groups:
+        index = torch.tensor(heads)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        w_k, a, kk = group_basis(x_key[index], inv_sqrt_c, pick(left_key))
+        w_v, b, kv = group_basis(x_value[index], inv_sqrt_c, pick(left_value))
+        kv_b.append(torch.cat([w_k, w_v]))
+        key_maps.append(a)
+        value_maps.append(b)
+        kept_k.append(kk)
+        kept_v.append(kv)
+    key_maps = torch.cat(key_maps)  # [n_h, d_n, d_n], in new head order
+    value_maps = torch.cat(value_maps)
+    perm = torch.tensor(permutation)
+
+    # queries: new head j is old head perm[j]; no-RoPE rows get A_j^T, RoPE rows go to rotate_half order
+    q_linear = _query_linear(attn)
+    q_name = "q_proj" if q_linear is getattr(attn, "q_proj", None) else "q_b_proj"
+    q_w = _f64(q_linear.weight).view(d.n_h, d.d_qk, -1)[perm]
+    q_b = _f64(q_linear.bias)
+    q_b = None if q_b is None else q_b.view(d.n_h, d.d_qk)[perm]
+    rope = torch.tensor(block.rope_order)
+    new_q = torch.cat([key_maps.transpose(1, 2) @ q_w[:, : d.d_n], q_w[:, d.d_n :][:, rope]], dim=1)
+    tensors = {f"{q_name}.weight": new_q.reshape(d.n_h * d.d_qk, -1)}
+    if q_b is not None:
+        new_bias = torch.cat([(key_maps.transpose(1, 2) @ q_b[:, : d.d_n, None])[..., 0], q_b[:, d.d_n :][:, rope]], dim=1)
+        tensors[f"{q_name}.bias"] = new_bias.reshape(-1)
+    # latent and RoPE key: unchanged apart from the RoPE row order
+    kv_a = _f64(attn.kv_a_proj_with_mqa.weight)
+    rows = torch.cat([torch.arange(d.d_c), d.d_c + rope])
+    tensors["kv_a_proj_with_mqa.weight"] = kv_a[rows]
+    if attn.kv_a_proj_with_mqa.bias is not None:
+        tensors["kv_a_proj_with_mqa.bias"] = _f64(attn.kv_a_proj_with_mqa.bias)[rows]
+    tensors["kv_b_proj.weight"] = torch.cat(kv_b)
+    tensors["o_proj.weight"] = (o_heads[perm] @ value_maps).permute(1, 0, 2).reshape(o_weight.shape[0], -1)
+    record = {
+        "groups": groups,
+        "key_kept_energy": sum(kept_k) / len(kept_k),
+        "value_kept_energy": sum(kept_v) / len(kept_v),
+        "grouping_residual": cost,
+        "neighbour_grouping_residual": neighbour_cost,
+    }
+    return tensors, record
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
+def _check_options(num_groups: int, n_h: int, grouping: str, weighting: str | None) -> None:
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or n_h % num_groups:
+        divisors = [g for g in range(1, n_h + 1) if n_h % g == 0]
+        raise ConversionError(
+            f"num_groups={num_groups} does not divide the {n_h} query heads into equal groups; "
+            f"choose one of {divisors}"
+        )
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"grouping={grouping!r} is not known; use one of {', '.join(GROUPINGS)}")
+    if weighting not in WEIGHTINGS:
+        raise ConversionError(f"weighting={weighting!r} is not known; use None or 'loss'")
+
+
+def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num_groups: int) -> GqlaConfig:
+    cfg = source.config
+    d = blocks[0].dims
+    attn = blocks[0].module
+    q_first = attn.q_proj if getattr(attn, "q_proj", None) is not None else attn.q_a_proj
+    has_norm = isinstance(getattr(attn, "kv_a_layernorm", None), nn.Module)
+    rope = copy.deepcopy(dict(getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}))
+    rope.pop("partial_rotary_factor", None)
+    mlp = source.model.layers[0].mlp
+    return GqlaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=d.hidden_size,
+        intermediate_size=getattr(getattr(mlp, "gate_proj", None), "out_features", None) or cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=d.n_h,
+        num_key_value_heads=num_groups,
+        kv_lora_rank=d.d_c,
+        q_lora_rank=d.q_lora_rank,
+        qk_rope_head_dim=d.d_R,
+        qk_nope_head_dim=d.d_n,
+        v_head_dim=d.d_v,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=getattr(cfg, "initializer_range", 0.02),
+        rms_norm_eps=cfg.rms_norm_eps,
+        pad_token_id=getattr(cfg, "pad_token_id", None),
+        bos_token_id=getattr(cfg, "bos_token_id", None),
+        eos_token_id=getattr(cfg, "eos_token_id", None),
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        rope_parameters=rope,
+        attention_bias=q_first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None,
+        attention_output_bias=attn.o_proj.bias is not None,
+        mlp_bias=getattr(getattr(mlp, "gate_proj", None), "bias", None) is not None,
+        kv_a_layernorm=has_norm,
+        softmax_scale=blocks[0].scaling,
+    )
+
+
+def _expected_state_names(config: GqlaConfig) -> dict[str, tuple[int, ...]]:
+    from ..modeling_gqla import GqlaForCausalLM
+
+    with torch.device("meta"):
+        model = GqlaForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_layout(source: nn.Module, blocks: Sequence[LatentBlock], expected: dict[str, tuple[int, ...]]) -> None:
+    """ConversionError (before any calibration) when the source has weights a GqlaForCausalLM cannot hold."""
+    layers = source.model.layers
+    if len(blocks) != len(layers):
+        missing = sorted(set(range(len(layers))) - {b.layer_index for b in blocks})
+        raise ConversionError(f"latent attention was detected in {len(blocks)} of {len(layers)} layers (not in {missing}); "
+                              "conversion needs every layer to be latent attention")
+    for block in blocks[1:]:
+        if (block.dims.as_dict() | {"n_g": 0}) != (blocks[0].dims.as_dict() | {"n_g": 0}) or block.scaling != blocks[0].scaling:
+            raise ConversionError(f"{block.path} has other dims than {blocks[0].path}; a GqlaConfig has one shape for all layers")
+    source_names = {n: tuple(t.shape) for n, t in source.state_dict().items()}
+    unused = sorted(n for n in source_names if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ConversionError(
+            f"{type(source).__name__} has weights GqlaForCausalLM has no place for (e.g. {', '.join(unused[:3])}); "
+            "only dense-MLP decoders convert (MoE layers do not)"
+        )
+
+
+def convert_mla(
+    model: nn.Module,
+    *,
+    num_groups: int | None = None,
+    calibration: CalibrationInput = None,
+    tokenizer: Any = None,
+    grouping: str | None = None,
+    weighting: str | None = None,
+    score_aware: bool = False,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> nn.Module:
+    """A latent-attention model (MLA or GQLA) as a GqlaForCausalLM with ``num_groups`` groups; see module docs."""
+    from ..modeling_gqla import GqlaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    start = time.perf_counter()
+    grouping = grouping or "neighbour"
+    blocks, checked = find_latent_blocks(model)
+    if not blocks:
+        raise ConversionError(
+            f"{type(model).__name__} holds no latent attention (the detector checked {checked} candidate blocks): "
+            "num_groups, grouping and weighting regroup latent-attention (MLA/GQLA) models. A GQA model (Llama, "
+            "Qwen2, Mistral) converts with kv_lora_rank= and qk_rope_head_dim= into num_key_value_heads groups"
+        )
+    dims = blocks[0].dims
+    num_groups = dims.n_h if num_groups is None else num_groups
+    _check_options(num_groups, dims.n_h, grouping, weighting)
+    config = gqla_config_for_latent(model, blocks, num_groups)
+    expected = _expected_state_names(config)
+    _check_layout(model, blocks, expected)
+    out_dtype = next(model.parameters()).dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
+    stats = collect_latent_statistics(model, blocks, sequences, weighting=weighting, queries=score_aware,
+                                      batch_size=batch_size, progress=progress)
+    state = {name: t for name, t in model.state_dict().items() if name in expected}
+    records = []
+    for i, block in enumerate(tqdm(blocks, desc="TransGQLA (latent)", unit="layer", disable=not progress)):
+        tensors, record = convert_layer(block, stats.latent[i], stats.query[i] if stats.query else None,
+                                        num_groups, grouping, score_aware)
+        prefix = f"model.layers.{block.layer_index}.self_attn."
+        state.update({prefix + name: t for name, t in tensors.items()})
+        records.append({"rope_layout": block.rope_layout, **record})
+    for name, shape in expected.items():  # biases the source lacks (e.g. q_proj's when kv_a has one): zero
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+    config.conversion = {
+        "method": "TransGQLA (latent): per-group PCA of the up-projected keys and values in the latent's "
+                  "calibration metric, head maps folded into q and o_proj",
+        "source_architecture": type(model).__name__,
+        "source_model_type": getattr(model.config, "model_type", None),
+        "source_num_groups": dims.n_g,
+        "num_groups": num_groups,
+        "grouping": grouping,
+        "permutation": [[h for g in r["groups"] for h in g] for r in records],
+        "weighting": weighting,
+        "score_aware": score_aware,
+        "calibration": {"source": "random tokens" if calibration is None else "given",
+                        "num_sequences": len(sequences), "num_tokens": stats.tokens, "seed": seed},
+        "layers": records,
+    }
+    with no_init_weights():
+        new = GqlaForCausalLM(config)
+    missing = set(expected) - set(state)
+    if missing:
+        raise ConversionError(f"no source weights for {sorted(missing)[:3]}")
+    new.load_state_dict({n: t.detach().to("cpu", out_dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(model.generation_config)
+    logger.info("TransGQLA (latent): %d layers, %d -> %d groups (%s grouping) in %.1f s; mean kept key energy %.3f",
+                len(blocks), dims.n_g, num_groups, grouping, time.perf_counter() - start,
+                sum(r["key_kept_energy"] for r in records) / len(records))
+    return new.eval()
