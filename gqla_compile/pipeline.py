@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from .capture import CAPTURE_METHOD, CapturedAttention, capture_attention_candidates
-from .dims import LatentDims, latent_cache_elements
+from .dims import LatentDims, is_latent_config, latent_cache_elements
+from .distributed import TensorParallel, tensor_parallel_group
 from .errors import GqlaError, NoLatentAttentionError
 from .passes.absorb import AbsorbQuery
 from .passes.detect import DetectLatentAttention, LatentAttentionMatch, probe_up_projections
 from .passes.expand import ExpandNewTokens
 from .passes.fold import fold_value_up_projection, stack_group_up_projections
 from .passes.manager import PassManager, PassRecord
+from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout, shard_problem
 from .passes.split import SplitLatentProjection
 from .runtime import InstalledLatentAttention, LatentAttentionCore, install, uninstall
 
@@ -49,6 +51,7 @@ class LayerRewrite:
     cache_elements_after: int
     traced_by: str = CAPTURE_METHOD
     trace_seconds: float = 0.0
+    cache_elements_per_rank: int | None = None  # per token: what this tensor-parallel rank caches
 
 
 @dataclass
@@ -62,6 +65,9 @@ class OptimizationState:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     compile: Any = None
     seconds: float = 0.0
+    tp: int = 1  # tensor-parallel ranks the attention is sharded over
+    rank: int = 0  # this process's rank among them
+    tp_sharding: dict[str, str] = field(default_factory=dict)  # what is sharded, what is replicated (tp > 1)
 
 
 def optimize(
@@ -83,11 +89,18 @@ def optimize(
     shape; "absorbed" or "grouped" forces one. ``compile=True`` runs the model through ``torch.compile``
     with Inductor; ``compile=False`` keeps the rewritten graphs eager (for debugging). A model without
     latent attention is returned unchanged with a warning (an error if a path was forced).
+
+    ``tp=P`` (P > 1) shards the attention over the initialised ``torch.distributed`` default group of P
+    ranks (passes/shard.py): each rank keeps its query heads (grouped path: its n_g / P groups and 1/P of
+    the cache; absorbed path: the whole latent cache) and sums o_proj's partial outputs with an
+    all-reduce. Embeddings, MLP and lm_head stay replicated (``model.gqla_optimization.tp_sharding``). A
+    P that does not divide the groups (grouped) or heads (absorbed) is refused before any work.
     """
     if path not in ("auto", *PATHS):
         raise ValueError(f"path must be 'auto', 'absorbed' or 'grouped', got {path!r}")
-    if tp not in (None, 1):
-        raise NotImplementedError("tensor-parallel sharding (tp > 1) is not available yet; use tp=None")
+    if isinstance(tp, int) and tp > 1:
+        _check_shardable(model, path, tp)
+    parallel = tensor_parallel_group(tp)
     if getattr(model, "gqla_optimization", None) is not None:
         raise GqlaError("this model is already optimized; optimize a fresh copy to change the target or path")
     start = time.perf_counter()
@@ -106,7 +119,10 @@ def optimize(
         warnings.warn(message, stacklevel=2)
         model.train(was_training)
         return model
-    chosen, plan = _choose_path(model, matched, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len)
+    chosen, plan = _choose_path(
+        model, matched, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len,
+        tp=parallel.size if parallel else 1,
+    )
     modules = dict(model.named_modules())
     layers = []
     try:
@@ -114,7 +130,8 @@ def optimize(
             module = modules[capture.module_path]
             layers.append(
                 _rewrite_layer(
-                    module, capture, match, detect_records, chosen, plan.output_absorption, ordinal, verify, dump_dir
+                    module, capture, match, detect_records, chosen, plan.output_absorption, ordinal, verify, dump_dir,
+                    parallel,
                 )
             )
     except Exception:
@@ -125,6 +142,11 @@ def optimize(
     model.gqla_optimization = OptimizationState(
         path=chosen, target=getattr(plan, "target", target), plan=plan, layers=layers, skipped=skipped
     )
+    if parallel is not None:
+        state = model.gqla_optimization
+        state.tp, state.rank = parallel.size, parallel.rank
+        state.tp_sharding = {"attention": f"sharded by {'groups' if chosen == 'grouped' else 'query heads'}",
+                             **REPLICATED}
     if compile:
         from .compile import compile_model
 
@@ -142,6 +164,21 @@ def _detect(capture: CapturedAttention) -> tuple[LatentAttentionMatch | None, li
     return detect.match, manager.records
 
 
+def _check_shardable(model, path: str, tp: int) -> None:
+    """Refuse a tp the model's attention cannot be split over, before any work (models with a latent
+    config; others are checked by the plan, from the detected dims, before anything is rewritten)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    if config is None or not is_latent_config(config):
+        return
+    dims = LatentDims.from_config(config)
+    problems = {p: shard_problem(p, dims, tp) for p in PATHS}
+    if path != "auto" and problems[path]:
+        raise ValueError(problems[path])
+    if all(problems.values()):
+        raise ValueError(problems["absorbed"])
+
+
 def _choose_path(model, matched, target, path, **shape):
     """The forced path, or the cost model's choice for the target at this decode shape.
 
@@ -157,7 +194,8 @@ def _choose_path(model, matched, target, path, **shape):
 
 
 def _rewrite_layer(
-    module, capture, match, detect_records, chosen, output_absorption, ordinal, verify, dump_dir
+    module, capture, match, detect_records, chosen, output_absorption, ordinal, verify, dump_dir,
+    parallel: TensorParallel | None = None,
 ) -> LayerRewrite:
     parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
     up = probe_up_projections(capture, match, parameters)
@@ -166,18 +204,24 @@ def _rewrite_layer(
     o_bias_name = match.weight_name(capture, match.output_projection, 2)
     o_bias = parameters[o_bias_name] if o_bias_name else None
     split = SplitLatentProjection(capture, parameters)
+    # Tensor parallel: this rank's heads, groups and o_proj columns; the tails below are built from them.
+    shard, local, group = _shard(capture, chosen, dims, parallel)
+    if shard is not None:
+        up, o_weight = shard.shard_weights(up, o_weight)
     if chosen == "absorbed":
         if output_absorption == "folded":
-            folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=capture.module_path)
-            core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c)
+            folded = fold_value_up_projection(o_weight, up.value, local.n_h, layer=capture.module_path)
+            core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c, process_group=group)
             value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
         else:
-            core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=dims.d_c, value_up=up.value)
+            core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=dims.d_c, value_up=up.value,
+                                       process_group=group)
             value_side = {"value_up (W_UV^g per group, after attention)": up.value}
-        passes = [split, AbsorbQuery(up.key, output_absorption, value_side)]
+        tail = AbsorbQuery(up.key, output_absorption, value_side)
     else:
-        passes = [split, ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n)]
-        core = LatentAttentionCore(o_weight, o_bias, match.scaling)
+        tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=local.n_g, d_n=dims.d_n)
+        core = LatentAttentionCore(o_weight, o_bias, match.scaling, process_group=group)
+    passes = [split, tail] if shard is None else [split, shard, tail]
     manager = PassManager(passes, dump_dir=dump_dir)
     projection = manager(capture.graph_module, capture.module_path)
     runtime = InstalledLatentAttention(
@@ -201,7 +245,17 @@ def _rewrite_layer(
         cache_elements_before=latent_cache_elements(dims, "original"),
         cache_elements_after=latent_cache_elements(dims, chosen),
         trace_seconds=capture.seconds,
+        cache_elements_per_rank=latent_cache_elements(local, chosen),
     )
+
+
+def _shard(capture, chosen: str, dims: LatentDims, parallel: TensorParallel | None):
+    """(shard pass or None, the dims this rank computes, the process group for the core's all-reduce)."""
+    if parallel is None:
+        return None, dims, None
+    shard = ShardAttention(TensorParallelLayout(chosen, dims, parallel.size, parallel.rank), capture,
+                           backend=parallel.backend)
+    return shard, shard.layout.local_dims, parallel.group
 
 
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:

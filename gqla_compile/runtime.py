@@ -62,6 +62,7 @@ class LatentAttentionCore(nn.Module):
         *,
         latent_value_dims: int | None = None,
         value_up: torch.Tensor | None = None,
+        process_group=None,
     ):
         super().__init__()
         self.register_buffer("o_weight", o_weight, persistent=False)
@@ -70,6 +71,8 @@ class LatentAttentionCore(nn.Module):
         self.scale = scale
         self.latent_value_dims = latent_value_dims
         self.num_groups = value_up.shape[0] if value_up is not None else None
+        # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
+        self.process_group = process_group
 
     def forward(self, query, key, value, attention_mask):
         if self.latent_value_dims is not None:
@@ -78,7 +81,19 @@ class LatentAttentionCore(nn.Module):
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
             out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
-        return F.linear(out.transpose(1, 2).flatten(2), self.o_weight, self.o_bias)
+        out = out.transpose(1, 2).flatten(2)
+        if self.process_group is None:
+            return F.linear(out, self.o_weight, self.o_bias)
+        return all_reduce_output(F.linear(out, self.o_weight), self.o_bias, self.process_group)
+
+
+def all_reduce_output(partial: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+    """Sum the ranks' partial o_proj outputs (a functional collective, so Inductor sees it), then add the
+    bias once."""
+    import torch.distributed._functional_collectives as funcol
+
+    out = funcol.all_reduce(partial, "sum", group)
+    return funcol.wait_tensor(out) if bias is None else out + bias
 
 
 class InstalledLatentAttention(nn.Module):

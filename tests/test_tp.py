@@ -1,0 +1,205 @@
+"""Tensor parallel on CPU (gloo): each rank holds only its shard, and together they decode exactly what
+one process does.
+
+Every case runs in processes spawned by ``gqla_compile.distributed.run_parallel`` (bounded in time; a
+failing rank ends the run with an error naming it). Eager (compile=False) float32; the reference is the
+unmodified model in the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _models import cache_elements, relative_error, teacher_forced_decode
+from transformers import AutoModelForCausalLM
+
+import gqla_compile
+from gqla_compile.dims import LatentDims, latent_cache_elements
+from gqla_compile.distributed import run_parallel
+from gqla_compile.errors import GqlaError
+from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
+
+PATHS = ("absorbed", "grouped")
+PROMPT, DECODE_STEPS, NEW_TOKENS, BATCH = 6, 8, 8, 2
+TIMEOUT = 150
+
+MODELS = {
+    "gqla": dict(factory=tiny_gqla, num_attention_heads=8, num_key_value_heads=4, attention_output_bias=True),
+    "deepseek_v3": dict(factory=tiny_deepseek_v3),
+}
+
+
+def build(name: str):
+    spec = dict(MODELS[name])
+    factory = spec.pop("factory")
+    torch.manual_seed(0)  # the same weights on every rank
+    return AutoModelForCausalLM.from_config(factory(**spec), attn_implementation="sdpa").eval()
+
+
+def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> dict:
+    """Run on every rank: optimize with tp=world_size, decode, compare against the unmodified model."""
+    results = {}
+    for name, path in cases:
+        reference = build(name)
+        optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", tp=world_size,
+                                          compile=compile)
+        state = optimized.gqla_optimization
+        vocab = reference.config.vocab_size
+        tokens = torch.randint(0, vocab, (BATCH, PROMPT + DECODE_STEPS), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = teacher_forced_decode(reference, tokens, PROMPT)
+            actual = teacher_forced_decode(optimized, tokens, PROMPT)
+        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        prompt = tokens[:, :PROMPT]
+        generated = optimized.generate(prompt, **kwargs)
+        reference_tokens = reference.generate(prompt, **kwargs).sequences
+        shard_record = next(r for r in state.layers[0].records if r.pass_name == "shard")
+        results[(name, path)] = dict(
+            errors=[relative_error(a, e) for a, e in zip(actual, expected)],
+            tokens_equal=torch.equal(generated.sequences, reference_tokens),
+            cache_elements=cache_elements(generated.cache),
+            cached_tokens=PROMPT + NEW_TOKENS - 1,
+            dims=state.layers[0].dims,
+            per_rank=state.layers[0].cache_elements_per_rank,
+            layers=len(state.layers),
+            tp=(state.tp, state.rank),
+            sharding=dict(state.tp_sharding),
+            shard_summary=shard_record.summary,
+            pass_names=[r.pass_name for r in state.layers[0].records],
+        )
+    return results
+
+
+ALL_CASES = [(name, path) for name in MODELS for path in PATHS]
+RUNS = [
+    pytest.param((2, ALL_CASES, False), id="tp2"),
+    # tp=4 covers each model and each path here; the other two combinations run with -m slow.
+    pytest.param((4, [("gqla", "grouped"), ("deepseek_v3", "absorbed")], False), id="tp4"),
+    pytest.param((4, [("gqla", "absorbed"), ("deepseek_v3", "grouped")], False), id="tp4-rest", marks=pytest.mark.slow),
+    pytest.param((2, [("gqla", "grouped"), ("deepseek_v3", "absorbed")], True), id="tp2-inductor",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=RUNS)
+def parallel_results(request):
+    world_size, cases, compile = request.param
+    timeout = TIMEOUT if not compile else 900
+    return world_size, run_parallel(_equivalence, world_size, cases, compile, timeout=timeout)
+
+
+def test_sharded_decode_matches_single_process(parallel_results):
+    world_size, per_rank = parallel_results
+    for rank, results in enumerate(per_rank):
+        for (name, path), result in results.items():
+            where = f"{name}, {path} path, rank {rank} of {world_size}"
+            assert result["tp"] == (world_size, rank)
+            assert max(result["errors"]) < 1e-4, f"{where}: relative errors {result['errors']}"
+            assert result["tokens_equal"], f"{where}: greedy tokens differ"
+            tail = "absorb" if path == "absorbed" else "expand"
+            assert result["pass_names"] == ["detect", "split", "shard", tail], where
+
+
+def test_each_rank_caches_its_share(parallel_results):
+    world_size, per_rank = parallel_results
+    for rank, results in enumerate(per_rank):
+        for (name, path), result in results.items():
+            where = f"{name}, {path} path, rank {rank} of {world_size}"
+            dims: LatentDims = result["dims"]
+            total = result["layers"] * BATCH * result["cached_tokens"] * latent_cache_elements(dims, path)
+            summary = result["shard_summary"]
+            if path == "grouped":  # keys (RoPE part copied into each group) and values of n_g / P groups
+                assert result["cache_elements"] * world_size == total, where
+                assert result["per_rank"] * world_size == latent_cache_elements(dims, path), where
+                assert summary["groups"] == [rank * dims.n_g // world_size, (rank + 1) * dims.n_g // world_size]
+            else:  # the whole latent on every rank
+                assert result["cache_elements"] == total, where
+                assert result["per_rank"] == latent_cache_elements(dims, path), where
+            assert summary["heads"] == [rank * dims.n_h // world_size, (rank + 1) * dims.n_h // world_size], where
+            assert summary["query_projection"] == "rows of the rank's heads", where
+            assert result["sharding"]["mlp"] == "replicated"
+
+
+def _fail_on_rank_one(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("no weights for this rank")
+
+
+def _wait_forever(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise ValueError("rank 1 gave up")
+    dist.barrier()  # rank 0 would block here for ever without the launcher's watch
+
+
+def test_a_rank_failing_at_start_up_ends_the_run():
+    with pytest.raises(RuntimeError, match=r"rank 1 failed during start-up: ValueError: no weights for this rank"):
+        run_parallel(_wait_forever, 2, setup=_fail_on_rank_one, timeout=60)
+
+
+def test_a_rank_failing_while_others_wait_ends_the_run():
+    with pytest.raises(RuntimeError, match=r"rank 1 failed while running: ValueError: rank 1 gave up"):
+        run_parallel(_wait_forever, 2, timeout=60)
+
+
+def test_tp_needs_a_process_group():
+    with pytest.raises(GqlaError, match="process group"):
+        gqla_compile.optimize(build("gqla"), path="grouped", tp=2, compile=False)
+
+
+def test_tp_not_dividing_the_groups_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="tp=3 does not divide the 4 latent groups"):
+        gqla_compile.optimize(build("gqla"), path="grouped", tp=3, compile=False)
+    with pytest.raises(ValueError, match="tp=3 does not divide the 8 query heads"):
+        gqla_compile.optimize(build("gqla"), path="auto", tp=3, compile=False)
+
+
+def test_layout_splits_groups_heads_and_weights():
+    from gqla_compile.passes.shard import TensorParallelLayout
+
+    dims = LatentDims(n_h=8, n_g=4, d_c=6, d_R=2, d_n=3, d_v=5, hidden_size=16)
+    w_uk, w_uv = torch.randn(4, 3, 6), torch.randn(4, 5, 6)
+    o_weight = torch.randn(16, 8 * 5)
+    layout = TensorParallelLayout("grouped", dims, tp=2, rank=1)
+    assert layout.heads == (4, 8) and layout.head_groups == (2, 4, 2)
+    key, value = layout.up_projections(w_uk, w_uv)
+    assert torch.equal(key, w_uk[2:]) and torch.equal(value, w_uv[2:])
+    assert torch.equal(layout.output_columns(o_weight, 5), o_weight[:, 20:])
+    assert layout.cache_elements() * 2 == latent_cache_elements(dims, "grouped")
+    # absorbed with more ranks than groups: a rank holds one head, with its group's up-projection
+    layout = TensorParallelLayout("absorbed", dims, tp=8, rank=3)
+    key, value = layout.up_projections(w_uk, w_uv)
+    assert layout.local_dims.n_h == 1 and torch.equal(key, w_uk[1:2]) and torch.equal(value, w_uv[1:2])
+    assert layout.cache_elements() == latent_cache_elements(dims, "absorbed")
+    with pytest.raises(ValueError, match="tp=8 does not divide the 4 latent groups"):
+        TensorParallelLayout("grouped", dims, tp=8, rank=0)
+
+
+def test_shard_pass_keeps_the_ranks_query_heads_only():
+    """The pass alone, no process group: the sliced graph's query is the whole graph's heads 4..8."""
+    from gqla_compile.capture import capture_attention_candidates
+    from gqla_compile.passes.detect import DetectLatentAttention
+    from gqla_compile.passes.manager import PassManager
+    from gqla_compile.passes.shard import ShardAttention, TensorParallelLayout, _recorded_inputs
+    from gqla_compile.passes.split import SplitLatentProjection
+
+    model = build("gqla")
+    capture = capture_attention_candidates(model)[0]
+    detect = DetectLatentAttention(capture)
+    PassManager([detect])(capture.graph_module, capture.module_path)
+    module = model.get_submodule(capture.module_path)
+    parameters = {n: p.detach() for n, p in module.named_parameters()}
+    whole = SplitLatentProjection(capture, parameters)(capture.graph_module)
+    shard = ShardAttention(TensorParallelLayout("grouped", detect.match.dims, tp=2, rank=1), capture)
+    sharded = shard(whole)
+    inputs = _recorded_inputs(capture)
+    with torch.no_grad():
+        expected, got = whole(*inputs), sharded(*inputs)
+    assert torch.allclose(got[0], expected[0][:, 4:8], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(g, e) for g, e in zip(got[1:], expected[1:]))
+    q_rows = [tuple(b.shape) for n, b in sharded.named_buffers() if n.startswith("q_proj")]
+    assert q_rows == [(4 * 24, 64)]  # only the rank's 4 heads' rows of q_proj remain
+    assert shard.summary()["query_projection"] == "rows of the rank's heads"
