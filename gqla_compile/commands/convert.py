@@ -41,6 +41,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the output (default: the source's)")
     parser.add_argument("--force", action="store_true", help="replace DST_DIR if it exists (only once complete)")
+    latent = parser.add_argument_group(
+        "latent-attention sources (MLA: DeepSeek-V2/V3 and alike, or GQLA)",
+        "regroup the per-head (or per-group) up-projections into fewer groups; the latent and RoPE key stay, "
+        "--kv-lora-rank and --qk-rope-head-dim are then the source's own",
+    )
+    latent.add_argument("--num-groups", type=int, default=None,
+                        help="latent groups n_g of the result, a divisor of the query heads (default: the source's)")
+    latent.add_argument("--grouping", choices=("neighbour", "similarity"), default=None,
+                        help="which heads share a group: consecutive ones (default) or those of most similar "
+                        "key/value subspaces")
+    latent.add_argument("--weighting", choices=("loss",), default=None,
+                        help="weight calibration tokens by the source model's next-token loss")
+    latent.add_argument("--score-aware", action="store_true",
+                        help="weight the per-group PCA by the heads' query statistics and output projections")
     parser.set_defaults(func=run)
 
 
@@ -71,7 +85,7 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> l
 def run(args: argparse.Namespace) -> None:
     from ..checkpoint import ModelNotFoundError, check_output_free, load_model, save_pretrained_atomic
     from ..conversion import convert
-    from ..dims import kv_cache_elements
+    from ..dims import is_latent_config, kv_cache_elements
     from ..errors import ConversionError
 
     try:
@@ -82,12 +96,23 @@ def run(args: argparse.Namespace) -> None:
     src_folder = Path(args.src) if Path(args.src).is_dir() else None
     tokenizer = _load_tokenizer(args.tokenizer or src_folder)
     calibration = _calibration(args, tokenizer, source.config.vocab_size)
+    latent_options = {name: value for name, value in (("grouping", args.grouping), ("weighting", args.weighting),
+                                                      ("score_aware", args.score_aware)) if value}
     try:
         model = convert(source, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.qk_rope_head_dim,
-                        calibration=calibration, dtype=args.dtype, progress=not args.quiet, seed=args.seed)
+                        calibration=calibration, dtype=args.dtype, progress=not args.quiet, seed=args.seed,
+                        num_groups=args.num_groups, **latent_options)
     except ConversionError as exc:
         raise UsageError(str(exc)) from exc
     save_pretrained_atomic(model, args.dst, force=args.force, tokenizer=tokenizer)
+    if is_latent_config(source.config):
+        before, after = kv_cache_elements(source.config, "grouped"), kv_cache_elements(model.config, "grouped")
+        record = model.config.conversion
+        print(f"converted {args.src} ({type(source).__name__}, {record['source_num_groups']} groups) -> {args.dst} "
+              f"(GqlaForCausalLM, {record['num_groups']} groups, {record['grouping']} grouping): grouped-path KV "
+              f"cache per token and layer {before} -> {after} elements ({100 * after / before:.2f} %); the "
+              "absorbed path's latent cache is unchanged")
+        return
     before = kv_cache_elements(source.config, "original")
     after = kv_cache_elements(model.config, "absorbed")
     print(f"converted {args.src} ({type(source).__name__}) -> {args.dst} (GqlaForCausalLM, "

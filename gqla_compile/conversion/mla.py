@@ -628,13 +628,18 @@ def convert_mla(
     grouping = grouping or "neighbour"
     blocks, checked = find_latent_blocks(model)
     if not blocks:
+        config = getattr(model, "config", None)
+        n_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+        asked = ", ".join(f"{k}={v!r}" for k, v in (("num_groups", num_groups), ("grouping", grouping if grouping != "neighbour" else None),
+                                                    ("weighting", weighting), ("score_aware", score_aware or None)) if v is not None)
         raise ConversionError(
-            f"{type(model).__name__} holds no latent attention (the detector checked {checked} candidate blocks): "
-            "num_groups, grouping and weighting regroup latent-attention (MLA/GQLA) models. A GQA model (Llama, "
-            "Qwen2, Mistral) converts with kv_lora_rank= and qk_rope_head_dim= into num_key_value_heads groups"
+            f"{asked}: {type(model).__name__} holds no latent attention (the detector checked {checked} candidate "
+            "blocks), so there are no latent groups to regroup; these options are for latent-attention (MLA/GQLA) "
+            "models. A GQA model (Llama, Qwen2, Mistral) converts with TransGQLA (kv_lora_rank=, qk_rope_head_dim=) "
+            f"to n_g = num_key_value_heads = {n_kv} groups"
         )
     dims = blocks[0].dims
-    num_groups = dims.n_h if num_groups is None else num_groups
+    num_groups = dims.n_g if num_groups is None else num_groups  # default: the source's own groups (exact)
     _check_options(num_groups, dims.n_h, grouping, weighting)
     config = gqla_config_for_latent(model, blocks, num_groups)
     expected = _expected_state_names(config)
