@@ -1,0 +1,88 @@
+"""``gqla-compile bench``: the benchmark suite (``python -m benchmarks``) on a given model and target.
+
+MODEL is a local model folder (its weights are loaded) or a built-in tiny config name (random weights); it
+replaces the suite's built-in benchmark shapes. ``--target`` is the chip the plan in the decode part is made
+for (the cost-model validation always uses the measured ``cpu`` target: it compares with this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import UsageError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark decode speed, cache size, the cost model and prompt lookup on this machine",
+        description="Run the benchmark suite (decode tokens/s and cache bytes of the unmodified model and both "
+        "rewritten paths, cost-model validation, step time versus s_q, prompt lookup) on MODEL and write "
+        "<out>/<part>.json and <out>/SUMMARY.md.",
+    )
+    parser.add_argument("model", metavar="MODEL",
+                        help="a local model folder with config.json, or a built-in tiny config name (tiny-gqla, ...)")
+    parser.add_argument("--target", default="cpu", help="target chip the plan is made for (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="small contexts and few repeats (seconds)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated parts: decode, cost_model, sq, prompt_lookup, cache, compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the Inductor-compiled variants")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on shared machines)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def _model(model: str):
+    """(name, config, factory of the unmodified model) for a folder or a tiny config name."""
+    from ..dims import is_latent_config
+    from ..tiny import TINY_CONFIGS
+
+    if model in TINY_CONFIGS:
+        config = TINY_CONFIGS[model]()
+
+        def factory():
+            from benchmarks.common import build_model
+
+            return build_model(config)
+    else:
+        folder = Path(model)
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{model!r} is neither a folder with config.json nor a built-in config "
+                             f"({', '.join(TINY_CONFIGS)})")
+        import gqla_compile  # noqa: F401 - registers the gqla model type
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+
+        def factory():
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(folder)
+    text = getattr(config, "get_text_config", lambda: config)()
+    if not is_latent_config(text):
+        raise UsageError(f"{model!r} has no latent attention (no kv_lora_rank) to benchmark; convert it first "
+                         "with `gqla-compile convert`")
+    return Path(model).name or model, config, factory
+
+
+def run(args: argparse.Namespace) -> None:
+    from gqla_compile import targets
+
+    try:
+        from benchmarks import common
+        from benchmarks.__main__ import parse_only, run_suite
+    except ImportError as exc:  # the benchmarks package ships with the source tree
+        raise UsageError(f"the benchmarks package is not importable ({exc}); run from a source checkout") from exc
+    try:
+        parts = parse_only(args.only)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    target = targets.get(args.target)  # UnknownTargetError: exit 1 with the known names
+    model = _model(args.model)
+    common.apply_threads(args.threads)
+    run_suite(args.out, quick=args.quick, only=[p for p in parts if p != "convert"], compile=not args.no_compile,
+              model=model, target=target)
+    print(f"wrote {Path(args.out) / 'SUMMARY.md'}")

@@ -1,0 +1,153 @@
+"""The benchmark suite in --quick mode (tiny models, small contexts), so that it cannot rot: every part
+writes its JSON with the expected keys and sane numbers, the summary is written, and ``gqla-compile bench``
+runs end to end. Inductor-compiled variants only in the slow test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks.__main__ import PARTS, parse_only, run_suite
+from gqla_compile import cli
+
+QUICK_PARTS = ["decode", "cost_model", "sq", "prompt_lookup"]
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    payloads = run_suite(out, quick=True, only=QUICK_PARTS, compile=False, log=lambda *_: None)
+    return out, payloads
+
+
+def _load(out, part):
+    return json.loads((out / f"{part}.json").read_text())
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_timing(t):
+    assert _positive(t["median"]) and t["min"] <= t["q1"] <= t["median"] <= t["q3"] <= t["max"] and t["n"] >= 2
+
+
+def test_every_part_writes_json_and_summary(quick_suite):
+    out, payloads = quick_suite
+    for part in QUICK_PARTS:
+        assert "error" not in payloads[part], payloads[part]
+        data = _load(out, part)
+        assert data["part"] == part and data["quick"] is True
+        machine = data["machine"]
+        assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["cpu"]
+        assert "load_average" in machine
+    summary = (out / "SUMMARY.md").read_text()
+    for heading in ("Decode speed", "Cost-model validation", "versus s_q", "Prompt lookup"):
+        assert heading in summary
+    assert "load average" in summary and "|" in summary
+
+
+def test_decode_figures(quick_suite):
+    data = _load(quick_suite[0], "decode")
+    shape = data["shapes"]["gqla"]
+    variants = {(r["variant"], r["compiled"]) for r in shape["rows"]}
+    assert variants == {("original", False), ("absorbed", False), ("grouped", False)}
+    for row in shape["rows"]:
+        _check_timing(row["timing"])
+        assert _positive(row["tokens_per_s"]) and _positive(row["speedup_vs_unmodified"])
+        assert row["cache_bytes"] > 0
+    cache = shape["cache"]
+    assert cache["absorbed"]["bytes_per_token"] == cache["absorbed"]["measured_bytes_per_token"]
+    assert cache["grouped"]["bytes_per_token"] == cache["grouped"]["measured_bytes_per_token"]
+    assert data["aims"]["gqla"]["absorbed_cache_le_transformers"] is True
+    assert shape["parameters"] > 0
+
+
+def test_cost_model_figures(quick_suite):
+    data = _load(quick_suite[0], "cost_model")
+    acc = data["accuracy"]
+    assert acc["points"] == len(data["points"]) == 2 * 1 * 2 * 2  # shapes x contexts x batches x s_q
+    assert 0.0 <= acc["right_fraction"] <= 1.0
+    assert _positive(acc["median_predicted_over_measured"]) and _positive(acc["median_calibrated_predicted_over_measured"])
+    assert _positive(data["target"]["memory_bandwidth"])
+    for point in data["points"]:
+        assert point["plan_path"] in ("absorbed", "grouped") and point["measured_faster"] in ("absorbed", "grouped")
+        for path in ("absorbed", "grouped"):
+            assert _positive(point["paths"][path]["measured_s"]) and _positive(point["paths"][path]["predicted_attention_s"])
+
+
+def test_sq_and_prompt_lookup_figures(quick_suite):
+    out = quick_suite[0]
+    sq = _load(out, "sq")
+    assert {r["s_q"] for r in sq["rows"]} == {1, 2, 4}
+    for row in sq["rows"]:
+        for variant in ("original", "absorbed", "grouped"):
+            assert _positive(row[variant]["step_s"])
+        assert _positive(row["grouped_over_absorbed"])
+    assert set(sq["crossover_s_q"]) == {"gqla@32", "gqla@64"}
+    lookup = _load(out, "prompt_lookup")
+    assert lookup["all_identical"] is True
+    for entry in lookup["results"].values():
+        assert _positive(entry["greedy"]["tokens_per_s"]) and _positive(entry["prompt_lookup"]["tokens_per_s"])
+        assert _positive(entry["lookup_speedup"])
+
+
+def test_timing_and_tables():
+    t = common.Timing.of([3.0, 1.0, 2.0, 10.0])
+    assert (t.min, t.median, t.max, t.n) == (1.0, 2.5, 10.0, 4) and t.q1 <= t.median <= t.q3
+    calls = []
+    timing = common.time_call(lambda: calls.append(1), warmup=2, min_repeats=3, max_repeats=3, budget_s=0.0)
+    assert timing.n == 3 and len(calls) == 5
+    table = common.markdown_table(["a", "b"], [[1.23456, None], ["x", float("nan")]])
+    assert "1.23" in table and "-" in table
+
+
+def test_parse_only():
+    assert parse_only(None) == list(PARTS)
+    assert parse_only("cache,compile,sq") == ["decode", "sq"]
+    with pytest.raises(ValueError, match="unknown part"):
+        parse_only("decode,nope")
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    code = cli.main(["bench", "tiny-gqla", "--quick", "--no-compile", "--only", "decode", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    decode = _load(tmp_path, "decode")
+    assert list(decode["shapes"]) == ["tiny-gqla"]
+    assert (tmp_path / "SUMMARY.md").is_file()
+
+
+def test_bench_command_usage_errors(tmp_path, capsys):
+    assert cli.main(["bench", str(tmp_path / "missing"), "--quick", "--out", str(tmp_path)]) == 2
+    assert "neither a folder" in capsys.readouterr().err
+    assert cli.main(["bench", "tiny-llama", "--quick", "--out", str(tmp_path)]) == 2  # no latent attention
+    assert cli.main(["bench", "tiny-gqla", "--only", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_gpu_part_parses_and_refuses_without_cuda(tmp_path, capsys):
+    from benchmarks import gpu
+
+    args = gpu.build_parser().parse_args(["--quick", "--out", str(tmp_path), "--compile-mode", "default"])
+    assert args.quick and args.compile_mode == "default"
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU part is run by hand, not in the unit tests")
+    assert gpu.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_decode_compiled(tmp_path):
+    from benchmarks import decode
+
+    data = decode.run(str(tmp_path), quick=True, compile=True)
+    rows = data["shapes"]["gqla"]["rows"]
+    compiled = [r for r in rows if r["compiled"]]
+    assert {r["variant"] for r in compiled} == {"absorbed", "grouped"}
+    assert all(_positive(r["tokens_per_s"]) for r in compiled)
+    for info in data["shapes"]["gqla"]["compile"].values():
+        assert info["graphs"] >= 1 and info["graph_breaks"] == 0 and _positive(info["first_call_s"])
