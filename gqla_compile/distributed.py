@@ -67,12 +67,11 @@ def init_from_env(backend: str | None = None, timeout: float = 120.0) -> tuple[i
     import torch.distributed as dist
 
     backend = backend or default_backend()
+    if backend == "nccl":  # one device per rank, chosen before NCCL binds to one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    rank = dist.get_rank()
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    return rank, dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def free_port() -> int:
@@ -92,10 +91,10 @@ def _child(rank: int, world_size: int, port: int, backend: str, fn: Callable, ar
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         if setup is not None:
             setup(rank, world_size)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=group_timeout))
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=group_timeout))
         phase = "run"
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
