@@ -195,12 +195,11 @@ def full_jobs() -> list[Job]:
     """
     random_100m = dict(model="random-100m", calibration="random", num_samples=64, seq_len=128,
                        eval_windows=8, eval_len=128)
-    jobs = [Job(qk_rope_head_dim=64, kv_lora_rank=d_c, **random_100m) for d_c in (512, 256, 128, 64)]
-    smol = dict(model="smollm2", num_samples=64, seq_len=256, eval_windows=16, eval_len=256)
-    jobs.append(Job(qk_rope_head_dim=192, kv_lora_rank=384, calibration="text", **smol))
-    for calibration in ("text", "random"):
-        jobs += [Job(qk_rope_head_dim=d_r, kv_lora_rank=d_c, calibration=calibration, **smol)
-                 for d_r, d_c in ((32, 384), (32, 192), (32, 76), (12, 96))]
+    jobs = [Job(qk_rope_head_dim=64, kv_lora_rank=d_c, **random_100m) for d_c in (512, 128)]
+    smol = dict(model="smollm2", num_samples=64, seq_len=256, eval_windows=12, eval_len=256)
+    jobs += [Job(qk_rope_head_dim=d_r, kv_lora_rank=d_c, calibration="text", **smol)
+             for d_r, d_c in ((192, 384), (32, 384), (32, 192), (32, 76), (12, 96))]
+    jobs.append(Job(qk_rope_head_dim=32, kv_lora_rank=76, calibration="random", **smol))
     return jobs
 
 
@@ -238,7 +237,8 @@ def environment() -> dict[str, Any]:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()}
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+            "load_average_1m_at_end": os.getloadavg()[0]}
 
 
 def write_results(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
@@ -248,7 +248,8 @@ def write_results(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
     notes = ("TransGQLA conversion (no training). Perplexity on held-out Python standard library sources "
              "(random-100m: random weights, random tokens, so only the logit error means something). "
              "calibration 'text': held-in stdlib sources; 'random': random token ids. "
-             "Peak RSS: the converting process, sampled; 'before' is after loading the model.\n\n")
+             "Peak RSS: the converting process, sampled; 'before' is after loading the model. Times are wall "
+             "clock on the machine described in convert.json (shared with other jobs: see its load average).\n\n")
     (out / "convert.md").write_text(f"# TransGQLA conversion benchmark ({mode})\n\n{notes}{markdown_table(rows)}")
 
 

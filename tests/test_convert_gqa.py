@@ -111,6 +111,18 @@ def test_pca_beats_a_random_latent_basis(d_c):
     assert pca < random
 
 
+def test_calibration_accepts_strings_with_a_tokenizer():
+    def byte_tokenizer(text):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    texts = ["def f(x):\n    return x + 1\n" * 4, "import os\nprint(os.getcwd())\n" * 4]
+    converted = convert(make_source(), kv_lora_rank=16, qk_rope_head_dim=8, calibration=texts,
+                        tokenizer=byte_tokenizer, progress=False)
+    assert converted.config.conversion["calibration"]["num_tokens"] == sum(len(t) for t in texts)
+    with pytest.raises(ConversionError, match="tokenizer"):
+        convert(make_source(), kv_lora_rank=16, qk_rope_head_dim=8, calibration=texts, progress=False)
+
+
 def layer_statistics(source):
     moments, _ = collect_attention_input_moments(source, CALIBRATION, progress=False)
     shape = gqa.GqaShape.from_config(source.config)
