@@ -62,7 +62,8 @@ def run_suite(out: str | Path, *, quick: bool = False, only: Sequence[str] | Non
         main_pool = grid = common.ModelPool(quick=quick, target=target, custom=model)
     else:
         main_pool = pools.get("main") or common.ModelPool(quick=quick, target=target)
-        grid = pools.get("grid") or cost_model.grid_pool(quick)
+        # quick models already have the grid's 2 layers: one pool, each model optimized once
+        grid = pools.get("grid") or (main_pool if quick else cost_model.grid_pool(quick))
     grid_runs = common.Measurements(grid, budget_s=cost_model.settings(quick)["budget_s"])
     payloads: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -120,13 +121,18 @@ def write_summary(out: Path, payloads: dict[str, Any], machine: dict[str, Any], 
         f"started {machine['time']} with load average {machine['load_average']} (1/5/15 min), ended with "
         f"{common.load_average()}. The machine is shared: timings are medians over repeats (spread in the JSON "
         "files and the min-max columns); comparisons are ratios taken in the same run.", "",
-        common.markdown_table(["part", "seconds"], [[p, round(t)] for p, t in timings.items()]), "",
     ]
+    if timings:
+        lines += [common.markdown_table(["part", "seconds"], [[p, round(t)] for p, t in timings.items()]), ""]
     for part, payload in payloads.items():
         if "error" in payload:
             lines += [f"## {part}", "", f"Failed: `{payload['error']}`", ""]
         elif part in summaries:
-            lines += [summaries[part](payload), ""]
+            lines += [summaries[part](payload)]
+            if "machine" in payload:
+                m = payload["machine"]
+                lines += [f"_Part measured from {m['time']}: load average {m['load_average']} at its start, "
+                          f"{payload.get('load_average_after')} at its end; {m['torch_threads']} torch thread(s)._", ""]
         elif part == "convert":
             lines += ["## Conversion (benchmarks/convert.py)", "",
                       payload.get("skipped") or f"See `convert.json` (exit code {payload.get('exit_code')}).", ""]
@@ -135,9 +141,30 @@ def write_summary(out: Path, payloads: dict[str, Any], machine: dict[str, Any], 
     return path
 
 
+def summary_from_files(out: str | Path) -> Path:
+    """Rewrite ``<out>/SUMMARY.md`` from the part JSONs already in ``out`` (parts run separately)."""
+    import json
+
+    out = Path(out)
+    payloads = {p: json.loads((out / f"{p}.json").read_text()) for p in PARTS if (out / f"{p}.json").is_file()}
+    if not payloads:
+        raise FileNotFoundError(f"no part results (<part>.json) in {out}")
+    machine = next(iter(payloads.values())).get("machine") or common.machine_info()
+    quick = any(p.get("quick") for p in payloads.values())
+    parts = {p: v for p, v in payloads.items() if p != "convert"}
+    if "convert" in payloads:
+        parts["convert"] = {"exit_code": 0, "result": payloads["convert"]}
+    return write_summary(out, parts, machine, {}, quick)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    parser.add_argument("--summary-only", action="store_true",
+                        help="measure nothing: rewrite SUMMARY.md from the <part>.json files in --out")
     args = parser.parse_args(argv)
+    if args.summary_only:
+        print(f"[benchmarks] wrote {summary_from_files(args.out)}")
+        return 0
     try:
         parts = parse_only(args.only)
     except ValueError as exc:

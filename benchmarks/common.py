@@ -403,6 +403,9 @@ class DecodeTimer:
 # ------------------------------------------------------------------------------------- shared runs
 
 
+SLOW_STEP_S = 8.0
+
+
 class Measurements:
     """Decode-step timings memoized per (shape, variant, compiled, batch, context, s_q), so that parts
     measuring the same point in one run (cost_model's grid and sq's curve) time it once."""
@@ -437,8 +440,12 @@ class Measurements:
             timer.step()
             timer.reset()
             first = time.perf_counter() - start
-            # slow points (seconds per step) get fewer repeats; the first call was the warm-up
-            result["timing"] = timer.time(warmup=0, min_repeats=3 if first < 2 else 2, budget_s=self.budget_s)
+            # slow points (seconds per step) get fewer repeats; the first call was the warm-up. An eager step
+            # slower than SLOW_STEP_S is timed by that one call (n = 1 in the record): it has no warm-up to do.
+            if first > SLOW_STEP_S and not key[2]:
+                result["timing"] = Timing.of([first])
+            else:
+                result["timing"] = timer.time(warmup=0, min_repeats=3 if first < 2 else 2, budget_s=self.budget_s)
             result["first_call_s"] = first
             timer.close()
         self._done[key] = result

@@ -22,7 +22,7 @@ LOOKUP_TOKENS = 3
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"shape": "gqla", "pattern": 8, "repeats": 4, "new_tokens": 12, "budget_s": 0.02}
-    return {"shape": "gqla", "pattern": 32, "repeats": 16, "new_tokens": 64, "budget_s": 4.0}
+    return {"shape": "gqla", "pattern": 32, "repeats": 16, "new_tokens": 48, "budget_s": 2.0}
 
 
 def repetitive_prompt(vocab: int, pattern: int, repeats: int, seed: int = 0) -> torch.Tensor:

@@ -23,7 +23,7 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"shapes": ["gqla"], "contexts": [32, 64], "s_qs": [1, 2, 4], "batch": 1, "budget_s": 0.02}
     return {"shapes": list(common.SHAPES), "contexts": [512, 2048, 8192], "s_qs": [1, 2, 4, 8], "batch": 1,
-            "budget_s": 0.6}
+            "budget_s": 0.3}
 
 
 def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.ModelPool | None = None,

@@ -151,3 +151,13 @@ def test_quick_decode_compiled(tmp_path):
     assert all(_positive(r["tokens_per_s"]) for r in compiled)
     for info in data["shapes"]["gqla"]["compile"].values():
         assert info["graphs"] >= 1 and info["graph_breaks"] == 0 and _positive(info["first_call_s"])
+
+
+def test_summary_from_files(quick_suite):
+    from benchmarks.__main__ import summary_from_files
+
+    out = quick_suite[0]
+    (out / "SUMMARY.md").unlink()
+    path = summary_from_files(out)
+    text = path.read_text()
+    assert "Decode speed" in text and "Prompt lookup" in text and "Part measured from" in text
