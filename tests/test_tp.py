@@ -68,6 +68,7 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
             sharding=dict(state.tp_sharding),
             shard_summary=shard_record.summary,
             pass_names=[r.pass_name for r in state.layers[0].records],
+            graph_breaks=state.compile.graph_breaks if compile else 0,
         )
     return results
 
@@ -100,6 +101,7 @@ def test_sharded_decode_matches_single_process(parallel_results):
             assert result["tokens_equal"], f"{where}: greedy tokens differ"
             tail = "absorb" if path == "absorbed" else "expand"
             assert result["pass_names"] == ["detect", "split", "shard", tail], where
+            assert result["graph_breaks"] == 0, where  # Inductor sees the functional all-reduce
 
 
 def test_each_rank_caches_its_share(parallel_results):
