@@ -244,6 +244,7 @@ def _build(model: nn.Module, state: Any, dry_run: bool) -> Report:
             "bytes_after": per_token_after * tokens,
         },
         "compile": compile_stats,
+        "tensor_parallel": {"tp": state.tp, "rank": state.rank, "sharding": dict(state.tp_sharding)},
         "skipped": [{"module": m, "reason": r} for m, r in state.skipped],
         "seconds": round(float(state.seconds), 3),
     })
@@ -346,6 +347,8 @@ def _layer_row(layer: Any, module: nn.Module, dtype_bytes: int) -> dict[str, Any
             "elements_after": elements_after,
             "bytes_before": elements_before * dtype_bytes,
             "bytes_after": elements_after * dtype_bytes,
+            "elements_per_rank": layer.cache_elements_per_rank,
+            "bytes_per_rank": (layer.cache_elements_per_rank or elements_after) * dtype_bytes,
         },
     }
 
@@ -357,15 +360,19 @@ def _trace_core(runtime: nn.Module, dims: Any):
     core = runtime.core
     dtype = core.o_weight.dtype
     L = CORE_TRACE_CONTEXT
+    # This rank's heads (all of them without tensor parallelism): o_proj's columns per head.
+    folded = runtime.path == "absorbed" and core.value_up is None
+    n_h = core.o_weight.shape[1] // (dims.d_c if folded else dims.d_v)
     if runtime.path == "absorbed":
         width = dims.d_c + dims.d_R
-        query = torch.zeros(1, dims.n_h, 1, width, dtype=dtype)
+        query = torch.zeros(1, n_h, 1, width, dtype=dtype)
         key = torch.zeros(1, 1, L, width, dtype=dtype)
         value = key[..., :0]
     else:
-        query = torch.zeros(1, dims.n_h, 1, dims.d_n + dims.d_R, dtype=dtype)
-        key = torch.zeros(1, dims.n_g, L, dims.d_n + dims.d_R, dtype=dtype)
-        value = torch.zeros(1, dims.n_g, L, dims.d_v, dtype=dtype)
+        n_g = n_h // dims.heads_per_group
+        query = torch.zeros(1, n_h, 1, dims.d_n + dims.d_R, dtype=dtype)
+        key = torch.zeros(1, n_g, L, dims.d_n + dims.d_R, dtype=dtype)
+        value = torch.zeros(1, n_g, L, dims.d_v, dtype=dtype)
     with torch.no_grad():
         gm = make_fx(lambda q, k, v: core(q, k, v, None), pre_dispatch=True)(query, key, value)
     buffers = {n: b for n, b in core.named_buffers() if b is not None}
@@ -554,6 +561,10 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
         c = g["cache"]
         parts.append(f"cache per token and layer: {c['elements_before']} -> {c['elements_after']} elements "
                      f"({c['bytes_before']} -> {c['bytes_after']} B); after: {c['layout_after']}")
+        parallel = data.get("tensor_parallel") or {}
+        if parallel.get("tp", 1) > 1:
+            parts.append(f"per tensor-parallel rank ({parallel['tp']} ranks): {c['elements_per_rank']} elements "
+                         f"({c['bytes_per_rank']} B) per token and layer")
         if verbose:
             parts.append(f"traced by: {g['traced_by']}")
             parts.append("passes: " + ", ".join(f"{p['name']} ({p['seconds'] * 1e3:.1f} ms, uuid {p['uuid']})"
@@ -577,6 +588,10 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
         out.append(f"compile: {comp['backend']}, {comp['graphs']} graph(s) compiled in {comp['seconds']:.2f} s "
                    f"(nodes per graph: {sizes}), {comp['graph_breaks']} graph break(s)"
                    + ("; graphs compile lazily on the first calls" if comp["graphs"] == 0 else ""))
+    parallel = data.get("tensor_parallel") or {}
+    if parallel.get("tp", 1) > 1:
+        out.append(f"tensor parallel: {parallel['tp']} ranks (this is rank {parallel['rank']}); "
+                   + ", ".join(f"{k}: {v}" for k, v in sorted(parallel["sharding"].items())))
     skipped = data.get("skipped") or []
     out.append("skipped: " + ("; ".join(f"{s['module']} ({s['reason']})" for s in skipped) if skipped else "nothing"))
     return out

@@ -56,6 +56,7 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
         generated = optimized.generate(prompt, **kwargs)
         reference_tokens = reference.generate(prompt, **kwargs).sequences
         shard_record = next(r for r in state.layers[0].records if r.pass_name == "shard")
+        report = gqla_compile.report(optimized).data
         results[(name, path)] = dict(
             errors=[relative_error(a, e) for a, e in zip(actual, expected)],
             tokens_equal=torch.equal(generated.sequences, reference_tokens),
@@ -69,6 +70,8 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
             shard_summary=shard_record.summary,
             pass_names=[r.pass_name for r in state.layers[0].records],
             graph_breaks=state.compile.graph_breaks if compile else 0,
+            report_parallel=report["tensor_parallel"],
+            report_bytes_per_rank=report["layers"][0]["cache"]["bytes_per_rank"],
         )
     return results
 
@@ -122,6 +125,8 @@ def test_each_rank_caches_its_share(parallel_results):
             assert summary["heads"] == [rank * dims.n_h // world_size, (rank + 1) * dims.n_h // world_size], where
             assert summary["query_projection"] == "rows of the rank's heads", where
             assert result["sharding"]["mlp"] == "replicated"
+            assert result["report_parallel"]["tp"] == world_size and result["report_parallel"]["rank"] == rank
+            assert result["report_bytes_per_rank"] == result["per_rank"] * 4, where  # float32
 
 
 def _fail_on_rank_one(rank: int, world_size: int) -> None:
