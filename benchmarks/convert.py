@@ -161,8 +161,7 @@ def run_job(job: Job) -> dict[str, Any]:
     layers = converted.config.conversion["layers"]
     return {
         **asdict(job),
-        "parameters": sum(p.numel() for p in source.parameters() if p is not source.lm_head.weight
-                          or not source.config.tie_word_embeddings),
+        "parameters": sum(p.numel() for p in source.parameters()),  # tied embeddings are counted once
         "cache_original": original,
         "cache_absorbed": absorbed,
         "cache_ratio": absorbed / original,
