@@ -19,6 +19,10 @@ from torch.utils import _pytree as pytree
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
+#: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
+FOLD_QUERY_HEADS_UP_TO = 16
+
+
 def causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -30,19 +34,32 @@ def causal_attention(
 
     ``attention_mask`` is what transformers prepared for the model's attention implementation (boolean
     for sdpa, additive for eager); without one the mask is causal, aligned to the end of the keys.
+
+    Decoding (T up to FOLD_QUERY_HEADS_UP_TO) folds each KV group's query heads into the query length,
+    [B, n_kv, heads_per_group * T, D], so the attention reads each cached key once, as MQA/GQA kernels do,
+    instead of broadcasting the cache to every head (which the CPU kernels materialise). Prefill keeps the
+    head layout and lets sdpa broadcast the keys: there the cost is the T x S scores, not the cache read.
     """
     t, s = query.shape[-2], key.shape[-2]
     if attention_mask is not None:
-        mask, causal = attention_mask[..., :s], False
-    elif t == 1:
-        mask, causal = None, False
-    elif t == s:
-        mask, causal = None, True
+        mask = attention_mask[..., :s]
+    elif t == 1 or t == s:
+        mask = None
     else:
-        mask, causal = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t), False
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-    )
+        mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+    if t > FOLD_QUERY_HEADS_UP_TO:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=True
+        )
+    kv_heads = key.shape[1]
+    folded = query.unflatten(1, (kv_heads, -1)).flatten(2, 3)  # [B, n_kv, heads_per_group * T, D]
+    if mask is None and t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+    if mask is not None:
+        heads_per_group = query.shape[1] // kv_heads
+        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads_per_group, t, s).flatten(-3, -2)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    return out.unflatten(2, (-1, t)).flatten(1, 2)  # [B, n_h, T, d_v]
 
 
 class LatentAttentionCore(nn.Module):
