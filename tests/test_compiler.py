@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from _models import HandWrittenLatentLM, cache_elements, logits_of, relative_error, teacher_forced_decode
+from _models import HandWrittenLatentLM, cache_elements, relative_error, teacher_forced_decode
 from transformers import AutoModelForCausalLM
 
 import gqla_compile

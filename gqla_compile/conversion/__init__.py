@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..dims import is_latent_config
-from ..errors import ConversionError
 from .calibration import CalibrationInput
 from .gqa import SUPPORTED_ARCHITECTURES, convert_gqa
 

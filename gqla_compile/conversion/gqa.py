@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..configuration_gqla import GqlaConfig
 from ..errors import ConversionError
 from .calibration import CalibrationInput, DEFAULT_BATCH_SIZE, collect_attention_input_moments, prepare_calibration
+from .common import model_wide_config_fields
 
 logger = logging.getLogger(__name__)
 
@@ -364,12 +365,10 @@ def gqla_config_for(
 ) -> GqlaConfig:
     """The GqlaConfig of a GQA source converted with these ranks (needs no weights)."""
     shape = GqaShape.from_config(source_config)
-    rope = dict(getattr(source_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
     return GqlaConfig(
-        vocab_size=source_config.vocab_size,
+        **model_wide_config_fields(source_config),
         hidden_size=shape.hidden_size,
         intermediate_size=source_config.intermediate_size,
-        num_hidden_layers=source_config.num_hidden_layers,
         num_attention_heads=shape.n_h,
         num_key_value_heads=shape.n_kv,
         kv_lora_rank=kv_lora_rank,
@@ -377,15 +376,6 @@ def gqla_config_for(
         qk_rope_head_dim=qk_rope_head_dim,
         qk_nope_head_dim=shape.d_h,
         v_head_dim=shape.d_h,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=source_config.max_position_embeddings,
-        initializer_range=getattr(source_config, "initializer_range", 0.02),
-        rms_norm_eps=source_config.rms_norm_eps,
-        pad_token_id=getattr(source_config, "pad_token_id", None),
-        bos_token_id=getattr(source_config, "bos_token_id", None),
-        eos_token_id=getattr(source_config, "eos_token_id", None),
-        tie_word_embeddings=bool(getattr(source_config, "tie_word_embeddings", False)),
-        rope_parameters=rope,
         attention_bias=attention_bias,
         attention_output_bias=attention_output_bias,
         mlp_bias=bool(getattr(source_config, "mlp_bias", False)),

@@ -58,6 +58,7 @@ from ..configuration_gqla import GqlaConfig
 from ..dims import LatentDims
 from ..errors import ConversionError
 from .calibration import DEFAULT_BATCH_SIZE, CalibrationInput, _batches, prepare_calibration
+from .common import model_wide_config_fields
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
     true pairing does so at every position.
     """
     from ..passes.detect import _probe_feeds
-    from ..passes.graph import evaluate_nodes, tensor_meta
+    from ..passes.graph import evaluate_nodes
     from torch.utils import _pytree as pytree
 
     dims = match.dims
@@ -547,14 +548,11 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
     attn = blocks[0].module
     q_first = attn.q_proj if getattr(attn, "q_proj", None) is not None else attn.q_a_proj
     has_norm = isinstance(getattr(attn, "kv_a_layernorm", None), nn.Module)
-    rope = copy.deepcopy(dict(getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}))
-    rope.pop("partial_rotary_factor", None)
     mlp = source.model.layers[0].mlp
     return GqlaConfig(
-        vocab_size=cfg.vocab_size,
+        **model_wide_config_fields(cfg),
         hidden_size=d.hidden_size,
         intermediate_size=getattr(getattr(mlp, "gate_proj", None), "out_features", None) or cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=d.n_h,
         num_key_value_heads=num_groups,
         kv_lora_rank=d.d_c,
@@ -562,15 +560,6 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
         qk_rope_head_dim=d.d_R,
         qk_nope_head_dim=d.d_n,
         v_head_dim=d.d_v,
-        hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=getattr(cfg, "initializer_range", 0.02),
-        rms_norm_eps=cfg.rms_norm_eps,
-        pad_token_id=getattr(cfg, "pad_token_id", None),
-        bos_token_id=getattr(cfg, "bos_token_id", None),
-        eos_token_id=getattr(cfg, "eos_token_id", None),
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        rope_parameters=rope,
         attention_bias=q_first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None,
         attention_output_bias=attn.o_proj.bias is not None,
         mlp_bias=getattr(getattr(mlp, "gate_proj", None), "bias", None) is not None,
