@@ -17,6 +17,8 @@ from .errors import GqlaError
 
 logger = logging.getLogger(__name__)
 
+_RECOMPILE_LIMIT = 64
+
 
 class CompileError(GqlaError, RuntimeError):
     """Inductor could not compile a graph of the optimized model."""
@@ -67,5 +69,11 @@ def compile_model(model: nn.Module) -> CompileStats:
         stats.graph_sizes.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"))
         return compiled
 
+    # Every optimized model compiles its own graphs (prefill, first decode, dynamic decode) under the same
+    # transformers forward code object; dynamo's default limit of 8 per code object would send the third
+    # optimized model in a process back to eager without a word.
+    if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
+        logger.info("raising torch._dynamo.config.recompile_limit to %d", _RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
     model.forward = torch.compile(model.forward, backend=inductor_backend)
     return stats
