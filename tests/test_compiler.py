@@ -196,33 +196,25 @@ def test_grouped_decode_graph_expands_only_the_new_token():
 # --- Inductor -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", params=PATHS)
-def compiled_deepseek(request):
-    reference = MODELS["deepseek_v3"]()
-    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=request.param, target="h100", compile=True)
-    return request.param, reference, optimized
+COMPILED_MODELS = ("deepseek_v3", "deepseek_v2", "gqla", "hand_written_gqla")
+
+
+@pytest.fixture(scope="session", params=[(m, p) for m in COMPILED_MODELS for p in PATHS], ids=lambda mp: "-".join(mp))
+def compiled_model(request):
+    name, path = request.param
+    reference = MODELS[name]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=True)
+    return name, reference, optimized
 
 
 @pytest.mark.slow
-def test_compiled_paths_match_and_generate_same_tokens(compiled_deepseek):
-    path, reference, optimized = compiled_deepseek
-    _check_equivalent(reference, optimized, reference.config.vocab_size)
-    prompt = torch.randint(0, reference.config.vocab_size, (1, 9))
-    kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0)
-    assert torch.equal(optimized.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
+def test_compiled_paths_match_and_generate_same_tokens(compiled_model):
+    name, reference, optimized = compiled_model
+    vocab = getattr(getattr(reference, "config", None), "vocab_size", None) or reference.vocab
+    _check_equivalent(reference, optimized, vocab)
     stats = optimized.gqla_optimization.compile
     assert stats.graphs >= 1 and stats.graph_breaks == 0
-
-
-def test_value_up_projection_folded_or_bmm_agree():
-    """W_UV applied after attention as a per-group bmm equals W_UV folded into o_proj (W_O~)."""
-    from gqla_compile.passes.fold import fold_value_up_projection
-    from gqla_compile.runtime import LatentAttentionCore
-
-    n_h, n_g, d_c, d_r, d_v, hidden = 6, 3, 10, 4, 5, 12
-    w_uv, w_o, b_o = torch.randn(n_g, d_v, d_c), torch.randn(hidden, n_h * d_v), torch.randn(hidden)
-    bmm = LatentAttentionCore(w_o, b_o, 0.3, latent_value_dims=d_c, value_up=w_uv)
-    folded = LatentAttentionCore(fold_value_up_projection(w_o, w_uv, n_h), b_o, 0.3, latent_value_dims=d_c)
-    query, key = torch.randn(2, n_h, 3, d_c + d_r), torch.randn(2, 1, 9, d_c + d_r)
-    empty = key[..., :0]
-    assert relative_error(bmm(query, key, empty, None), folded(query, key, empty, None)) < 1e-6
+    if hasattr(reference, "generate"):
+        prompt = torch.randint(0, vocab, (1, 9))
+        kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0)
+        assert torch.equal(optimized.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
