@@ -16,6 +16,8 @@ the CPU and GPU runs and all parts time the same way:
 
 from __future__ import annotations
 
+import argparse
+
 import copy
 import gc
 import json
@@ -463,3 +465,14 @@ def add_common_arguments(parser) -> None:
 
 def apply_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
+
+
+def part_main(module_name: str, doc: str, run, summary, argv=None, *, compiles: bool = True) -> int:
+    """``python -m benchmarks.<part>``: the common options, then run the part and print its summary."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=doc.splitlines()[0])
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args.threads)
+    options = {"compile": not args.no_compile} if compiles else {}
+    print(summary(run(args.out, quick=args.quick, **options)))
+    return 0

@@ -18,7 +18,6 @@ the grid's compiles and caches affordable on 2 cores).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 from typing import Any
@@ -236,12 +235,7 @@ def _range(r):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cost_model", description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    print(summary(run(args.out, quick=args.quick, compile=not args.no_compile)))
-    return 0
+    return common.part_main("benchmarks.cost_model", __doc__, run, summary, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Tokens/s = batch / median step time; speed-ups are ratios to the unmodified mode
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -170,13 +169,7 @@ def _spread(row: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    payload = run(args.out, quick=args.quick, compile=not args.no_compile)
-    print(summary(payload))
-    return 0
+    return common.part_main("benchmarks.decode", __doc__, run, summary, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Inductor graph for each new length). Tokens must be identical across all runs.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -84,12 +83,7 @@ def summary(payload: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.prompt_lookup", description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    print(summary(run(args.out, quick=args.quick)))
-    return 0
+    return common.part_main("benchmarks.prompt_lookup", __doc__, run, summary, argv, compiles=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ are reused); per-token time = step time / (batch * s_q).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from . import common
@@ -73,12 +72,7 @@ def summary(payload: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sq", description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    print(summary(run(args.out, quick=args.quick, compile=not args.no_compile)))
-    return 0
+    return common.part_main("benchmarks.sq", __doc__, run, summary, argv)
 
 
 if __name__ == "__main__":
