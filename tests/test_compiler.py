@@ -196,7 +196,7 @@ def test_grouped_decode_graph_expands_only_the_new_token():
 # --- Inductor -----------------------------------------------------------------------------------------------
 
 
-COMPILED_MODELS = ("deepseek_v3", "deepseek_v2", "gqla", "hand_written_gqla")
+COMPILED_MODELS = ("deepseek_v3", "deepseek_v3_q_lora", "deepseek_v2", "gqla", "hand_written_gqla")
 
 
 @pytest.fixture(scope="session", params=[(m, p) for m in COMPILED_MODELS for p in PATHS], ids=lambda mp: "-".join(mp))
