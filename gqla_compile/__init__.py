@@ -5,8 +5,9 @@ path that fits the target chip.
     model.generate(...)
     print(gqla_compile.report(model))
 
-Public names are imported lazily (PEP 562) so that ``import gqla_compile`` stays cheap and the command
-line starts fast.
+Importing the package registers model_type "gqla" with transformers' Auto classes (so
+``AutoModelForCausalLM.from_pretrained`` reads GQLA checkpoints); the other public names are imported
+lazily (PEP 562), so the compiler, converters and report load only when used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+
 from . import modeling_gqla as _modeling_gqla  # noqa: F401  registers model_type "gqla" with the Auto classes
 
 # public name -> module that defines it
