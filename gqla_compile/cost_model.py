@@ -23,6 +23,7 @@ from . import targets as _targets
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .errors import NoLatentAttentionError
 from .targets import DTYPE_BYTES, Target, dtype_name
+from .units import duration, si
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +145,12 @@ class Plan:
         for path, cost in self.costs.items():
             label = f"{path} *" if path == self.path else path
             for part in cost.parts:
-                rows.append([label, part.name, _si(part.bytes, "B"), _si(part.flops, "FLOP"),
+                rows.append([label, part.name, si(part.bytes, "B"), si(part.flops, "FLOP"),
                              f"{part.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", part.bound,
-                             _duration(part.time_s)])
-            rows.append([label, "total / layer", _si(cost.bytes, "B"), _si(cost.flops, "FLOP"),
-                         f"{cost.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", cost.bound, _duration(cost.time_s)])
-            rows.append([label, f"step ({self.num_layers} layers)", "", "", "", "", "", _duration(cost.step_time_s)])
+                             duration(part.time_s)])
+            rows.append([label, "total / layer", si(cost.bytes, "B"), si(cost.flops, "FLOP"),
+                         f"{cost.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", cost.bound, duration(cost.time_s)])
+            rows.append([label, f"step ({self.num_layers} layers)", "", "", "", "", "", duration(cost.step_time_s)])
         table = tabulate(rows, headers=["path", "part", "bytes", "FLOPs", "AI (FLOP/B)", "ridge", "bound", "time"],
                          tablefmt="simple")
         header = (f"plan on {self.target.name}: {self.dtype}, s_q={self.s_q}, batch {self.batch_size}, "
@@ -362,7 +363,7 @@ def _reason(chosen: str, auto: str, costs: Mapping[str, PathCost], step: _Step, 
             for p, c in costs.items())
         loser = next(p for p in costs if p != auto)
         win_t, lose_t = costs[auto].step_time_s, costs[loser].step_time_s
-        because = (f"{auto} wins {where}: {cores}; predicted step {_duration(win_t)} vs {_duration(lose_t)} "
+        because = (f"{auto} wins {where}: {cores}; predicted step {duration(win_t)} vs {duration(lose_t)} "
                    f"({lose_t / win_t:.2f}x faster)")
     return f"path forced to {chosen}; the cost model would pick {because}" if forced else because
 
@@ -459,16 +460,3 @@ def choice_table(
             rows.append([chip.name, f"{chip.ridge():.0f}", str(batch), *cells])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
-
-def _si(value: float, unit: str) -> str:
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {prefix}{unit}"
-    return f"{value:.0f} {unit}"
-
-
-def _duration(seconds: float) -> str:
-    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if seconds >= factor:
-            return f"{seconds / factor:.2f} {unit}"
-    return f"{seconds * 1e9:.0f} ns"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import GqlaError, NoLatentAttentionError
+from .units import binary_bytes, duration, si
 
 logger = logging.getLogger(__name__)
 
@@ -464,33 +465,6 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------- text
 
 
-def _si(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {prefix}{unit}"
-    return f"{value:.0f} {unit}"
-
-
-def _bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for factor, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if value >= factor:
-            return f"{value / factor:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if seconds >= factor:
-            return f"{seconds / factor:.2f} {unit}"
-    return f"{seconds * 1e9:.0f} ns"
-
-
 def _dims_text(d: dict) -> str:
     q = f", q_lora={d['q_lora_rank']}" if d.get("q_lora_rank") else ""
     return f"n_h={d['n_h']} n_g={d['n_g']} d_c={d['d_c']} d_R={d['d_R']} d_n={d['d_n']} d_v={d['d_v']}{q}"
@@ -534,8 +508,8 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
 
     rows = []
     for name, p in plan["paths"].items():
-        rows.append([f"{name} *" if name == data["path"] else name, _duration(p["step_time_s"]),
-                     _duration(p["layer_time_s"]), f"{p['core']['arithmetic_intensity']:.1f}",
+        rows.append([f"{name} *" if name == data["path"] else name, duration(p["step_time_s"]),
+                     duration(p["layer_time_s"]), f"{p['core']['arithmetic_intensity']:.1f}",
                      f"{p['arithmetic_intensity']:.1f}", p["bound"], f"{p['cache_bytes_per_token']} B"])
     out.append(title(f"paths (s_q={plan['s_q']}, batch {plan['batch_size']}, context {plan['context_len']}, "
                      f"ridge {target['ridge']:.0f} FLOP/B)") + "\n"
@@ -576,8 +550,8 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
 
     out.append(title(f"cache (whole model: {data['rewritten_layers']} layers, context {cache['context_len']}, "
                      f"batch {cache['batch_size']}, {cache['dtype']})") + "\n" + table(
-        [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", _bytes(cache["bytes_before"])],
-         [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", _bytes(cache["bytes_after"])]],
+        [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", binary_bytes(cache["bytes_before"])],
+         [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", binary_bytes(cache["bytes_after"])]],
         ["cache", "per token", "total"]))
 
     comp = data.get("compile")
@@ -672,9 +646,9 @@ def roofline_svg(data: dict, width: int = 720, height: int = 440) -> str:
     parts.append(f'<text x="{sx(ridge) + 4:.1f}" y="{top + ph - 6}" font-size="11" fill="#0969da">'
                  f'ridge {ridge:.1f} FLOP/B</text>')
     parts.append(f'<text x="{sx(x_hi) - 6:.1f}" y="{sy(peak) - 6:.1f}" font-size="11" text-anchor="end" '
-                 f'fill="#0969da">peak {_si(peak, "FLOP/s")}</text>')
+                 f'fill="#0969da">peak {si(peak, "FLOP/s")}</text>')
     parts.append(f'<text x="{sx(x0) + 6:.1f}" y="{sy(x0 * bandwidth) - 8:.1f}" font-size="11" fill="#0969da">'
-                 f'{_si(bandwidth, "B/s")}</text>')
+                 f'{si(bandwidth, "B/s")}</text>')
     colours = {"absorbed": "#cf222e", "grouped": "#1a7f37"}
     for index, (name, kind, ai, achieved) in enumerate(points):
         x, y = sx(ai), sy(achieved)
@@ -707,7 +681,7 @@ def render_html(data: dict) -> str:
         body.append(f"<p>{html.escape(sections[0].split(': ', 1)[1])}</p>")
         body.append(f"<p><b>plan:</b> {html.escape(plan['reason'])}</p>")
         body.append("<h2>Paths</h2>")
-        rows = [[f"{n} *" if n == data["path"] else n, _duration(p["step_time_s"]), _duration(p["layer_time_s"]),
+        rows = [[f"{n} *" if n == data["path"] else n, duration(p["step_time_s"]), duration(p["layer_time_s"]),
                  f"{p['core']['arithmetic_intensity']:.1f}", f"{p['arithmetic_intensity']:.1f}", p["bound"],
                  f"{p['cache_bytes_per_token']} B"] for n, p in plan["paths"].items()]
         body.append(_html_table(rows, ["path", "step time", "per layer", "core AI", "total AI", "bound",
@@ -737,8 +711,8 @@ def render_html(data: dict) -> str:
             body.append(f"<details><summary>unified diff of the graph code</summary>{_html_diff(g['diff'])}</details>")
         body.append("<h2>Cache, whole model</h2>")
         body.append(_html_table(
-            [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", _bytes(cache["bytes_before"])],
-             [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", _bytes(cache["bytes_after"])]],
+            [["before (unmodified model)", f"{cache['bytes_per_token_before']} B", binary_bytes(cache["bytes_before"])],
+             [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", binary_bytes(cache["bytes_after"])]],
             ["cache", "per token", f"total (context {cache['context_len']}, batch {cache['batch_size']})"]))
         body.append("<h2>Compile and skipped blocks</h2>")
         body.append("<p>" + html.escape(sections[-2]) + "</p><p>" + html.escape(sections[-1]) + "</p>")
