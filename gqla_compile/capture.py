@@ -20,7 +20,7 @@ import inspect
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -240,14 +240,5 @@ def capture_attention_candidates(model: nn.Module) -> list[CapturedAttention]:
 
 
 def _reuse(first: CapturedAttention, path: str, record: CallRecord) -> CapturedAttention:
-    return CapturedAttention(
-        module_path=path,
-        graph_module=first.graph_module,
-        parameter_inputs=first.parameter_inputs,
-        user_inputs=first.user_inputs,
-        argument_names=first.argument_names,
-        structure_key=first.structure_key,
-        seconds=0.0,
-        output_arity=first.output_arity,
-        example_arguments=record.arguments,
-    )
+    """Another layer of the same structure: the first one's graph, this layer's own recorded call."""
+    return replace(first, module_path=path, seconds=0.0, example_arguments=record.arguments, shared_with=[])

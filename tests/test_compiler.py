@@ -193,6 +193,20 @@ def test_grouped_decode_graph_expands_only_the_new_token():
     assert len(expansions) == 2 and all(a[-2] == 1 for a in expansions)
 
 
+def test_value_up_projection_folded_or_bmm_agree():
+    """W_UV applied after attention as a per-group bmm equals W_UV folded into o_proj (W_O~)."""
+    from gqla_compile.passes.fold import fold_value_up_projection
+    from gqla_compile.runtime import LatentAttentionCore
+
+    n_h, n_g, d_c, d_r, d_v, hidden = 6, 3, 10, 4, 5, 12
+    w_uv, w_o, b_o = torch.randn(n_g, d_v, d_c), torch.randn(hidden, n_h * d_v), torch.randn(hidden)
+    bmm = LatentAttentionCore(w_o, b_o, 0.3, latent_value_dims=d_c, value_up=w_uv)
+    folded = LatentAttentionCore(fold_value_up_projection(w_o, w_uv, n_h), b_o, 0.3, latent_value_dims=d_c)
+    query, key = torch.randn(2, n_h, 3, d_c + d_r), torch.randn(2, 1, 9, d_c + d_r)
+    empty = key[..., :0]
+    assert relative_error(bmm(query, key, empty, None), folded(query, key, empty, None)) < 1e-6
+
+
 # --- Inductor -----------------------------------------------------------------------------------------------
 
 
