@@ -23,6 +23,11 @@ _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 FOLD_QUERY_HEADS_UP_TO = 16
 
 
+def _bottom_right_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """[T, S] boolean mask: the T new queries are the last T of the S keys."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+
+
 def causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -46,7 +51,7 @@ def causal_attention(
     elif t == 1 or t == s:
         mask = None
     else:
-        mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+        mask = _bottom_right_causal(t, s, query.device)
     if t > FOLD_QUERY_HEADS_UP_TO:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=True
@@ -54,7 +59,7 @@ def causal_attention(
     kv_heads = key.shape[1]
     folded = query.unflatten(1, (kv_heads, -1)).flatten(2, 3)  # [B, n_kv, heads_per_group * T, D]
     if mask is None and t > 1:
-        mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+        mask = _bottom_right_causal(t, s, query.device)
     if mask is not None:
         heads_per_group = query.shape[1] // kv_heads
         mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads_per_group, t, s).flatten(-3, -2)
