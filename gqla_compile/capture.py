@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 CAPTURE_METHOD = "torch.export (non-strict, dynamic batch/seq, no cache, no mask) + run_decompositions({})"
 _BATCH, _SEQ = 2, 11  # sizes of the recording run; distinct from any head count or feature size we use
 _MIN_LINEARS = 4
-_NONE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "attention_mask")
+#: The names a cache object is passed under (transformers' attention modules, and hand-written ones).
+CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value")
+_NONE_ARGUMENTS = (*CACHE_ARGUMENTS, "attention_mask")  # traced without: the installed runtime handles them
 
 
 @dataclass
@@ -52,6 +54,7 @@ class CapturedAttention:
     graph_module: fx.GraphModule
     parameter_inputs: dict[str, str]  # placeholder name -> parameter name inside the module
     user_inputs: list[tuple[str, int | None]]  # per user placeholder: (argument name, pytree leaf index)
+    user_placeholders: list[str]  # the graph's user-input placeholder names, in the order of user_inputs
     argument_names: list[str]  # the forward's parameters in order, for binding positional calls
     structure_key: tuple
     seconds: float
@@ -168,12 +171,13 @@ def capture_module(path: str, module: nn.Module, record: CallRecord) -> Captured
     if len(user_placeholders) != len(user_inputs):
         raise RuntimeError(f"{path}: {len(user_placeholders)} graph inputs for {len(user_inputs)} tensor arguments")
     gm = exported.graph_module
-    gm.meta["user_input_sources"] = dict(zip(user_placeholders, user_inputs))
+    gm.meta["user_input_sources"] = dict(zip(user_placeholders, user_inputs))  # read by conversion/mla.py
     return CapturedAttention(
         module_path=path,
         graph_module=gm,
         parameter_inputs=parameter_inputs,
         user_inputs=user_inputs,
+        user_placeholders=user_placeholders,
         argument_names=list(inspect.signature(module.forward).parameters),
         structure_key=structure_key(module),
         seconds=time.perf_counter() - start,
@@ -210,33 +214,77 @@ def _user_input_sources(arguments: dict[str, Any]) -> list[tuple[str, int | None
     return sources
 
 
-def capture_attention_candidates(model: nn.Module) -> list[CapturedAttention]:
-    """Capture every candidate block, tracing each distinct structure once."""
+@dataclass
+class TraceFailure:
+    """A candidate block torch.export could not trace: reported, never silently dropped."""
+
+    module_path: str
+    module_type: str
+    error: str  # "ExceptionType: message"
+
+    @property
+    def reason(self) -> str:
+        return f"could not be traced by torch.export ({self.error})"
+
+
+@dataclass
+class CaptureResult:
+    """Every candidate block of a model: the traced ones and the ones that could not be traced."""
+
+    captures: list[CapturedAttention]
+    failures: list[TraceFailure]
+    candidates: int  # candidate blocks found by structure (called during the recording run or not)
+
+
+def capture_candidates(model: nn.Module) -> CaptureResult:
+    """Capture every candidate block, tracing each distinct structure once; untraceable blocks are kept as
+    :class:`TraceFailure` with the exception (every layer sharing that structure fails the same way)."""
     candidates = find_candidates(model)
     if not candidates:
-        return []
+        return CaptureResult([], [], 0)
     records = record_calls(model, candidates)
-    by_structure: dict[tuple, CapturedAttention] = {}
-    captures = []
+    by_structure: dict[tuple, CapturedAttention | TraceFailure] = {}
+    captures, failures = [], []
     for path, module in candidates.items():
         if path not in records:
             logger.debug("%s was not called during the recording run; skipped", path)
             continue
         key = structure_key(module)
-        if key in by_structure:
-            first = by_structure[key]
+        first = by_structure.get(key)
+        if isinstance(first, CapturedAttention):
             first.shared_with.append(path)
             captures.append(_reuse(first, path, records[path]))
             continue
-        try:
-            capture = capture_module(path, module, records[path])
-        except Exception as exc:  # noqa: BLE001 - a block export cannot trace is reported, not fatal
-            logger.warning("could not trace %s (%s): %s", path, type(module).__name__, exc)
-            continue
-        logger.debug("traced %s in %.2f s", path, capture.seconds)
-        by_structure[key] = capture
-        captures.append(capture)
-    return captures
+        if first is None:
+            try:
+                first = capture_module(path, module, records[path])
+            except Exception as exc:  # noqa: BLE001 - a block export cannot trace is reported, not fatal
+                first = TraceFailure(path, type(module).__name__, f"{type(exc).__name__}: {exc}".strip())
+            by_structure[key] = first
+            if isinstance(first, CapturedAttention):
+                logger.debug("traced %s in %.2f s", path, first.seconds)
+                captures.append(first)
+                continue
+        failure = TraceFailure(path, first.module_type, first.error)
+        logger.warning("could not trace %s (%s): %s", path, failure.module_type, failure.error)
+        failures.append(failure)
+    return CaptureResult(captures, failures, len(candidates))
+
+
+def capture_attention_candidates(model: nn.Module) -> list[CapturedAttention]:
+    """The traced candidate blocks of ``model`` (see :func:`capture_candidates` for the failures too)."""
+    return capture_candidates(model).captures
+
+
+def argument_leaf(arguments: dict[str, Any], name: str, leaf: int | None) -> Any:
+    """One graph input out of a call's arguments: the argument itself, or its ``leaf``-th pytree tensor leaf."""
+    value = arguments[name]
+    return value if leaf is None else pytree.tree_leaves(value)[leaf]
+
+
+def recorded_inputs(capture: CapturedAttention) -> list[Any]:
+    """The user inputs of the recorded call, in the order of the graph's placeholders."""
+    return [argument_leaf(capture.example_arguments, name, leaf) for name, leaf in capture.user_inputs]
 
 
 def _reuse(first: CapturedAttention, path: str, record: CallRecord) -> CapturedAttention:

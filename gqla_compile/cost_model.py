@@ -13,23 +13,29 @@ query/output bytes of the attention core, kernel launch overheads and everything
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import targets as _targets
-from .dims import LatentDims, is_latent_config, latent_cache_elements
+from .dims import LatentDims, is_latent_config
 from .errors import NoLatentAttentionError
+from .paths import (
+    OUTPUT_ABSORPTIONS,
+    PATHS,
+    QUERY_ABSORPTION,
+    ROPE_KEYS,
+    DecodePath,
+    Matmul,
+    check_path_argument,
+    feasible_paths,
+)
 from .targets import DTYPE_BYTES, Target, dtype_name
 from .units import duration, si
 
 logger = logging.getLogger(__name__)
 
-PATHS: tuple[str, ...] = ("absorbed", "grouped")
-ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
-ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks ties: the bmm keeps the smaller weights
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,7 @@ class Plan:
     rope_key: str
     peak_flops: float  # the target's peak for dtype
     costs: Mapping[str, PathCost] = field(hash=False)  # per feasible path
-    query_absorption: str  # absorbed path: W_UK "folded" into q_proj or applied as a per-head "bmm"
-    output_absorption: str  # absorbed path: W_UV "folded" into o_proj or applied as a per-head "bmm"
+    output_absorption: str  # absorbed path: W_UV "folded" into o_proj or applied as a per-group "bmm"
     layers: tuple[LayerPlan, ...] = field(hash=False, repr=False)
 
     @property
@@ -157,7 +162,7 @@ class Plan:
                   f"context {self.context_len}, tp={self.tp}, RoPE key {self.rope_key}; figures per layer and rank")
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
                           for p, c in self.costs.items())
-        absorption = f"absorbed path applies W_UK as {self.query_absorption}, W_UV as {self.output_absorption}"
+        absorption = f"absorbed path applies W_UK as {QUERY_ABSORPTION}, W_UV as {self.output_absorption}"
         return "\n".join([header, table, f"cache per token and layer: {cache}", absorption, self.reason])
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +177,6 @@ class Plan:
             "num_layers": self.num_layers,
             "peak_flops": self.peak_flops,
             "ridge": self.ridge,
-            "query_absorption": self.query_absorption,
             "output_absorption": self.output_absorption,
             "paths": {p: c.to_dict() for p, c in self.costs.items()},
             "layers": [{"index": layer.index, "path": layer.path} for layer in self.layers],
@@ -207,49 +211,7 @@ class _Step:
         return PartCost(name, n_bytes, flops, max(transfer, compute), medium if transfer >= compute else "compute")
 
 
-@dataclass(frozen=True)
-class _Matmul:
-    """A weight the projections read once per step, and the FLOPs it costs per new token."""
-
-    weight_elements: int
-    flops_per_token: int
-    sharded: bool = True  # split over TP ranks; replicated weights (every rank needs the whole latent) are not
-
-
-def _linear(out_features: int, in_features: int, *, sharded: bool = True) -> _Matmul:
-    return _Matmul(out_features * in_features, 2 * out_features * in_features, sharded)
-
-
-def _per_head(dims: LatentDims, rows: int) -> _Matmul:
-    """W_UK or W_UV applied as a batched matmul: one [rows, d_c] matrix per group, used by each of its heads."""
-    return _Matmul(dims.n_g * rows * dims.d_c, 2 * dims.n_h * rows * dims.d_c)
-
-
-def _query_matmuls(dims: LatentDims, nope_rows: int) -> list[_Matmul]:
-    """q_proj (or q_a_proj + q_b_proj) with ``nope_rows`` no-RoPE output rows per head."""
-    rows = dims.n_h * (nope_rows + dims.d_R)
-    if dims.q_lora_rank is None:
-        return [_linear(rows, dims.hidden_size)]
-    return [_linear(dims.q_lora_rank, dims.hidden_size, sharded=False), _linear(rows, dims.q_lora_rank)]
-
-
-def _projection_matmuls(path: str, dims: LatentDims, query: str, output: str) -> list[_Matmul]:
-    """The attention projections one path runs per step; ``query``/``output`` say how the absorbed path
-    applies W_UK and W_UV (folded into q_proj / o_proj, or as per-head bmm's)."""
-    kv_a = _linear(dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
-    o_proj = _linear(dims.hidden_size, dims.n_h * dims.d_v)
-    if path == "grouped":
-        kv_b = _linear(dims.n_g * (dims.d_n + dims.d_v), dims.d_c)  # expands the new tokens' latents only
-        return [*_query_matmuls(dims, dims.d_n), kv_a, kv_b, o_proj]
-    if query == "folded":  # q's no-RoPE rows come out in latent space: d_c per head
-        q = _query_matmuls(dims, dims.d_c)
-    else:
-        q = [*_query_matmuls(dims, dims.d_n), _per_head(dims, dims.d_n)]
-    o = [_linear(dims.hidden_size, dims.n_h * dims.d_c)] if output == "folded" else [_per_head(dims, dims.d_v), o_proj]
-    return [*q, kv_a, *o]
-
-
-def _projections(step: _Step, matmuls: Iterable[_Matmul]) -> PartCost:
+def _projections(step: _Step, matmuls: Iterable[Matmul]) -> PartCost:
     elements = flops = 0.0
     for m in matmuls:
         share = step.tp if m.sharded else 1
@@ -258,22 +220,12 @@ def _projections(step: _Step, matmuls: Iterable[_Matmul]) -> PartCost:
     return step.part("projections", elements, flops)
 
 
-def _rank_cache_elements(path: str, step: _Step) -> int:
-    """Cache elements per token and layer on one rank: the absorbed latent is replicated on every rank,
-    the grouped cache is split by group."""
-    if path == "absorbed":
-        return latent_cache_elements(step.dims, "absorbed")
-    rank_dims = replace(step.dims, n_h=step.dims.n_h // step.tp, n_g=step.dims.n_g // step.tp)
-    return latent_cache_elements(rank_dims, "grouped", rope_key=step.rope_key)
-
-
-def _attention_core(path: str, step: _Step) -> PartCost:
+def _attention_core(path: DecodePath, step: _Step) -> PartCost:
     """Read the cache over the context; scores, softmax and values (DESIGN.md section 2 table)."""
-    d = step.dims
-    head_dims = 2 * d.d_c + d.d_R if path == "absorbed" else d.d_n + d.d_R + d.d_v
-    flops_per_token = 2 * (d.n_h // step.tp) * step.s_q * head_dims
+    flops_per_token = 2 * (step.dims.n_h // step.tp) * step.s_q * path.attention_head_dims(step.dims)
     contexts = step.batch_size * step.context_len
-    return step.part("attention_core", contexts * _rank_cache_elements(path, step), contexts * flops_per_token)
+    rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
+    return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token)
 
 
 def _all_reduce(step: _Step) -> PartCost:
@@ -282,45 +234,37 @@ def _all_reduce(step: _Step) -> PartCost:
     return step.part("all_reduce", 2 * (p - 1) / p * step.tokens * step.dims.hidden_size, 0.0, over_link=True)
 
 
-def _path_cost(path: str, step: _Step, num_layers: int, query: str, output: str) -> PathCost:
-    rank_elements = _rank_cache_elements(path, step)
+def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> PathCost:
+    rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
     parts = (
         _attention_core(path, step),
         step.part("cache_write", step.tokens * rank_elements, 0.0),
-        _projections(step, _projection_matmuls(path, step.dims, query, output)),
+        _projections(step, path.projection_matmuls(step.dims, output_absorption=output)),
         _all_reduce(step),
     )
-    whole_elements = latent_cache_elements(step.dims, path, rope_key=step.rope_key)
-    return PathCost(path, parts, num_layers, whole_elements * step.dtype_bytes, rank_elements * step.dtype_bytes)
+    whole_elements = path.cache_elements(step.dims, rope_key=step.rope_key)
+    return PathCost(path.name, parts, num_layers, whole_elements * step.dtype_bytes,
+                    rank_elements * step.dtype_bytes)
 
 
-def _cheapest_absorption(step: _Step) -> tuple[str, str]:
-    """How the absorbed path should apply W_UK and W_UV: whichever combination makes the projections cheapest.
+def _cheapest_output_absorption(step: _Step) -> str:
+    """How the absorbed path should apply W_UV: whichever makes its projections cheapest.
 
-    Folding widens q_proj's no-RoPE rows from d_n to d_c per head (o_proj's columns from d_v to d_c), which
-    costs more bytes and FLOPs than the per-group bmm unless the latent is barely wider than the heads.
+    Folding W_UV into o_proj widens o_proj's columns from d_v to d_c per head, which costs more bytes and
+    FLOPs than the per-group bmm unless the latent is barely wider than the heads.
     """
-    options = itertools.product(ABSORPTIONS, ABSORPTIONS)
-    return min(options, key=lambda qo: _projections(step, _projection_matmuls("absorbed", step.dims, *qo)).time_s)
+    absorbed = PATHS["absorbed"]
+    return min(OUTPUT_ABSORPTIONS,
+               key=lambda o: _projections(step, absorbed.projection_matmuls(step.dims, output_absorption=o)).time_s)
 
 
 def _check_workload(s_q: int, batch_size: int, context_len: int, tp: int, path: str, rope_key: str) -> None:
     for name, value in (("s_q", s_q), ("batch_size", batch_size), ("context_len", context_len), ("tp", tp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if path not in ("auto", *PATHS):
-        raise ValueError(f"path must be 'auto', 'absorbed' or 'grouped', got {path!r}")
+    check_path_argument(path)
     if rope_key not in ROPE_KEYS:
         raise ValueError(f"rope_key must be 'copied' or 'shared', got {rope_key!r}")
-
-
-def _shard_problem(path: str, dims: LatentDims, tp: int) -> str | None:
-    """Why ``tp`` ranks cannot shard this path, or None when they can."""
-    count, what = (dims.n_g, "latent groups") if path == "grouped" else (dims.n_h, "query heads")
-    if count % tp:
-        return (f"tp={tp} does not divide the {count} {what}: the {path} path gives each rank whole "
-                f"{what}; use a tp that divides {count}")
-    return None
 
 
 def _config_of(model_or_config: Any) -> Any:
@@ -354,7 +298,7 @@ def _reason(chosen: str, auto: str, costs: Mapping[str, PathCost], step: _Step, 
     if len(costs) == 1:
         (only,) = costs
         other = next(p for p in PATHS if p != only)
-        because = f"{only} is the only path {where}: {_shard_problem(other, step.dims, step.tp)}"
+        because = f"{only} is the only path {where}: {PATHS[other].shard_problem(step.dims, step.tp)}"
     else:
         cores = ", ".join(
             f"{p} attention is {c.part('attention_core').bound}-bound "
@@ -399,21 +343,22 @@ def plan(
     peak = chip.peak(dtype)
     step = _Step(dims, s_q, batch_size, context_len, tp, rope_key, DTYPE_BYTES[dtype], peak,
                  chip.memory_bandwidth, chip.interconnect_bandwidth)
-    feasible = [p for p in PATHS if _shard_problem(p, dims, tp) is None]
+    problems = feasible_paths(dims, tp)
+    feasible = [p for p, problem in problems.items() if problem is None]
     if path != "auto" and path not in feasible:
-        raise ValueError(_shard_problem(path, dims, tp))
+        raise ValueError(problems[path])
     if not feasible:
-        raise ValueError(_shard_problem("absorbed", dims, tp))  # n_g divides n_h: tp not dividing n_h fails both
-    query, output = _cheapest_absorption(step)
+        raise ValueError(problems["absorbed"])  # n_g divides n_h: tp not dividing n_h fails both
+    output = _cheapest_output_absorption(step)
     num_layers = getattr(config, "num_hidden_layers", 1)
-    costs = {p: _path_cost(p, step, num_layers, query, output) for p in feasible}
+    costs = {p: _path_cost(PATHS[p], step, num_layers, output) for p in feasible}
     auto = min(costs, key=lambda p: costs[p].time_s)  # ties go to absorbed: the smaller cache
     chosen = auto if path == "auto" else path
     reason = _reason(chosen, auto, costs, step, chip, path != "auto", peak / chip.memory_bandwidth)
     logger.debug("%s", reason)
     layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
     return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
-                costs, query, output, layers)
+                costs, output, layers)
 
 
 def reference_configs() -> dict[str, Any]:

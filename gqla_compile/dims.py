@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
-CachePath = Literal["absorbed", "grouped", "original"]
 CACHE_PATHS: tuple[str, ...] = ("absorbed", "grouped", "original")
 
 
@@ -99,22 +98,18 @@ def is_latent_config(config: Any) -> bool:
 
 
 def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:
-    """Cached elements per token and layer for one path of a latent-attention layer.
+    """Cached elements per token and layer for one path of a latent-attention layer (paths.py owns the layouts).
 
-    absorbed: the latent and the shared RoPE key (d_c + d_R). grouped: each group's expanded key and
-    value; the RoPE key is either copied into every group's key (``rope_key="copied"``, what a stock GQA
-    kernel reads) or kept once (``"shared"``). original: what transformers' own MLA models cache (the
-    latent, then re-expanded at every step), the same elements as absorbed.
+    "original" is what transformers' own MLA models cache (the latent and the RoPE key, re-expanded at every
+    step): the same elements as the absorbed path.
     """
-    if path in ("absorbed", "original"):
+    from .paths import PATHS
+
+    if path == "original":
         return dims.d_c + dims.d_R
-    if path == "grouped":
-        if rope_key == "copied":
-            return dims.n_g * (dims.d_n + dims.d_R + dims.d_v)
-        if rope_key == "shared":
-            return dims.n_g * (dims.d_n + dims.d_v) + dims.d_R
-        raise ValueError(f"rope_key must be 'copied' or 'shared', got {rope_key!r}")
-    raise ValueError(f"unknown cache path {path!r}; known: {', '.join(CACHE_PATHS)}")
+    if path not in PATHS:
+        raise ValueError(f"unknown cache path {path!r}; known: {', '.join(CACHE_PATHS)}")
+    return PATHS[path].cache_elements(dims, rope_key=rope_key)
 
 
 def kv_cache_elements(config: Any, path: str = "original", *, rope_key: str = "copied") -> int:

@@ -24,3 +24,11 @@ class ShapeMismatchError(GqlaError, ValueError):
 
 class ConversionError(GqlaError, ValueError):
     """A checkpoint that cannot be converted with the arguments given."""
+
+
+class VerificationError(GqlaError, RuntimeError):
+    """A rewritten layer did not reproduce the original on the check input."""
+
+
+class PartialRewriteWarning(UserWarning):
+    """Some candidate blocks were rewritten and others holding attention were not (see ``skipped``)."""

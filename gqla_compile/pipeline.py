@@ -1,57 +1,62 @@
-"""``optimize``: capture -> detect -> plan -> rewrite (fold, absorb or expand) -> install -> Inductor.
+"""``optimize``: capture -> detect -> plan -> build the chosen path -> verify -> install -> compile.
 
-Each arrow is one module (capture.py, passes/detect.py, cost_model.py, passes/{split,fold,absorb,expand}.py,
-runtime.py, compile.py); this file only wires them and keeps the records the report is built from.
+Each arrow is one module: capture.py, passes/detect.py, cost_model.py, paths.py (with passes/split.py,
+passes/shard.py and the path's tail in passes/absorb.py or passes/expand.py), ``verify_rewrite`` below,
+runtime.py and compile.py. This file only wires them: every layer travels as an explicit
+:class:`~gqla_compile.passes.context.LayerContext`, and one :class:`PassManager` keeps the records the report
+is built from.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .capture import CAPTURE_METHOD, CapturedAttention, capture_attention_candidates
+from .capture import CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
-from .errors import GqlaError, NoLatentAttentionError
-from .passes.absorb import AbsorbQuery
-from .passes.detect import DetectLatentAttention, LatentAttentionMatch, probe_up_projections
-from .passes.expand import ExpandNewTokens
-from .passes.fold import fold_value_up_projection, stack_group_up_projections
+from .errors import GqlaError, NoLatentAttentionError, PartialRewriteWarning, VerificationError
+from .passes.context import LayerContext
+from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord
-from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout, shard_problem
+from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection
-from .runtime import InstalledLatentAttention, LatentAttentionCore, install, uninstall
+from .passes.graph import tensor_meta, weight_matmuls
+from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
+from .runtime import InstalledLatentAttention, install, uninstall
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("absorbed", "grouped")
-
-
-class VerificationError(GqlaError, RuntimeError):
-    """A rewritten layer did not reproduce the original on the check input."""
+__all__ = ["optimize", "verify_rewrite", "OptimizationState", "LayerRewrite", "VerificationError"]
 
 
 @dataclass
 class LayerRewrite:
-    """What optimize did to one attention module."""
+    """What optimize did to one attention module (facts for the report, from the passes and the path)."""
 
     module_path: str
     layer_idx: int
     path: str
-    dims: LatentDims
-    records: list[PassRecord]
+    dims: LatentDims  # the whole layer's dims, n_g as probed
+    records: list[PassRecord]  # this layer's records in the optimization's pass manager
     verification_error: float
     cache_elements_before: int
     cache_elements_after: int
     traced_by: str = CAPTURE_METHOD
     trace_seconds: float = 0.0
     cache_elements_per_rank: int | None = None  # per token: what this tensor-parallel rank caches
+    local_dims: LatentDims | None = None  # what this rank computes (the whole layer without tensor parallelism)
+    output_absorption: str | None = None  # absorbed path: how W_UV is applied
+    matmul_weights_before: list[dict] = field(default_factory=list)  # captured graph: {"op", "weight", "shape"}
+    matmul_weights_after: list[dict] = field(default_factory=list)  # projection graph and core, "graph" added
+    core: CoreTrace | None = None  # the attention core at one decode step (ops, code, weights)
 
 
 @dataclass
@@ -68,6 +73,8 @@ class OptimizationState:
     tp: int = 1  # tensor-parallel ranks the attention is sharded over
     rank: int = 0  # this process's rank among them
     tp_sharding: dict[str, str] = field(default_factory=dict)  # what is sharded, what is replicated (tp > 1)
+    records: list[PassRecord] = field(default_factory=list)  # every pass record, all layers (the report's source)
+    candidates: int = 0  # candidate blocks found by structure
 
 
 def optimize(
@@ -88,7 +95,8 @@ def optimize(
     ``path="auto"`` asks the cost model (``gqla_compile.plan``) for the faster path at the given decode
     shape; "absorbed" or "grouped" forces one. ``compile=True`` runs the model through ``torch.compile``
     with Inductor; ``compile=False`` keeps the rewritten graphs eager (for debugging). A model without
-    latent attention is returned unchanged with a warning (an error if a path was forced).
+    latent attention is returned unchanged with a warning (an error if a path was forced); the warning
+    names why each candidate block did not match, or which could not be traced.
 
     ``tp=P`` (P > 1) shards the attention over the initialised ``torch.distributed`` default group of P
     ranks (passes/shard.py): each rank keeps its query heads (grouped path: its n_g / P groups and 1/P of
@@ -96,8 +104,7 @@ def optimize(
     all-reduce. Embeddings, MLP and lm_head stay replicated (``model.gqla_optimization.tp_sharding``). A
     P that does not divide the groups (grouped) or heads (absorbed) is refused before any work.
     """
-    if path not in ("auto", *PATHS):
-        raise ValueError(f"path must be 'auto', 'absorbed' or 'grouped', got {path!r}")
+    check_path_argument(path)
     if isinstance(tp, int) and tp > 1:
         _check_shardable(model, path, tp)
     parallel = tensor_parallel_group(tp)
@@ -106,62 +113,109 @@ def optimize(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    captures = capture_attention_candidates(model)
-    found = [(c, _detect(c)) for c in captures]
-    matched = [(c, m, records) for c, (m, records) in found if m is not None]
-    if not matched:
-        message = (
-            f"{type(model).__name__} holds no latent attention (checked {len(captures)} candidate blocks); "
-            "nothing was rewritten. Convert a GQA model with gqla_compile.convert first"
-        )
-        if path != "auto":
-            raise NoLatentAttentionError(message)
-        warnings.warn(message, stacklevel=2)
-        model.train(was_training)
-        return model
-    chosen, plan = _choose_path(
-        model, matched, target, path, s_q=s_q, batch_size=batch_size, context_len=context_len,
-        tp=parallel.size if parallel else 1,
-    )
-    modules = dict(model.named_modules())
-    layers = []
     try:
-        for ordinal, (capture, match, detect_records) in enumerate(matched):
-            module = modules[capture.module_path]
-            layers.append(
-                _rewrite_layer(
-                    module, capture, match, detect_records, chosen, plan.output_absorption, ordinal, verify, dump_dir,
-                    parallel,
-                )
-            )
-    except Exception:
-        for capture, _, _ in matched:
-            uninstall(modules[capture.module_path])
-        raise
-    skipped = [(c.module_path, "no latent attention in its graph") for c, (m, _) in found if m is None]
-    model.gqla_optimization = OptimizationState(
-        path=chosen, target=getattr(plan, "target", target), plan=plan, layers=layers, skipped=skipped
-    )
-    if parallel is not None:
-        state = model.gqla_optimization
-        state.tp, state.rank = parallel.size, parallel.rank
-        state.tp_sharding = {"attention": f"sharded by {'groups' if chosen == 'grouped' else 'query heads'}",
-                             **REPLICATED}
+        state = _optimize(model, target, path, parallel, verify=verify, dump_dir=dump_dir,
+                          shape=dict(s_q=s_q, batch_size=batch_size, context_len=context_len))
+    finally:
+        model.train(was_training)
+    if state is None:
+        return model
+    model.gqla_optimization = state
     if compile:
         from .compile import compile_model
 
-        model.gqla_optimization.compile = compile_model(model)
-    model.gqla_optimization.seconds = time.perf_counter() - start
-    logger.info("rewrote %d attention blocks to the %s path in %.1f s", len(layers), chosen, model.gqla_optimization.seconds)
-    model.train(was_training)
+        state.compile = compile_model(model)
+    state.seconds = time.perf_counter() - start
+    logger.info("rewrote %d attention blocks to the %s path in %.1f s", len(state.layers), state.path, state.seconds)
     return model
 
 
-def _detect(capture: CapturedAttention) -> tuple[LatentAttentionMatch | None, list[PassRecord]]:
-    detect = DetectLatentAttention(capture)
-    manager = PassManager([detect])
-    manager(capture.graph_module, capture.module_path)
-    return detect.match, manager.records
+def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> OptimizationState | None:
+    """capture -> detect -> plan -> build -> verify -> install; None (with a warning) when nothing matched."""
+    manager = PassManager(dump_dir=dump_dir)
+    modules = dict(model.named_modules())
+    captured = capture_candidates(model)
+    contexts = [_detect(manager, LayerContext.of(modules[c.module_path], c)) for c in captured.captures]
+    matched = [c for c in contexts if c.detection.match is not None]
+    skipped = ([(f.module_path, f.reason) for f in captured.failures]
+               + [(c.module_path, c.detection.reason) for c in contexts if c.detection.match is None])
+    if not matched:
+        message = _nothing_matched_message(model, captured, contexts)
+        if path != "auto":
+            raise NoLatentAttentionError(message)
+        warnings.warn(message, stacklevel=3)
+        return None
+    _warn_if_partial(captured, contexts, matched)
+    plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)
+    decode_path = PATHS[plan.path]
+    layers = []
+    cores: dict[tuple, CoreTrace] = {}  # layers of one structure share their core's trace
+    try:
+        for ordinal, context in enumerate(matched):
+            module = modules[context.module_path]
+            runtime = _build(manager, context, decode_path, plan, parallel, getattr(module, "layer_idx", ordinal))
+            error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
+            install(module, runtime)
+            layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
+            key = context.capture.structure_key
+            if key not in cores:
+                cores[key] = decode_path.trace_core(runtime.core, layer.local_dims)
+            layer.core = cores[key]
+            layer.matmul_weights_after += [{"graph": "core", **m} for m in layer.core.matmul_weights]
+            layers.append(layer)
+    except Exception:
+        for context in matched:
+            uninstall(modules[context.module_path])
+        raise
+    state = OptimizationState(path=decode_path.name, target=plan.target, plan=plan, layers=layers, skipped=skipped,
+                              records=manager.records, candidates=captured.candidates)
+    if parallel is not None:
+        state.tp, state.rank = parallel.size, parallel.rank
+        state.tp_sharding = {"attention": f"sharded by {decode_path.shard_count(layers[0].dims)[1]}", **REPLICATED}
+    return state
+
+
+def _detect(manager: PassManager, context: LayerContext) -> LayerContext:
+    """Detection, probing included, as the first pass of the layer: fills ``context.detection``."""
+    manager.run([DetectLatentAttention(context)], context.capture.graph_module, context.module_path)
+    return context
+
+
+def _nothing_matched_message(model: nn.Module, captured: CaptureResult, contexts: list[LayerContext]) -> str:
+    """Why nothing was rewritten: the blocks that could not be traced, and each reason the others did not match."""
+    name = type(model).__name__
+    parts = []
+    if captured.failures:
+        failures = "; ".join(f"{f.module_path} ({f.module_type}): {f.error}" for f in captured.failures)
+        parts.append(f"{len(captured.failures)} candidate block(s) could not be traced by torch.export, so "
+                     f"whether they hold latent attention is unknown: {failures}")
+    if contexts:
+        reasons: dict[str, list[str]] = {}
+        for context in contexts:
+            reasons.setdefault(context.detection.reason, []).append(context.module_path)
+        listed = "; ".join(f"{_paths_text(paths)}: {reason}" for reason, paths in reasons.items())
+        parts.append(f"{name} holds no latent attention in the {len(contexts)} traced candidate block(s) ({listed})")
+    elif not captured.failures:
+        parts.append(f"{name} holds no latent attention: no candidate block (a module with at least four linear "
+                     "layers called with [batch, seq, hidden])")
+    fix = ("fix the tracing error above (or report it)" if captured.failures and not contexts
+           else "convert a GQA model with gqla_compile.convert first")
+    return "; ".join(parts) + f"; nothing was rewritten. To rewrite, {fix}"
+
+
+def _paths_text(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
+
+
+def _warn_if_partial(captured: CaptureResult, contexts: list[LayerContext], matched: list[LayerContext]) -> None:
+    """Warn when some blocks were rewritten and others that hold attention (or could not be traced) were not."""
+    left = [(f.module_path, f.reason) for f in captured.failures]
+    left += [(c.module_path, c.detection.reason) for c in contexts
+             if c.detection.match is None and c.detection.has_attention]
+    if left:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in left)
+        warnings.warn(f"partial rewrite: {len(matched)} block(s) rewritten, {len(left)} block(s) with attention "
+                      f"left unchanged ({listed})", PartialRewriteWarning, stacklevel=4)
 
 
 def _check_shardable(model, path: str, tp: int) -> None:
@@ -171,91 +225,85 @@ def _check_shardable(model, path: str, tp: int) -> None:
     config = getattr(config, "get_text_config", lambda: config)()
     if config is None or not is_latent_config(config):
         return
-    dims = LatentDims.from_config(config)
-    problems = {p: shard_problem(p, dims, tp) for p in PATHS}
+    problems = feasible_paths(LatentDims.from_config(config), tp)
     if path != "auto" and problems[path]:
         raise ValueError(problems[path])
     if all(problems.values()):
         raise ValueError(problems["absorbed"])
 
 
-def _choose_path(model, matched, target, path, **shape):
-    """The forced path, or the cost model's choice for the target at this decode shape.
+def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
+    """The cost model's plan (its path is the forced one when ``path`` is not "auto").
 
-    The plan is made from the dims detection read off the graph (not the model's config, which a
-    hand-written model may not have), in the dtype of the model's weights.
+    It is made from the dims detection read off the graph and probing settled (n_g included), not from
+    the model's config (which a hand-written model may not have), in the dtype of the model's weights.
     """
     from .cost_model import plan as make_plan
 
-    _, first, _ = matched[0]
+    dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
-    plan = make_plan(first.dims.as_config(len(matched)), target=target, path=path, dtype=dtype, **shape)
-    return (path if path != "auto" else plan.path), plan
+    return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype, **shape)
 
 
-def _rewrite_layer(
-    module, capture, match, detect_records, chosen, output_absorption, ordinal, verify, dump_dir,
-    parallel: TensorParallel | None = None,
-) -> LayerRewrite:
-    parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
-    up = probe_up_projections(capture, match, parameters)
-    dims = replace(match.dims, n_g=up.num_groups)
-    o_weight = parameters[match.weight_name(capture, match.output_projection)]
+def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,
+           layer_idx: int) -> InstalledLatentAttention:
+    """The chosen path for one layer: split -> [shard] -> the path's tail, and its attention core."""
+    capture, match = context.capture, context.match
+    up = match.up_projections
+    o_weight = context.parameters[match.weight_name(capture, match.output_projection)]
     o_bias_name = match.weight_name(capture, match.output_projection, 2)
-    o_bias = parameters[o_bias_name] if o_bias_name else None
-    split = SplitLatentProjection(capture, parameters)
-    # Tensor parallel: this rank's heads, groups and o_proj columns; the tails below are built from them.
-    shard, local, group = _shard(capture, chosen, dims, parallel)
-    if shard is not None:
+    o_bias = context.parameters[o_bias_name] if o_bias_name else None
+    passes: list = [SplitLatentProjection(context)]
+    local, group = match.dims, None
+    if parallel is not None:
+        # Tensor parallel: this rank's heads, groups and o_proj columns; the path is built from them.
+        layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
+        shard = ShardAttention(layout, capture, backend=parallel.backend)
         up, o_weight = shard.shard_weights(up, o_weight)
-    if chosen == "absorbed":
-        if output_absorption == "folded":
-            folded = fold_value_up_projection(o_weight, up.value, local.n_h, layer=capture.module_path)
-            core = LatentAttentionCore(folded, o_bias, match.scaling, latent_value_dims=dims.d_c, process_group=group)
-            value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
-        else:
-            core = LatentAttentionCore(o_weight, o_bias, match.scaling, latent_value_dims=dims.d_c, value_up=up.value,
-                                       process_group=group)
-            value_side = {"value_up (W_UV^g per group, after attention)": up.value}
-        tail = AbsorbQuery(up.key, output_absorption, value_side)
-    else:
-        tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=local.n_g, d_n=dims.d_n)
-        core = LatentAttentionCore(o_weight, o_bias, match.scaling, process_group=group)
-    passes = [split, tail] if shard is None else [split, shard, tail]
-    manager = PassManager(passes, dump_dir=dump_dir)
-    projection = manager(capture.graph_module, capture.module_path)
-    runtime = InstalledLatentAttention(
+        passes.append(shard)
+        local, group = layout.local_dims, parallel.group
+    built = decode_path.build(up, o_weight, o_bias, match.scaling, local, output_absorption=plan.output_absorption,
+                              rope_key=plan.rope_key, process_group=group, module_path=capture.module_path)
+    passes.append(built.tail)
+    projection = manager.run(passes, capture.graph_module, capture.module_path)
+    return InstalledLatentAttention(
         projection,
-        core,
-        path=chosen,
-        layer_idx=getattr(module, "layer_idx", ordinal),
+        built.core,
+        path=decode_path.name,
+        layer_idx=layer_idx,
         argument_names=capture.argument_names,
         user_inputs=capture.user_inputs,
         output_arity=capture.output_arity,
     )
-    error = verify_rewrite(module, runtime, capture) if verify else float("nan")
-    install(module, runtime)
+
+
+def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,
+                   error: float) -> LayerRewrite:
+    dims = context.match.dims
+    decode_path = PATHS[runtime.path]
+    tp = parallel.size if parallel else 1
+    capture, projection = context.capture, runtime.projection
+    parameter_shapes = {n.name: (capture.parameter_inputs[n.name], list(tensor_meta(n).shape))
+                        for n in capture.graph_module.graph.nodes
+                        if n.op == "placeholder" and n.name in capture.parameter_inputs}
+    attributes = {n: (n.target, list(getattr(projection, n.target).shape))
+                  for n in projection.graph.nodes if n.op == "get_attr"}
     return LayerRewrite(
-        module_path=capture.module_path,
+        module_path=context.module_path,
         layer_idx=runtime.layer_idx,
-        path=chosen,
+        path=decode_path.name,
         dims=dims,
-        records=detect_records + manager.records,
+        records=manager.records_of(context.module_path),
         verification_error=error,
         cache_elements_before=latent_cache_elements(dims, "original"),
-        cache_elements_after=latent_cache_elements(dims, chosen),
-        trace_seconds=capture.seconds,
-        cache_elements_per_rank=latent_cache_elements(local, chosen),
+        cache_elements_after=decode_path.cache_elements(dims),
+        trace_seconds=context.capture.seconds,
+        cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp),
+        local_dims=TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims,
+        output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
+        matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),
+        matmul_weights_after=[{"graph": "projection", **m} for m in weight_matmuls(projection, attributes.get)],
     )
-
-
-def _shard(capture, chosen: str, dims: LatentDims, parallel: TensorParallel | None):
-    """(shard pass or None, the dims this rank computes, the process group for the core's all-reduce)."""
-    if parallel is None:
-        return None, dims, None
-    shard = ShardAttention(TensorParallelLayout(chosen, dims, parallel.size, parallel.rank), capture,
-                           backend=parallel.backend)
-    return shard, shard.layout.local_dims, parallel.group
 
 
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:

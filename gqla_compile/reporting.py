@@ -11,7 +11,6 @@ Identical layers (same dims, path and op histograms) are folded into one row wit
 
 from __future__ import annotations
 
-import ast
 import copy
 import difflib
 import html
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import GqlaError, NoLatentAttentionError
+from .paths import CORE_TRACE_CONTEXT, ORIGINAL_CACHE_LAYOUT, PATHS
 from .units import binary_bytes, duration, si
 
 logger = logging.getLogger(__name__)
@@ -34,22 +34,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Report", "report"]
 
 SCHEMA_VERSION = 1
-# Core trace: one decode step (one new query token) over this many cached tokens.
-CORE_TRACE_CONTEXT = 16
-# Ops that only reshape or re-view a tensor: a weight passed through them is still that weight.
-_VIEW_OPS = {
-    "view", "reshape", "transpose", "t", "permute", "unsqueeze", "squeeze", "expand", "flatten", "unflatten",
-    "contiguous", "clone", "alias", "_unsafe_view", "select", "slice", "repeat_interleave", "to", "detach",
-}
-_MATMUL_OPS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum"}
-
-_LAYOUTS = {
-    "absorbed": "key [B, 1, T, d_c + d_R] = [c ; k_R] (one head, shared by all heads), value [B, 1, T, 0] "
-                "(zero-width: attention reads the latent part of the key)",
-    "grouped": "keys [B, n_g, T, d_n + d_R] (k_R copied into each group's key), values [B, n_g, T, d_v]",
-    "original": "latent c and RoPE key k_R per token (d_c + d_R), re-expanded to per-head keys and values "
-                "over the whole context at every step",
-}
 
 
 class ReportError(GqlaError, ValueError):
@@ -189,12 +173,11 @@ def _no_latent_report(model: nn.Module, message: str | None, target: Any, dry_ru
 
 def _build(model: nn.Module, state: Any, dry_run: bool) -> Report:
     plan = state.plan
-    modules = dict(model.named_modules())
     dtype = plan.dtype
     from .targets import DTYPE_BYTES
 
     dtype_bytes = DTYPE_BYTES.get(dtype, 4)
-    rows = [_layer_row(layer, modules[layer.module_path], dtype_bytes) for layer in state.layers]
+    rows = [_layer_row(layer, dtype_bytes) for layer in state.layers]
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
         key = json.dumps([row["dims"], row["path"], row["ops_before"], row["ops_after"]], sort_keys=True)
@@ -274,49 +257,35 @@ def _plan_section(plan: Any) -> dict[str, Any]:
         "context_len": plan.context_len,
         "tp": plan.tp,
         "rope_key": plan.rope_key,
-        "query_absorption": plan.query_absorption,
         "output_absorption": plan.output_absorption,
         "paths": paths,
     }
 
 
-def _layer_row(layer: Any, module: nn.Module, dtype_bytes: int) -> dict[str, Any]:
+def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
+    """One layer's row, from the facts optimize kept: its pass records, the path's description and the
+    core trace the path emitted."""
     records = {r.pass_name: r for r in layer.records}
     detect = records.get("detect")
     final = layer.records[-1]
-    runtime = module.gqla_runtime
-    core_gm, core_names, core_shapes = _trace_core(runtime, layer.dims)
-    from .passes.graph import op_histogram
-
-    ops_projection = dict(op_histogram(runtime.projection))
-    ops_core = dict(op_histogram(core_gm))
-    ops_after = dict(Counter(ops_projection) + Counter(ops_core))
-    ops_before = dict(detect.ops_before) if detect else {}
+    decode_path = PATHS[layer.path]
+    core = layer.core
+    ops_projection = dict(final.ops_after)
+    ops_core = dict(core.ops) if core else {}
     code_before = detect.code_before if detect else ""
-    code_after = (runtime.projection.code.strip("\n")
-                  + f"\n\n# attention core at decode (make_fx, 1 query token, {CORE_TRACE_CONTEXT} cached tokens)\n"
-                  + core_gm.code.strip("\n"))
-
-    before_shapes = {f"p_{n.replace('.', '_')}": (n, list(p.shape)) for n, p in module.named_parameters()
-                     if not n.startswith("gqla_runtime.")}
-    before_shapes.update({f"b_{n.replace('.', '_')}": (n, list(b.shape)) for n, b in module.named_buffers()
-                          if not n.startswith("gqla_runtime.")})
-    projection_shapes = {n: (n, list(b.shape)) for n, b in runtime.projection.named_buffers()}
-    projection_shapes.update({n: (n, list(p.shape)) for n, p in runtime.projection.named_parameters()})
-    matmuls_before = [{"graph": "captured", **m} for m in weight_operands(code_before, before_shapes)]
-    matmuls_after = [{"graph": "projection", **m} for m in weight_operands(runtime.projection.code, projection_shapes)]
-    matmuls_after += [{"graph": "core", **m} for m in weight_operands(
-        core_gm.code, {k: (core_names.get(k, k), s) for k, s in core_shapes.items()})]
-
+    code_after = final.code_after.strip("\n")
+    if core is not None:
+        code_after += (f"\n\n# attention core at decode (make_fx, 1 query token, {CORE_TRACE_CONTEXT} cached tokens)\n"
+                       + core.code.strip("\n"))
     folded: dict[str, list[int]] = {}
     absorption: dict[str, Any] = {}
-    for name in ("absorb", "expand"):
-        if name in records:
-            summary = records[name].summary
-            folded.update({k: list(v) for k, v in summary.get("folded_weights", {}).items()})
-            absorption.update({k: summary[k] for k in ("query_absorption", "output_absorption") if k in summary})
+    for record in layer.records:
+        summary = record.summary
+        folded.update({k: list(v) for k, v in summary.get("folded_weights", {}).items()})
+        absorption.update({k: summary[k] for k in ("query_absorption", "output_absorption") if k in summary})
     detect_summary = detect.summary if detect else {}
     elements_before, elements_after = layer.cache_elements_before, layer.cache_elements_after
+    per_rank = layer.cache_elements_per_rank if layer.cache_elements_per_rank is not None else elements_after
     error = layer.verification_error
     return {
         "module": layer.module_path,
@@ -327,12 +296,12 @@ def _layer_row(layer: Any, module: nn.Module, dtype_bytes: int) -> dict[str, Any
         "attention": detect_summary.get("attention"),
         "verification_error": None if error is None or math.isnan(error) else float(error),
         "projections": detect_summary.get("weights", {}),
-        "ops_before": ops_before,
-        "ops_after": ops_after,
+        "ops_before": dict(detect.ops_before) if detect else {},
+        "ops_after": dict(Counter(ops_projection) + Counter(ops_core)),
         "ops_after_projection": ops_projection,
         "ops_after_core": ops_core,
-        "matmul_weights_before": matmuls_before,
-        "matmul_weights_after": matmuls_after,
+        "matmul_weights_before": [{"graph": "captured", **m} for m in layer.matmul_weights_before],
+        "matmul_weights_after": list(layer.matmul_weights_after),
         "folded_weights": folded,
         "absorption": absorption,
         "removed": (records["split"].summary.get("removed", {}) if "split" in records else {}),
@@ -342,111 +311,16 @@ def _layer_row(layer: Any, module: nn.Module, dtype_bytes: int) -> dict[str, Any
             "before: captured attention graph (" + final.module_path + ")",
             "after: projection graph + attention core", lineterm="")),
         "cache": {
-            "layout_before": _LAYOUTS["original"],
-            "layout_after": _LAYOUTS[layer.path],
+            "layout_before": ORIGINAL_CACHE_LAYOUT,
+            "layout_after": decode_path.cache_layout,
             "elements_before": elements_before,
             "elements_after": elements_after,
             "bytes_before": elements_before * dtype_bytes,
             "bytes_after": elements_after * dtype_bytes,
-            "elements_per_rank": layer.cache_elements_per_rank,
-            "bytes_per_rank": (layer.cache_elements_per_rank or elements_after) * dtype_bytes,
+            "elements_per_rank": per_rank,
+            "bytes_per_rank": per_rank * dtype_bytes,
         },
     }
-
-
-def _trace_core(runtime: nn.Module, dims: Any):
-    """The attention core's aten graph at one decode step (make_fx, pre-dispatch: linear/matmul/sdpa kept)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    core = runtime.core
-    dtype = core.o_weight.dtype
-    L = CORE_TRACE_CONTEXT
-    # This rank's heads (all of them without tensor parallelism): o_proj's columns per head.
-    folded = runtime.path == "absorbed" and core.value_up is None
-    n_h = core.o_weight.shape[1] // (dims.d_c if folded else dims.d_v)
-    if runtime.path == "absorbed":
-        width = dims.d_c + dims.d_R
-        query = torch.zeros(1, n_h, 1, width, dtype=dtype)
-        key = torch.zeros(1, 1, L, width, dtype=dtype)
-        value = key[..., :0]
-    else:
-        n_g = n_h // dims.heads_per_group
-        query = torch.zeros(1, n_h, 1, dims.d_n + dims.d_R, dtype=dtype)
-        key = torch.zeros(1, n_g, L, dims.d_n + dims.d_R, dtype=dtype)
-        value = torch.zeros(1, n_g, L, dims.d_v, dtype=dtype)
-    with torch.no_grad():
-        gm = make_fx(lambda q, k, v: core(q, k, v, None), pre_dispatch=True)(query, key, value)
-    buffers = {n: b for n, b in core.named_buffers() if b is not None}
-    names, shapes = {}, {}
-    for attr, tensor in list(gm.named_buffers()) + [(n, getattr(gm, n)) for n in dir(gm) if n.startswith("_tensor_constant")]:
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        shapes[attr] = list(tensor.shape)
-        for name, buf in buffers.items():
-            if buf.shape == tensor.shape and buf.data_ptr() == tensor.data_ptr():
-                names[attr] = f"core.{name}"
-    return gm, names, {k: v for k, v in shapes.items()}
-
-
-def weight_operands(code: str, shapes: dict[str, tuple[str, list[int]]]) -> list[dict[str, Any]]:
-    """Matmul-like ops (linear, matmul, bmm, ...) in FX ``code`` that take a weight, with its name and shape.
-
-    ``shapes`` maps a graph variable or ``self`` attribute to (weight name, shape). A weight that passes
-    through view-like ops (transpose, unsqueeze, ...) on its way to the matmul is still that weight.
-    """
-    if not code.strip():
-        return []
-    try:
-        tree = ast.parse(code.strip("\n"))
-    except SyntaxError:
-        logger.debug("could not parse graph code for weight operands")
-        return []
-    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef)), None)
-    if function is None:
-        return []
-    env: dict[str, tuple[str, list[int]]] = {a.arg: shapes[a.arg] for a in function.args.args if a.arg in shapes}
-    found = []
-    for statement in function.body:
-        if not isinstance(statement, ast.Assign) or len(statement.targets) != 1:
-            continue
-        target, value = statement.targets[0], statement.value
-        if not isinstance(target, ast.Name):
-            continue
-        if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id == "self":
-            if value.attr in shapes:
-                env[target.id] = shapes[value.attr]
-            continue
-        if not isinstance(value, ast.Call):
-            continue
-        op, operands = _call_op(value, env)
-        weights = [env[a] for a in operands if a in env]
-        if op in _MATMUL_OPS:
-            for name, shape in weights:
-                if len(shape) < 2:  # a bias, not a matrix the op multiplies by
-                    continue
-                found.append({"op": op, "weight": name, "shape": list(shape)})
-        elif op in _VIEW_OPS and operands and operands[0] in env:
-            env[target.id] = env[operands[0]]
-    return found
-
-
-def _call_op(call: ast.Call, env: dict) -> tuple[str, list[str]]:
-    """(op name, names of the tensor arguments) of one FX code call."""
-    args = [a.id for a in call.args if isinstance(a, ast.Name)]
-    func = call.func
-    chain = []
-    while isinstance(func, ast.Attribute):
-        chain.append(func.attr)
-        func = func.value
-    if isinstance(func, ast.Name):
-        chain.append(func.id)
-    chain.reverse()  # e.g. ["torch", "ops", "aten", "linear", "default"] or ["w_uk", "unsqueeze"]
-    if len(chain) == 2 and chain[0] not in ("torch", "operator", "math", "F") and isinstance(call.func, ast.Attribute):
-        return chain[1], [chain[0], *args]  # method call on a graph value
-    if "aten" in chain:
-        index = chain.index("aten")
-        return (chain[index + 1] if index + 1 < len(chain) else ""), args
-    return (chain[-1] if chain else ""), args
 
 
 def _plain(value: Any) -> Any:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
-_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+from .capture import CACHE_ARGUMENTS, argument_leaf
 
 
 #: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
@@ -149,25 +148,15 @@ class InstalledLatentAttention(nn.Module):
     def forward(self, *args, **kwargs):
         arguments = dict(zip(self.argument_names, args))
         arguments.update(kwargs)
-        inputs = [_argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
-        outputs = self.projection(*inputs)
-        if self.path == "absorbed":
-            query, key = outputs
-            value = key[..., :0]
-        else:
-            query, key, value = outputs
-        cache = next((arguments[n] for n in _CACHE_ARGUMENTS if arguments.get(n) is not None), None)
+        inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
+        query, key, value = self.projection(*inputs)  # every path's tail ends in (query, key, value)
+        cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         out = self.core(query, key, value, arguments.get("attention_mask"))
         if self.output_arity == 0:
             return out
         return (out,) + (None,) * (self.output_arity - 1)
-
-
-def _argument_leaf(arguments: dict, name: str, leaf: int | None):
-    value = arguments[name]
-    return value if leaf is None else pytree.tree_leaves(value)[leaf]
 
 
 def install(module: nn.Module, runtime: InstalledLatentAttention) -> None:

@@ -187,22 +187,21 @@ def test_layout_splits_groups_heads_and_weights():
 
 def test_shard_pass_keeps_the_ranks_query_heads_only():
     """The pass alone, no process group: the sliced graph's query is the whole graph's heads 4..8."""
-    from gqla_compile.capture import capture_attention_candidates
+    from gqla_compile.capture import capture_attention_candidates, recorded_inputs
+    from gqla_compile.passes.context import LayerContext
     from gqla_compile.passes.detect import DetectLatentAttention
     from gqla_compile.passes.manager import PassManager
-    from gqla_compile.passes.shard import ShardAttention, TensorParallelLayout, _recorded_inputs
+    from gqla_compile.passes.shard import ShardAttention, TensorParallelLayout
     from gqla_compile.passes.split import SplitLatentProjection
 
     model = build("gqla")
     capture = capture_attention_candidates(model)[0]
-    detect = DetectLatentAttention(capture)
-    PassManager([detect])(capture.graph_module, capture.module_path)
-    module = model.get_submodule(capture.module_path)
-    parameters = {n: p.detach() for n, p in module.named_parameters()}
-    whole = SplitLatentProjection(capture, parameters)(capture.graph_module)
-    shard = ShardAttention(TensorParallelLayout("grouped", detect.match.dims, tp=2, rank=1), capture)
+    context = LayerContext.of(model.get_submodule(capture.module_path), capture)
+    PassManager().run([DetectLatentAttention(context)], capture.graph_module, capture.module_path)
+    whole = SplitLatentProjection(context)(capture.graph_module)
+    shard = ShardAttention(TensorParallelLayout("grouped", context.match.dims, tp=2, rank=1), capture)
     sharded = shard(whole)
-    inputs = _recorded_inputs(capture)
+    inputs = recorded_inputs(capture)
     with torch.no_grad():
         expected, got = whole(*inputs), sharded(*inputs)
     assert torch.allclose(got[0], expected[0][:, 4:8], rtol=1e-5, atol=1e-6)

@@ -166,13 +166,13 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
     (the down-projection's last d_R outputs): a rotation keeps the norm of each rotated pair, and only the
     true pairing does so at every position.
     """
-    from ..passes.detect import _probe_feeds
+    from ..passes.detect import probe_feeds
     from ..passes.graph import evaluate_nodes
     from torch.utils import _pytree as pytree
 
     dims = match.dims
     gm = capture.graph_module
-    feeds = _probe_feeds(capture, match, parameters, seq=2)
+    feeds = probe_feeds(capture, match, parameters, seq=2)
     sources = gm.meta.get("user_input_sources", {})
     for node in list(feeds):
         if node.name in sources:

@@ -18,18 +18,22 @@ QUERY_ABSORPTION = "bmm"
 
 def absorb_query(query, latent, rope_key, w_uk, *, d_n: int, n_g: int):
     """query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope_key [B, T, d_R], W_UK [n_g, d_n, d_c] ->
-    (query in latent space [B, n_h, T, d_c + d_R], cache entry [B, 1, T, d_c + d_R]).
+    (query in latent space [B, n_h, T, d_c + d_R], key [B, 1, T, d_c + d_R], value [B, 1, T, 0]).
+
+    The value is zero-width: the attention core reads the latent part of the key as its values, so the
+    cache holds d_c + d_R elements per token.
 
     Plain PyTorch: it runs eagerly and is also traced onto the graph (dims are passed in because FX
     proxies have no concrete shapes).
     """
     q_nope, q_rope = query[..., :d_n], query[..., d_n:]
     q_latent = torch.matmul(q_nope.unflatten(1, (n_g, -1)), w_uk.unsqueeze(1)).flatten(1, 2)
-    return torch.cat([q_latent, q_rope], dim=-1), torch.cat([latent, rope_key], dim=-1).unsqueeze(1)
+    key = torch.cat([latent, rope_key], dim=-1).unsqueeze(1)
+    return torch.cat([q_latent, q_rope], dim=-1), key, key[..., :0]
 
 
 def absorb_latent_attention(projection: fx.GraphModule, w_uk: torch.Tensor) -> fx.GraphModule:
-    """Append the query absorption to a latent projection graph (outputs: query, cache entry)."""
+    """Append the query absorption to a latent projection graph (outputs: query, key, zero-width value)."""
     n_g, d_n, _ = w_uk.shape
     tail = functools.partial(absorb_query, d_n=d_n, n_g=n_g)
     return append_to_graph(projection, tail, {"w_uk": w_uk}, class_name="AbsorbedProjection")

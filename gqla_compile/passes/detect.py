@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from ..capture import CapturedAttention
+from .context import LayerContext
 from ..dims import LatentDims
 from ..errors import ShapeMismatchError
 from .graph import (
@@ -45,9 +46,43 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
+class FailedMatch(str):
+    """Why the skeleton did not match (at one attention site, or in the whole graph), as a sentence.
+
+    Like Inductor's ``FailedMatch``: every way matching can fail returns one of these instead of None, so
+    the reason reaches the warning, ``OptimizationState.skipped`` and the report.
+    """
+
+
+# The ways the skeleton can fail to match, one name each.
+NO_ATTENTION = FailedMatch("no attention in the graph (neither scaled_dot_product_attention nor "
+                           "matmul -> softmax -> matmul)")
+EAGER_ATTENTION_SHAPE = FailedMatch("a softmax that is not eager attention (matmul(q, k^T) [scale] [mask] -> softmax "
+                                    "-> matmul(p, v))")
+VALUES_NOT_PROJECTED = FailedMatch("the attention's values do not come from a linear on a weight (no latent "
+                                   "up-projection)")
+NO_DOWN_PROJECTION = FailedMatch("no linear above the up-projection's input (no latent down-projection)")
+KEYS_NOT_FROM_LATENT = FailedMatch("keys are not expanded from the same latent as the values")
+OUTPUT_NOT_PROJECTED = FailedMatch("the attention output does not flow into one linear (no output projection)")
+UP_PROJECTION_BIAS = FailedMatch("the latent up-projection has a bias; absorbing it is not supported")
+
+
+def _rope_key_count(count: int) -> FailedMatch:
+    return FailedMatch(f"{count} candidate RoPE keys (tensors reaching the keys from the down-projection without the "
+                       "up-projection); latent attention has exactly one")
+
+
+def _shape_mismatch(detail: str) -> FailedMatch:
+    return FailedMatch(f"shapes do not fit latent attention: {detail}")
+
+
 @dataclass
 class LatentAttentionMatch:
-    """Where latent attention sits in one captured graph, with its dims and weights' placeholder names."""
+    """Where latent attention sits in one captured graph, with its dims and weights' placeholder names.
+
+    ``dims.n_g`` is the up-projection's row count until probing (:func:`detect_layer`) settles it and
+    attaches the per-group up-projections as ``up_projections``.
+    """
 
     module_path: str
     attention_kind: str  # "sdpa" or "eager"
@@ -64,7 +99,7 @@ class LatentAttentionMatch:
     dims: LatentDims
     q_lora: bool
     matched_nodes: int = 0
-    notes: list[str] = field(default_factory=list)
+    up_projections: UpProjections | None = None  # set by probing: W_UK, W_UV per group
 
     def weight_name(self, capture: CapturedAttention, linear: fx.Node, index: int = 1) -> str | None:
         """Parameter name behind a linear's weight (index 1) or bias (index 2) placeholder."""
@@ -73,18 +108,69 @@ class LatentAttentionMatch:
         return capture.parameter_inputs.get(linear.args[index].name)
 
 
+@dataclass
+class Detection:
+    """What detection found in one layer: the match, or every reason it did not match."""
+
+    module_path: str
+    match: LatentAttentionMatch | None
+    failures: list[FailedMatch] = field(default_factory=list)
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the graph holds an attention at all (a block with attention that did not match is news)."""
+        return self.match is not None or any(f != NO_ATTENTION for f in self.failures)
+
+    @property
+    def reason(self) -> str:
+        """One sentence for the warning, ``skipped`` and the report (empty for a match)."""
+        if self.match is not None:
+            return ""
+        unique = list(dict.fromkeys(self.failures))
+        return "; ".join(unique) if unique else str(NO_ATTENTION)
+
+
+def find_latent_attention(capture: CapturedAttention) -> Detection:
+    """Match the skeleton at every attention site of a captured graph; the first match wins."""
+    failures: list[FailedMatch] = []
+    for site in _attention_sites(capture.graph_module):
+        if isinstance(site, FailedMatch):
+            failures.append(site)
+            continue
+        match = _match_site(capture, *site)
+        if isinstance(match, FailedMatch):
+            failures.append(match)
+            continue
+        return Detection(capture.module_path, match)
+    return Detection(capture.module_path, None, failures or [NO_ATTENTION])
+
+
 def detect_latent_attention(capture: CapturedAttention) -> LatentAttentionMatch | None:
-    """Find the latent-attention skeleton in a captured graph; None when the graph holds none."""
-    gm = capture.graph_module
-    for attention in _attention_sites(gm):
-        match = _match_site(capture, *attention)
-        if match is not None:
-            return match
-    return None
+    """Find the latent-attention skeleton in a captured graph; None when the graph holds none.
+
+    The match's n_g is provisional (the up-projection's row count); :func:`detect_layer` probes it.
+    """
+    return find_latent_attention(capture).match
+
+
+def detect_layer(capture: CapturedAttention, parameters: dict[str, torch.Tensor]) -> Detection:
+    """Detection of one layer, complete: the match with n_g and the per-group up-projections probed from
+    this layer's own ``parameters`` (layers of one structure share the graph, never the weights)."""
+    detection = find_latent_attention(capture)
+    if detection.match is None:
+        return detection
+    try:
+        up = probe_up_projections(capture, detection.match, parameters)
+    except ShapeMismatchError as exc:
+        failure = UP_PROJECTION_BIAS if "has a bias" in str(exc) else _shape_mismatch(str(exc))
+        return Detection(capture.module_path, None, [failure])
+    match = replace(detection.match, dims=replace(detection.match.dims, n_g=up.num_groups), up_projections=up)
+    return Detection(capture.module_path, match)
 
 
 def _attention_sites(gm: fx.GraphModule):
-    """(kind, q, k, v, output, scale) for each attention in the graph."""
+    """(kind, q, k, v, output, scale) for each attention in the graph, or a FailedMatch for a softmax that
+    is not one."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -96,8 +182,7 @@ def _attention_sites(gm: fx.GraphModule):
             yield "sdpa", q, k, v, node, float(scale)
         elif node.target in SOFTMAX_OPS:
             site = _eager_site(node)
-            if site is not None:
-                yield ("eager", *site)
+            yield site if isinstance(site, FailedMatch) else ("eager", *site)
 
 
 def _eager_site(softmax: fx.Node):
@@ -110,16 +195,16 @@ def _eager_site(softmax: fx.Node):
         elif node.target in (aten.div.Tensor, aten.div.Scalar) and isinstance(node.args[1], (int, float)):
             scale /= float(node.args[1])
         elif node.target not in (aten.add.Tensor, *LAYOUT_OPS):
-            return None
+            return EAGER_ATTENTION_SHAPE
         node = node.args[0]
     if node.op != "call_function" or node.target not in MATMUL_OPS:
-        return None
+        return EAGER_ATTENTION_SHAPE
     q, key_t = node.args[:2]
     if key_t.target not in (aten.transpose.int, aten.permute.default):
-        return None
+        return EAGER_ATTENTION_SHAPE
     consumer = _probability_consumer(softmax)
     if consumer is None:
-        return None
+        return EAGER_ATTENTION_SHAPE
     return q, key_t.args[0], consumer.args[1], consumer, scale
 
 
@@ -139,18 +224,18 @@ def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
     return None
 
 
-def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | None:
+def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | FailedMatch:
     up = walk_back_through_layout(v)
     if not is_linear(up) or up.args[1].op != "placeholder":
-        return None
+        return VALUES_NOT_PROJECTED
     latent = up.args[0]
     down = _nearest_linear_ancestor(latent)
     if down is None:
-        return None
+        return NO_DOWN_PROJECTION
     up_and_above = ancestors(up) | {up}
     key_sources = ancestors(k) | {k}
     if up not in key_sources:
-        return None  # keys are not expanded from the same latent as the values
+        return KEYS_NOT_FROM_LATENT
     rope_keys = [
         n
         for n in key_sources
@@ -161,14 +246,14 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | No
         and any(up in (ancestors(u) | {u}) for u in n.users if u in key_sources)
     ]
     if len(rope_keys) != 1:
-        return None
+        return _rope_key_count(len(rope_keys))
     (rope_key,) = rope_keys
     o_proj = walk_forward_through_layout(out)
     if o_proj is None or not is_linear(o_proj):
-        return None
+        return OUTPUT_NOT_PROJECTED
     dims = _dims(capture, q, v, up, rope_key, o_proj)
-    if dims is None:
-        return None
+    if isinstance(dims, FailedMatch):
+        return dims
     q_linear = _nearest_linear_ancestor(q)
     q_lora = q_linear is not None and any(is_linear(n) for n in ancestors(q_linear))
     if q_lora:
@@ -212,19 +297,23 @@ def _nearest_linear_ancestor(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _dims(capture, q, v, up, rope_key, o_proj) -> LatentDims | None:
+def _dims(capture, q, v, up, rope_key, o_proj) -> LatentDims | FailedMatch:
     qm, vm, rm = tensor_meta(q), tensor_meta(v), tensor_meta(rope_key)
     weight = _placeholder_shape(capture, up.args[1])
     o_weight = _placeholder_shape(capture, o_proj.args[1])
-    if qm is None or vm is None or rm is None or weight is None or o_weight is None or qm.dim() != 4:
-        return None
+    if qm is None or vm is None or rm is None or weight is None or o_weight is None:
+        return _shape_mismatch("a query, value, RoPE key or weight without a known shape")
+    if qm.dim() != 4:
+        return _shape_mismatch(f"the query has {qm.dim()} dims, not [batch, heads, seq, head dim]")
     n_h, d_qk, d_v, d_r = int(qm.shape[1]), int(qm.shape[-1]), int(vm.shape[-1]), int(rm.shape[-1])
     d_n, d_c = d_qk - d_r, int(weight[1])
     if d_n < 0 or weight[0] % (d_n + d_v):
-        return None
+        return _shape_mismatch(f"the up-projection's {weight[0]} rows are not whole heads of d_n + d_v = "
+                               f"{d_n} + {d_v}")
     n_up = weight[0] // (d_n + d_v)  # heads the up-projection produces: n_g (grouped) or n_h (per head)
     if n_h % n_up or o_weight[1] != n_h * d_v:
-        return None
+        return _shape_mismatch(f"{n_up} up-projected heads and an output projection of {o_weight[1]} inputs do "
+                               f"not fit {n_h} query heads of {d_v} value dims")
     # n_g is settled by probing (identical per-head blocks form a group); start from the row count.
     return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
 
@@ -260,7 +349,7 @@ def probe_up_projections(
     whether the graph broadcast K/V per group (GQA) or per head (MLA, n_g = n_h).
     """
     dims = match.dims
-    feeds = _probe_feeds(capture, match, parameters, seq=dims.d_c)
+    feeds = probe_feeds(capture, match, parameters, seq=dims.d_c)
     latent_meta = tensor_meta(match.latent)
     basis = torch.eye(dims.d_c, dtype=latent_meta.dtype)
     feeds[match.latent] = _in_layout(basis, latent_meta, capture, batch=1, seq=dims.d_c)
@@ -304,7 +393,7 @@ def _group_count(w_uk: torch.Tensor, w_uv: torch.Tensor) -> int:
     return n_h
 
 
-def _probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
+def probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
     """Parameters and zero user inputs sized for a probe of ``seq`` tokens and batch 1."""
     feeds: dict[fx.Node, torch.Tensor] = {}
     for node in capture.graph_module.graph.nodes:
@@ -318,7 +407,7 @@ def _probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch
 
 
 def _concrete_shape(meta: torch.Tensor, capture: CapturedAttention, *, batch: int, seq: int) -> list[int]:
-    batch_sym, seq_sym = _batch_and_seq_symbols(capture)
+    batch_sym, seq_sym = batch_and_seq_symbols(capture)
     shape = []
     for size in meta.shape:
         text = str(size)
@@ -329,24 +418,19 @@ def _concrete_shape(meta: torch.Tensor, capture: CapturedAttention, *, batch: in
 def _in_layout(rows: torch.Tensor, meta: torch.Tensor, capture, *, batch: int, seq: int) -> torch.Tensor:
     """Place a [seq, features] matrix into a tensor of ``meta``'s layout (batch 1, other dims broadcast)."""
     shape = _concrete_shape(meta, capture, batch=batch, seq=seq)
-    _, seq_sym = _batch_and_seq_symbols(capture)
+    _, seq_sym = batch_and_seq_symbols(capture)
     seq_dim = next(i for i, s in enumerate(meta.shape) if str(s) == seq_sym)
     last = len(shape) - 1
     view = [seq if i == seq_dim else rows.shape[1] if i == last else 1 for i in range(len(shape))]
     return rows.reshape(view).expand(shape).contiguous()
 
 
-def _batch_and_seq_symbols(capture: CapturedAttention) -> tuple[str, str]:
+def batch_and_seq_symbols(capture: CapturedAttention) -> tuple[str, str]:
     """The symbolic batch and sequence sizes, read off the hidden-states input [B, T, D]."""
-    cached = capture.graph_module.meta.get("batch_seq_symbols")
-    if cached:
-        return cached
     for node in capture.graph_module.graph.nodes:
         meta = tensor_meta(node)
         if node.op == "placeholder" and node.name not in capture.parameter_inputs and meta is not None and meta.dim() == 3:
-            symbols = (str(meta.shape[0]), str(meta.shape[1]))
-            capture.graph_module.meta["batch_seq_symbols"] = symbols
-            return symbols
+            return str(meta.shape[0]), str(meta.shape[1])
     raise ShapeMismatchError(f"{capture.module_path}: no [batch, seq, hidden] input found")
 
 
@@ -369,20 +453,20 @@ def describe(match: LatentAttentionMatch, capture: CapturedAttention) -> dict:
 
 
 class DetectLatentAttention:
-    """Analysis pass: finds the match, stores it in ``gm.meta["latent_attention"]``, changes nothing."""
+    """Analysis pass: detection of one layer (match and probing) into its :class:`LayerContext`; the graph is
+    returned unchanged."""
 
     name = "detect"
 
-    def __init__(self, capture: CapturedAttention):
-        self.capture = capture
-        self.match: LatentAttentionMatch | None = None
+    def __init__(self, context: LayerContext):
+        self.context = context
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        self.match = detect_latent_attention(self.capture)
-        gm.meta["latent_attention"] = self.match
+        self.context.detection = detect_layer(self.context.capture, self.context.parameters)
         return gm
 
     def summary(self) -> dict:
-        if self.match is None:
-            return {"matched": 0}
-        return {"matched": 1, **describe(self.match, self.capture)}
+        detection = self.context.detection
+        if detection is None or detection.match is None:
+            return {"matched": 0, "reason": detection.reason if detection else ""}
+        return {"matched": 1, **describe(detection.match, self.context.capture)}

@@ -42,6 +42,14 @@ LAYOUT_OPS = {
     operator.getitem,
 }
 LINEAR_OPS = {aten.linear.default}
+#: Ops that multiply by a matrix: what the report lists with the weights they take.
+WEIGHT_MATMUL_OPS = {
+    aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.addmm.default,
+    aten.baddbmm.default, torch.matmul, torch.bmm, torch.nn.functional.linear, torch._C._nn.linear,
+}
+#: Tensor methods that only view or copy (the tails the paths append are traced from plain PyTorch).
+VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten", "unflatten",
+                "contiguous", "t", "select", "to", "type_as", "repeat_interleave", "detach"}
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
@@ -98,20 +106,66 @@ def is_linear(node: fx.Node) -> bool:
 
 
 def op_histogram(gm: fx.GraphModule) -> Counter:
-    """Counts of call_function targets by name (``aten.linear``, ``aten.matmul``, ...)."""
+    """Counts of ops by their aten name (``aten.linear``, ``aten.matmul``, ...), whatever the graph's level.
+
+    Captured graphs hold aten OpOverloads; the tails the paths append are traced from plain PyTorch
+    (``torch.matmul``, ``x.unsqueeze``, ``x[..., :d]``), which are named by the aten op they dispatch to, so
+    before and after histograms compare in one naming.
+    """
     counts: Counter = Counter()
     for node in gm.graph.nodes:
-        if node.op == "call_function":
-            counts[op_name(node.target)] += 1
-        elif node.op in ("call_method", "call_module"):
-            counts[f"{node.op}:{node.target}"] += 1
+        if node.op in ("call_function", "call_method"):
+            counts[node_op_name(node)] += 1
+        elif node.op == "call_module":
+            counts[f"module:{node.target}"] += 1
     return counts
 
 
-def op_name(target: object) -> str:
+def node_op_name(node: fx.Node) -> str:
+    """The aten name of what a call_function / call_method node computes."""
+    target = node.target
+    if node.op == "call_method":
+        return f"aten.{target}" if hasattr(aten, target) else f"method:{target}"
     if isinstance(target, torch._ops.OpOverload):
         return f"aten.{target._schema.name.split('::')[-1]}" if target.namespace == "aten" else str(target)
-    return getattr(target, "__name__", str(target))
+    if target is operator.getitem:
+        source = node.args[0]
+        multi_output = isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (list, tuple))
+        return "getitem" if multi_output else "aten.slice"  # an output of a split, or indexing a tensor
+    name = getattr(target, "__name__", str(target))
+    return f"aten.{name}" if hasattr(aten, name) else name
+
+
+def weight_matmuls(
+    gm: fx.GraphModule, weight_of: Callable[[fx.Node], tuple[str, list[int]] | None]
+) -> list[dict[str, object]]:
+    """Every matrix multiplication in ``gm`` that takes a weight: ``{"op", "weight", "shape"}`` in graph order.
+
+    ``weight_of`` names the node a weight enters the graph by (a parameter placeholder, a ``get_attr``)
+    and gives its shape, or returns None; operands are followed back through views, so ``w.unsqueeze(1)``
+    is still ``w``. Biases (one dim) are not listed.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in WEIGHT_MATMUL_OPS:
+            continue
+        op = node_op_name(node).removeprefix("aten.")
+        for operand in node.args[:3]:
+            if not isinstance(operand, fx.Node):
+                continue
+            weight = weight_of(_view_source(operand))
+            if weight is not None and len(weight[1]) >= 2:
+                found.append({"op": op, "weight": weight[0], "shape": list(weight[1])})
+    return found
+
+
+def _view_source(node: fx.Node) -> fx.Node:
+    while node.args and isinstance(node.args[0], fx.Node) and (
+        (node.op == "call_function" and (node.target in LAYOUT_OPS or node.target is aten.t.default))
+        or (node.op == "call_method" and node.target in VIEW_METHODS)
+    ):
+        node = node.args[0]
+    return node
 
 
 def extract_subgraph(

@@ -1,8 +1,7 @@
 """The pass manager: runs an ordered list of graph passes and records what each changed.
 
 Modelled on vLLM's compilation pass manager: each pass is a small callable GraphModule -> GraphModule
-with a ``name``, a ``uuid()`` that changes when its behaviour does (for compile caches), and a
-``summary()`` of what it matched, replaced or folded. The report is built from these records only.
+with a ``name`` and a ``summary()`` of what it matched, replaced or folded. The report is built from these records only.
 """
 
 from __future__ import annotations
@@ -31,9 +30,10 @@ class GraphPass(Protocol):
 
 
 def pass_uuid(graph_pass: GraphPass) -> str:
-    """Hash of the pass's source: changes whenever its behaviour can."""
-    source = inspect.getsource(type(graph_pass))
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+    """Hash of the source file that defines the pass: changes whenever its behaviour (or a helper beside
+    it) can."""
+    source = Path(inspect.getsourcefile(type(graph_pass))).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]
 
 
 @dataclass
@@ -55,15 +55,19 @@ class PassRecord:
 
 
 class PassManager:
-    """Runs passes in order over one graph, keeping a record per pass (and optional graph dumps)."""
+    """Runs passes over layers' graphs and keeps one record per pass and layer: the report's single source.
 
-    def __init__(self, passes: list[GraphPass], *, dump_dir: str | Path | None = None):
-        self.passes = list(passes)
+    One manager serves a whole ``optimize`` call: ``run`` is called per layer and stage (detection, then
+    the chosen path's rewrite), and the records of every layer accumulate in ``records``.
+    """
+
+    def __init__(self, *, dump_dir: str | Path | None = None):
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.records: list[PassRecord] = []
 
-    def __call__(self, gm: fx.GraphModule, module_path: str) -> fx.GraphModule:
-        for index, graph_pass in enumerate(self.passes):
+    def run(self, passes: list[GraphPass], gm: fx.GraphModule, module_path: str) -> fx.GraphModule:
+        """Run ``passes`` in order on one layer's graph; returns the last pass's graph."""
+        for graph_pass in passes:
             before_ops, before_code = dict(op_histogram(gm)), gm.code
             start = time.perf_counter()
             gm = graph_pass(gm)
@@ -82,6 +86,11 @@ class PassManager:
             logger.debug("%s on %s: %s", graph_pass.name, module_path, record.summary)
             if self.dump_dir is not None:
                 self.dump_dir.mkdir(parents=True, exist_ok=True)
+                index = sum(r.module_path == module_path for r in self.records) - 1
                 safe = module_path.replace(".", "_")
                 (self.dump_dir / f"{safe}.{index:02d}.{graph_pass.name}.py").write_text(gm.code)
         return gm
+
+    def records_of(self, module_path: str) -> list[PassRecord]:
+        """The records of one layer, in the order its passes ran."""
+        return [r for r in self.records if r.module_path == module_path]

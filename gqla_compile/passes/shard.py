@@ -25,13 +25,12 @@ the check fails; the record says which.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
-
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
+from ..capture import recorded_inputs
 from ..dims import LatentDims
+from ..paths import get_path
 from .graph import LINEAR_OPS, ancestors, append_to_graph, tensor_meta
 
 _RESHAPE_OPS = {
@@ -51,12 +50,8 @@ REPLICATED = {
 
 
 def shard_problem(path: str, dims: LatentDims, tp: int) -> str | None:
-    """Why ``tp`` ranks cannot shard this layer on ``path``, or None when they can."""
-    count, what = (dims.n_g, "latent groups") if path == "grouped" else (dims.n_h, "query heads")
-    if count % tp:
-        return (f"tp={tp} does not divide the {count} {what}: the {path} path gives each rank whole "
-                f"{what}; use a tp that divides {count}")
-    return None
+    """Why ``tp`` ranks cannot shard this layer on ``path``, or None when they can (the path's own rule)."""
+    return get_path(path).shard_problem(dims, tp)
 
 
 @dataclass(frozen=True)
@@ -115,25 +110,13 @@ class TensorParallelLayout:
         return weight[:, h0 * per_head : h1 * per_head].contiguous()
 
     def cache_elements(self, rope_key: str = "copied") -> int:
-        from ..dims import latent_cache_elements
-
-        local = self.dims if self.path == "absorbed" else self.local_dims
-        return latent_cache_elements(local, self.path, rope_key=rope_key)
+        """Cached elements per token on this rank (the path's per-rank cache)."""
+        return get_path(self.path).rank_cache_elements(self.dims, self.tp, rope_key=rope_key)
 
 
 def narrow_heads(query, latent, rope_key, *, start: int, end: int):
     """Keep the rank's query heads: query [B, n_h, T, d] -> [B, end - start, T, d]."""
     return query[:, start:end], latent, rope_key
-
-
-def _recorded_inputs(capture) -> list[Any]:
-    """The user inputs of the recorded call, in the order of the graph's placeholders."""
-    arguments = capture.example_arguments
-    inputs = []
-    for name, leaf in capture.user_inputs:
-        value = arguments[name]
-        inputs.append(value if leaf is None else pytree.tree_leaves(value)[leaf])
-    return inputs
 
 
 def slice_query_projection(gm: fx.GraphModule, dims: LatentDims, start: int, end: int) -> fx.GraphModule | None:
@@ -242,7 +225,7 @@ class ShardAttention:
         if self.capture is None:
             return False
         try:
-            inputs = _recorded_inputs(self.capture)
+            inputs = recorded_inputs(self.capture)
             with torch.no_grad():
                 expected = whole(*inputs)[0][:, start:end]
                 got = sliced(*inputs)[0]

@@ -11,7 +11,8 @@ import torch
 from torch import fx
 
 from ..capture import CapturedAttention
-from .detect import LatentAttentionMatch, _batch_and_seq_symbols
+from .context import LayerContext
+from .detect import LatentAttentionMatch, batch_and_seq_symbols
 from .graph import append_to_graph, extract_subgraph, tensor_meta
 
 
@@ -20,15 +21,15 @@ def split_latent_projection(
 ) -> fx.GraphModule:
     """GraphModule(user inputs...) -> (query, latent, rope_key), parameters held as non-persistent buffers."""
     gm = capture.graph_module
-    sources = gm.meta["user_input_sources"]
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in sources]
+    user = set(capture.user_placeholders)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in user]
     attributes = {
         n: (capture.parameter_inputs[n.name].replace(".", "_"), parameters[capture.parameter_inputs[n.name]])
         for n in gm.graph.nodes
         if n.op == "placeholder" and n.name in capture.parameter_inputs
     }
     cut = extract_subgraph(gm, inputs, [match.query, match.latent, match.rope_key], attributes)
-    batch_sym, seq_sym = _batch_and_seq_symbols(capture)
+    batch_sym, seq_sym = batch_and_seq_symbols(capture)
     latent_dims = _token_layout(tensor_meta(match.latent), batch_sym, seq_sym)
     rope_dims = _token_layout(tensor_meta(match.rope_key), batch_sym, seq_sym)
 
@@ -58,14 +59,13 @@ class SplitLatentProjection:
 
     name = "split"
 
-    def __init__(self, capture: CapturedAttention, parameters: dict[str, torch.Tensor]):
-        self.capture = capture
-        self.parameters = parameters
-        self.removed: dict[str, int] = {}
+    def __init__(self, context: LayerContext):
+        self.context = context
+        self.removed: dict[str, bool] = {}
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        match: LatentAttentionMatch = gm.meta["latent_attention"]
-        out = split_latent_projection(self.capture, match, self.parameters)
+        match = self.context.match
+        out = split_latent_projection(self.context.capture, match, self.context.parameters)
         kept = {n.name for n in out.graph.nodes}
         self.removed = {
             "up_projection": match.up_projection.name not in kept,

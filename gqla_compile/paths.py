@@ -1,0 +1,329 @@
+"""The decoding paths a latent-attention layer can be rewritten into: one object per path owns all of it.
+
+A :class:`DecodePath` says, for one path, everything the rest of the compiler needs to know about it:
+
+- its **cache layout** and size per token and layer, whole and per tensor-parallel rank;
+- its **sharding rule**: which count tensor-parallel ranks split (groups or query heads), and why a
+  given ``tp`` cannot;
+- its **cost terms** for the roofline cost model: the head dims the attention core reads per cached token
+  and the weights its projections read per step;
+- its **builder**: the graph tail appended to the latent projection (``passes/absorb.py`` or
+  ``passes/expand.py``) and the attention core (``runtime.LatentAttentionCore``) configured for it, from the
+  per-group up-projections detection probed; the plan's choices are the builder's parameters;
+- its **description** for the report.
+
+``PATHS`` is the registry: the one place that lists the paths. To add a path, subclass ``DecodePath``,
+implement its members and register an instance here; the plan, the pipeline, the shard pass, the cost model
+and the report pick it up from the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .dims import LatentDims
+
+if TYPE_CHECKING:  # the builders import torch and the passes lazily: the cost model does not need them
+    import torch
+
+    from .passes.detect import UpProjections
+
+
+#: How the absorbed path applies W_UV after attention: as a per-group batched matmul, or folded into o_proj.
+OUTPUT_ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks cost ties: the bmm keeps smaller weights
+#: How the grouped cache holds the RoPE key: copied into each group's key (what a stock GQA kernel reads) or once.
+ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
+#: How the absorbed path applies W_UK to the query. Folding it into q_proj is not implemented (the cost model
+#: does not price what the rewrite cannot build), so this is the one choice.
+QUERY_ABSORPTION = "bmm"
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """A weight the attention projections read once per decode step, and the FLOPs it costs per new token."""
+
+    name: str
+    weight_elements: int
+    flops_per_token: int
+    sharded: bool = True  # split over TP ranks; replicated weights (every rank needs the whole latent) are not
+
+
+def linear(name: str, out_features: int, in_features: int, *, sharded: bool = True) -> Matmul:
+    return Matmul(name, out_features * in_features, 2 * out_features * in_features, sharded)
+
+
+def per_group(name: str, dims: LatentDims, rows: int) -> Matmul:
+    """W_UK or W_UV applied as a batched matmul: one [rows, d_c] matrix per group, used by each of its heads."""
+    return Matmul(name, dims.n_g * rows * dims.d_c, 2 * dims.n_h * rows * dims.d_c)
+
+
+def query_matmuls(dims: LatentDims) -> list[Matmul]:
+    """q_proj (or q_a_proj + q_b_proj), which both paths run unchanged."""
+    rows = dims.n_h * (dims.d_n + dims.d_R)
+    if dims.q_lora_rank is None:
+        return [linear("q_proj", rows, dims.hidden_size)]
+    return [linear("q_a_proj", dims.q_lora_rank, dims.hidden_size, sharded=False),
+            linear("q_b_proj", rows, dims.q_lora_rank)]
+
+
+def down_projection(dims: LatentDims) -> Matmul:
+    """W_DKV: every rank needs the whole latent, so it is replicated under tensor parallelism."""
+    return linear("kv_a_proj", dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
+
+
+#: Cached tokens in the attention core's trace for the report: one decode step over this many.
+CORE_TRACE_CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class CoreTrace:
+    """The attention core of one layer at one decode step, as the report shows it."""
+
+    ops: dict[str, int]  # aten op histogram
+    code: str  # the traced graph's code
+    matmul_weights: list[dict[str, Any]]  # {"op", "weight", "shape"} per matmul on a weight
+
+
+@dataclass(frozen=True)
+class BuiltPath:
+    """What a path's builder returns for one layer: the graph tail pass and the attention core."""
+
+    tail: Any  # a graph pass appending the path's tail to the latent projection
+    core: Any  # runtime.LatentAttentionCore
+
+
+class DecodePath:
+    """One decoding path of a latent-attention layer (see the module docstring)."""
+
+    name: str
+    #: Human-readable cache layout, for the report and the docs.
+    cache_layout: str
+    #: What tensor-parallel ranks split on this path, for messages and the report.
+    shards_by: str
+
+    # ---- cache
+    def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
+        """Cached elements per token and layer (keys and values together)."""
+        raise NotImplementedError
+
+    def cache_shapes(self, dims: LatentDims, batch: int, tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(key shape, value shape) of one layer's cache after ``tokens`` tokens, as the runtime writes it."""
+        raise NotImplementedError
+
+    def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
+        """The dims one of ``tp`` ranks caches: its share of what this path splits."""
+        raise NotImplementedError
+
+    def rank_cache_elements(self, dims: LatentDims, tp: int, *, rope_key: str = "copied") -> int:
+        return self.cache_elements(self.rank_dims(dims, tp), rope_key=rope_key)
+
+    def query_head_dims(self, dims: LatentDims) -> int:
+        """Width of each head's query as the attention core receives it."""
+        raise NotImplementedError
+
+    # ---- sharding
+    def shard_count(self, dims: LatentDims) -> tuple[int, str]:
+        """(how many units ranks split, what they are called)."""
+        raise NotImplementedError
+
+    def shard_problem(self, dims: LatentDims, tp: int) -> str | None:
+        """Why ``tp`` ranks cannot shard a layer of ``dims`` on this path, or None when they can."""
+        count, what = self.shard_count(dims)
+        if count % tp:
+            return (f"tp={tp} does not divide the {count} {what}: the {self.name} path gives each rank whole "
+                    f"{what}; use a tp that divides {count}")
+        return None
+
+    # ---- cost terms (per layer, for the whole layer; the cost model divides sharded weights by tp)
+    def attention_head_dims(self, dims: LatentDims) -> int:
+        """Dims each query head's scores and weighted sum touch per cached token (FLOPs / 2 per head)."""
+        raise NotImplementedError
+
+    def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
+        """The weights this path's projections read per step and their FLOPs."""
+        raise NotImplementedError
+
+    # ---- build
+    def build(
+        self,
+        up: UpProjections,
+        o_weight: torch.Tensor,
+        o_bias: torch.Tensor | None,
+        scaling: float,
+        dims: LatentDims,
+        *,
+        output_absorption: str = "bmm",
+        rope_key: str = "copied",
+        query_absorption: str = QUERY_ABSORPTION,
+        process_group: Any = None,
+        module_path: str = "",
+    ) -> BuiltPath:
+        """The tail pass and the attention core of one layer (``dims``: what this rank computes)."""
+        raise NotImplementedError
+
+    def trace_core(self, core: torch.nn.Module, dims: LatentDims, *, context: int = CORE_TRACE_CONTEXT) -> CoreTrace:
+        """The attention core's aten graph at one decode step (one query token over ``context`` cached tokens)
+        for a layer of ``dims`` (what this rank computes), with the weights it multiplies by, by name."""
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from .passes.graph import op_histogram, weight_matmuls
+
+        weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
+        dtype = next(iter(weights.values())).dtype
+        key_shape, value_shape = self.cache_shapes(dims, 1, context)
+        query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), dtype=dtype)
+        key, value = torch.zeros(key_shape, dtype=dtype), torch.zeros(value_shape, dtype=dtype)
+
+        def step(weights, query, key, value):
+            return torch.func.functional_call(core, weights, (query, key, value, None))
+
+        with torch.no_grad():
+            gm = make_fx(step, pre_dispatch=True)(weights, query, key, value)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        named = {node: (f"core.{name}", list(tensor.shape)) for node, (name, tensor) in zip(placeholders, weights.items())}
+        return CoreTrace(dict(op_histogram(gm)), gm.code, weight_matmuls(gm, named.get))
+
+    def describe(self) -> dict[str, str]:
+        """Plain-data description for the report."""
+        return {"name": self.name, "cache_layout": self.cache_layout, "shards_by": self.shards_by}
+
+    def __repr__(self) -> str:
+        return f"<DecodePath {self.name}>"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class AbsorbedPath(DecodePath):
+    """Absorbed MQA: the query moves into latent space; every head attends over the cached [c ; k_R]."""
+
+    name = "absorbed"
+    cache_layout = ("key [B, 1, T, d_c + d_R] = [c ; k_R] (one head, shared by all heads), value [B, 1, T, 0] "
+                    "(zero-width: attention reads the latent part of the key)")
+    shards_by = "query heads (the latent is replicated: every rank caches it whole)"
+
+    def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
+        return dims.d_c + dims.d_R
+
+    def cache_shapes(self, dims, batch, tokens):
+        return (batch, 1, tokens, dims.d_c + dims.d_R), (batch, 1, tokens, 0)
+
+    def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
+        return dims  # the latent is not split
+
+    def query_head_dims(self, dims: LatentDims) -> int:
+        return dims.d_c + dims.d_R  # the no-RoPE query moved into latent space
+
+    def shard_count(self, dims: LatentDims) -> tuple[int, str]:
+        return dims.n_h, "query heads"
+
+    def attention_head_dims(self, dims: LatentDims) -> int:
+        return 2 * dims.d_c + dims.d_R  # scores over d_c + d_R, weighted sum over the d_c latent values
+
+    def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
+        _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
+        query = [*query_matmuls(dims), per_group("w_uk (bmm)", dims, dims.d_n)]
+        if output_absorption == "folded":
+            output = [linear("o_proj folded (W_O W_UV)", dims.hidden_size, dims.n_h * dims.d_c)]
+        else:
+            output = [per_group("w_uv (bmm)", dims, dims.d_v), linear("o_proj", dims.hidden_size, dims.n_h * dims.d_v)]
+        return [*query, down_projection(dims), *output]
+
+    def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
+              query_absorption=QUERY_ABSORPTION, process_group=None, module_path=""):
+        from .passes.absorb import AbsorbQuery
+        from .passes.fold import fold_value_up_projection
+        from .runtime import LatentAttentionCore
+
+        _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
+        _check_choice("query_absorption", query_absorption, (QUERY_ABSORPTION,))
+        if output_absorption == "folded":
+            folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=module_path)
+            core = LatentAttentionCore(folded, o_bias, scaling, latent_value_dims=dims.d_c,
+                                       process_group=process_group)
+            value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
+        else:
+            core = LatentAttentionCore(o_weight, o_bias, scaling, latent_value_dims=dims.d_c, value_up=up.value,
+                                       process_group=process_group)
+            value_side = {"value_up (W_UV^g per group, after attention)": up.value}
+        return BuiltPath(AbsorbQuery(up.key, output_absorption, value_side), core)
+
+
+class GroupedPath(DecodePath):
+    """Grouped GQA: only the new tokens' latents are expanded, into per-group keys and values."""
+
+    name = "grouped"
+    cache_layout = "keys [B, n_g, T, d_n + d_R] (k_R copied into each group's key), values [B, n_g, T, d_v]"
+    shards_by = "latent groups (each rank caches its groups' keys and values)"
+
+    def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
+        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        if rope_key == "copied":
+            return dims.n_g * (dims.d_n + dims.d_R + dims.d_v)
+        return dims.n_g * (dims.d_n + dims.d_v) + dims.d_R
+
+    def cache_shapes(self, dims, batch, tokens):
+        return (batch, dims.n_g, tokens, dims.d_n + dims.d_R), (batch, dims.n_g, tokens, dims.d_v)
+
+    def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
+        return replace(dims, n_h=dims.n_h // tp, n_g=dims.n_g // tp)
+
+    def query_head_dims(self, dims: LatentDims) -> int:
+        return dims.d_n + dims.d_R
+
+    def shard_count(self, dims: LatentDims) -> tuple[int, str]:
+        return dims.n_g, "latent groups"
+
+    def attention_head_dims(self, dims: LatentDims) -> int:
+        return dims.d_n + dims.d_R + dims.d_v
+
+    def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
+        expand = linear("kv_b_proj (new tokens only)", dims.n_g * (dims.d_n + dims.d_v), dims.d_c)
+        return [*query_matmuls(dims), down_projection(dims), expand,
+                linear("o_proj", dims.hidden_size, dims.n_h * dims.d_v)]
+
+    def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
+              query_absorption=QUERY_ABSORPTION, process_group=None, module_path=""):
+        from .passes.expand import ExpandNewTokens
+        from .passes.fold import stack_group_up_projections
+        from .runtime import LatentAttentionCore
+
+        if rope_key != "copied":
+            raise ValueError(
+                f"rope_key={rope_key!r}: the grouped runtime writes a stock GQA cache with the RoPE key copied into "
+                "each group's key; a shared RoPE key is only costed by gqla_compile.plan (it needs its own kernel)"
+            )
+        tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n)
+        return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, process_group=process_group))
+
+
+#: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.
+PATHS: dict[str, DecodePath] = {path.name: path for path in (AbsorbedPath(), GroupedPath())}
+PATH_NAMES: tuple[str, ...] = tuple(PATHS)
+
+#: What transformers' own MLA models cache, for "before" figures: the latent and the RoPE key per token.
+ORIGINAL_CACHE_LAYOUT = ("latent c and RoPE key k_R per token (d_c + d_R), re-expanded to per-head keys and values "
+                         "over the whole context at every step")
+
+
+def get_path(name: str) -> DecodePath:
+    """The registered path called ``name``; a ValueError naming the known ones otherwise."""
+    try:
+        return PATHS[name]
+    except KeyError:
+        raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {name!r}") from None
+
+
+def check_path_argument(path: str) -> None:
+    """``path`` as optimize and plan accept it: "auto" or a registered path."""
+    if path != "auto" and path not in PATHS:
+        raise ValueError(f"path must be 'auto', {', '.join(map(repr, PATHS))}, got {path!r}")
+
+
+def feasible_paths(dims: LatentDims, tp: int) -> dict[str, str | None]:
+    """For each path, why ``tp`` ranks cannot shard it (None when they can)."""
+    return {name: path.shard_problem(dims, tp) for name, path in PATHS.items()}
