@@ -33,8 +33,23 @@ _PUBLIC = {
     "optimize": "pipeline",
     "report": "reporting",
     "Report": "reporting",
+    "DecodePath": "paths",
+    "PATHS": "paths",
+    # the errors gqla_compile raises on purpose
+    "GqlaError": "errors",
+    "NoLatentAttentionError": "errors",
+    "UnknownTargetError": "errors",
+    "ShapeMismatchError": "errors",
+    "ConversionError": "errors",
+    "VerificationError": "errors",
+    "PartialRewriteWarning": "errors",
+    "CompileError": "compile",
+    "ReportError": "reporting",
+    "OutputExistsError": "checkpoint",
+    "UnsafeCheckpointError": "checkpoint",
+    "ModelNotFoundError": "checkpoint",
 }
-_SUBMODULES = {"targets", "passes", "dims", "cost_model", "conversion"}
+_SUBMODULES = {"targets", "passes", "dims", "cost_model", "conversion", "paths", "errors"}
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 

@@ -21,7 +21,8 @@ from .errors import GqlaError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputExistsError", "UnsafeCheckpointError", "ModelNotFoundError", "save_pretrained_atomic", "load_model"]
+__all__ = ["OutputExistsError", "UnsafeCheckpointError", "ModelNotFoundError", "save_pretrained_atomic", "load_model",
+           "load_config"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -100,6 +101,33 @@ def refuse_pickle_only(folder: Path) -> None:
         )
 
 
+def _resolve(path_or_name: str | os.PathLike) -> tuple[Path | None, str]:
+    """(model folder, or None for a tiny config name; the name): the one rule every command loads by."""
+    from .tiny import TINY_CONFIGS
+
+    name, folder = str(path_or_name), Path(path_or_name)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"{name!r} is not a model folder: it has no config.json")
+        return folder, name
+    if name in TINY_CONFIGS:
+        return None, name
+    raise ModelNotFoundError(
+        f"{name!r} is neither a local model folder nor a built-in tiny config ({', '.join(TINY_CONFIGS)})"
+    )
+
+
+def load_config(path_or_name: str | os.PathLike) -> Any:
+    """The config of a local model folder or of a built-in tiny config name (nothing else is read)."""
+    from transformers import AutoConfig
+
+    from . import modeling_gqla  # noqa: F401  registers model_type "gqla"
+    from .tiny import TINY_CONFIGS
+
+    folder, name = _resolve(path_or_name)
+    return TINY_CONFIGS[name]() if folder is None else AutoConfig.from_pretrained(folder)
+
+
 def load_model(path_or_name: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> Any:
     """A causal LM from a local folder (safetensors only) or a built-in tiny config name (random weights, seed 0).
 
@@ -112,17 +140,12 @@ def load_model(path_or_name: str | os.PathLike, *, dtype: torch.dtype | str | No
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    name = str(path_or_name)
-    folder = Path(path_or_name)
-    if folder.is_dir():
+    folder, name = _resolve(path_or_name)
+    if folder is not None:
         refuse_pickle_only(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=dtype or "auto")
         return model.eval()
-    if name in TINY_CONFIGS:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
-        return model.to(dtype or torch.float32).eval()
-    raise ModelNotFoundError(
-        f"{name!r} is neither a local model folder nor a built-in tiny config ({', '.join(TINY_CONFIGS)})"
-    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
+    return model.to(dtype or torch.float32).eval()

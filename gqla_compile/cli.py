@@ -21,6 +21,16 @@ class UsageError(Exception):
     """Bad arguments or a missing input: exit code 2."""
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Errors about what the user asked for (exit 2), wherever they are raised: a missing or unsafe model, an
+    unknown target, a model without latent attention where one is needed, an output folder in the way."""
+    from .checkpoint import ModelNotFoundError, OutputExistsError, UnsafeCheckpointError
+    from .errors import NoLatentAttentionError, UnknownTargetError
+
+    return (UsageError, ModelNotFoundError, OutputExistsError, UnsafeCheckpointError, NoLatentAttentionError,
+            UnknownTargetError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gqla-compile",
@@ -45,9 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on bad arguments, as argparse does
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    usage_errors = _usage_errors()
     try:
         args.func(args)
-    except UsageError as exc:
+    except usage_errors as exc:
         if args.verbose:
             raise
         print(f"gqla-compile {args.command}: error: {exc}", file=sys.stderr)

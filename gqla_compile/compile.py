@@ -1,11 +1,14 @@
 """Compile: hand the rewritten model to Inductor through ``torch.compile``, counting what it did.
 
-Graph breaks are counted (dynamo's own counters) and reported, not hidden. If Inductor fails, the error
-names the attention blocks in the failing graph and says to retry with ``optimize(..., compile=False)``.
+Graph breaks are counted (dynamo's own counters) and reported, not hidden; so is a fall back to eager
+(dynamo's recompile limit hit on a call of this model: the call runs uncompiled, which dynamo only logs). If
+Inductor fails, the error names the attention blocks in the failing graph and says to retry with
+``optimize(..., compile=False)``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +36,11 @@ class CompileStats:
     seconds: float = 0.0
     graph_breaks_before: int = 0
     graph_sizes: list[int] = field(default_factory=list)
+    eager_fallbacks: list[str] = field(default_factory=list)  # why calls of this model ran uncompiled
+
+    @property
+    def fell_back_to_eager(self) -> bool:
+        return bool(self.eager_fallbacks)
 
     @property
     def graph_breaks(self) -> int:
@@ -40,16 +48,37 @@ class CompileStats:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "graphs": self.graphs, "seconds": round(self.seconds, 3),
-                "graph_breaks": self.graph_breaks, "graph_sizes": list(self.graph_sizes)}
+                "graph_breaks": self.graph_breaks, "graph_sizes": list(self.graph_sizes),
+                "eager_fallbacks": list(self.eager_fallbacks)}
 
 
 def _graph_break_count() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def compile_model(model: nn.Module) -> CompileStats:
-    """Wrap ``model.forward`` with torch.compile(Inductor); generate and direct calls both go through it."""
-    stats = CompileStats(graph_breaks_before=_graph_break_count())
+class _RecompileLimitLog(logging.Handler):
+    """Collects dynamo's "hit config.recompile_limit" warnings: the only trace of a frame sent back to eager."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "recompile_limit" in message:
+            self.messages.append(" ".join(message.split("\n")[:2]).strip())
+
+
+_RECOMPILE_LIMIT_LOG = _RecompileLimitLog()
+logging.getLogger("torch._dynamo.convert_frame").addHandler(_RECOMPILE_LIMIT_LOG)
+
+
+def compile_model(model: nn.Module, *, backend: str = "inductor") -> CompileStats:
+    """Wrap ``model.forward`` with torch.compile(Inductor); generate and direct calls both go through it.
+
+    ``backend`` other than "inductor" (dynamo's "eager", "aot_eager") is for debugging the capture alone.
+    """
+    stats = CompileStats(backend=backend, graph_breaks_before=_graph_break_count())
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx
@@ -75,5 +104,17 @@ def compile_model(model: nn.Module) -> CompileStats:
     if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
         logger.info("raising torch._dynamo.config.recompile_limit to %d", _RECOMPILE_LIMIT)
         torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
-    model.forward = torch.compile(model.forward, backend=inductor_backend)
+    compiled = torch.compile(model.forward, backend=inductor_backend if backend == "inductor" else backend)
+
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        seen = len(_RECOMPILE_LIMIT_LOG.messages)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            for message in _RECOMPILE_LIMIT_LOG.messages[seen:]:
+                logger.warning("%s: a call fell back to eager: %s", type(model).__name__, message)
+                stats.eager_fallbacks.append(message)
+
+    model.forward = forward
     return stats

@@ -436,6 +436,10 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
         out.append(f"compile: {comp['backend']}, {comp['graphs']} graph(s) compiled in {comp['seconds']:.2f} s "
                    f"(nodes per graph: {sizes}), {comp['graph_breaks']} graph break(s)"
                    + ("; graphs compile lazily on the first calls" if comp["graphs"] == 0 else ""))
+        fallbacks = comp.get("eager_fallbacks") or []
+        if fallbacks:
+            out[-1] += (f"; FELL BACK TO EAGER on {len(fallbacks)} call(s), those calls ran uncompiled: "
+                        + "; ".join(dict.fromkeys(fallbacks)))
     parallel = data.get("tensor_parallel") or {}
     if parallel.get("tp", 1) > 1:
         out.append(f"tensor parallel: {parallel['tp']} ranks (this is rank {parallel['rank']}); "

@@ -39,16 +39,18 @@ def test_plan_folder_json(tmp_path, capsys):
                               "rope_key": "copied"}
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["plan", "no-such-model"], 2, "neither a folder with config.json nor a built-in config"),
-    (["plan", "tiny-llama", "--target", "h100"], 1, "NoLatentAttentionError"),
-    (["plan", "tiny-deepseek-v3", "--target", "tpu"], 1, "known targets: h100"),
-    (["plan", "tiny-deepseek-v3", "--target", "h100", "--s-q", "0"], 1, "s_q must be a positive integer"),
+@pytest.mark.parametrize("args, message", [
+    (["plan", "no-such-model"], "neither a local model folder nor a built-in tiny config"),
+    (["plan", "tiny-llama", "--target", "h100"], "has no latent attention"),
+    (["plan", "tiny-deepseek-v3", "--target", "tpu"], "known targets: h100"),
+    (["plan", "tiny-deepseek-v3", "--target", "h100", "--s-q", "0"], "--s-q must be a positive integer"),
+    (["plan", "tiny-deepseek-v3", "--target", "h100", "--tp", "3"], "tp=3 does not divide"),
 ])
-def test_plan_errors_are_one_line(args, code, message, capsys):
-    assert main(args) == code
+def test_plan_usage_errors_exit_2_with_one_line(args, message, capsys):
+    """Usage errors exit 2 with one line on stderr, as in every command (test_cli.py: report)."""
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("gqla-compile plan: error:")
 
 
 def test_plan_missing_folder(tmp_path, capsys):

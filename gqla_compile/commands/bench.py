@@ -35,34 +35,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _model(model: str):
     """(name, config, factory of the unmodified model) for a folder or a tiny config name."""
+    from ..checkpoint import load_config, load_model
     from ..dims import is_latent_config
     from ..tiny import TINY_CONFIGS
 
+    config = load_config(model)  # ModelNotFoundError: a usage error (cli.py)
+    text = getattr(config, "get_text_config", lambda: config)()
+    if not is_latent_config(text):
+        raise UsageError(f"{model!r} has no latent attention (no kv_lora_rank) to benchmark; convert it first "
+                         "with `gqla-compile convert`")
     if model in TINY_CONFIGS:
-        config = TINY_CONFIGS[model]()
-
         def factory():
             from benchmarks.common import build_model
 
             return build_model(config)
     else:
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"{model!r} is neither a folder with config.json nor a built-in config "
-                             f"({', '.join(TINY_CONFIGS)})")
-        import gqla_compile  # noqa: F401 - registers the gqla model type
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(folder)
-
         def factory():
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_pretrained(folder)
-    text = getattr(config, "get_text_config", lambda: config)()
-    if not is_latent_config(text):
-        raise UsageError(f"{model!r} has no latent attention (no kv_lora_rank) to benchmark; convert it first "
-                         "with `gqla-compile convert`")
+            return load_model(model)
     return Path(model).name or model, config, factory
 
 

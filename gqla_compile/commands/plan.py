@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import Any
 
 from ..cli import UsageError
-from ..cost_model import PATHS, ROPE_KEYS
+from ..paths import PATHS, ROPE_KEYS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,26 +32,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_config(model: str) -> Any:
-    """A model folder's config, or a tiny built-in config by name."""
-    from ..tiny import TINY_CONFIGS
-
-    if model in TINY_CONFIGS:
-        return TINY_CONFIGS[model]()
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{model!r} is neither a folder with config.json nor a built-in config "
-                         f"({', '.join(TINY_CONFIGS)})")
-    import gqla_compile  # noqa: F401 - registers the "gqla" model type with AutoConfig
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder)
-
-
 def run(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_config
     from ..cost_model import plan
+    from ..targets import names
 
-    config = load_config(args.model)
-    result = plan(config, args.target, s_q=args.s_q, batch_size=args.batch, context_len=args.context, tp=args.tp,
-                  dtype=args.dtype, path=args.path, rope_key=args.rope_key)
+    for name in ("s_q", "batch", "context", "tp"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.target != "auto" and args.target.lower() not in names():
+        raise UsageError(f"unknown target {args.target!r}; known targets: {', '.join(names())}")
+    config = load_config(args.model)  # ModelNotFoundError: a usage error (cli.py)
+    try:
+        result = plan(config, args.target, s_q=args.s_q, batch_size=args.batch, context_len=args.context, tp=args.tp,
+                      dtype=args.dtype, path=args.path, rope_key=args.rope_key)
+    except ValueError as exc:  # arguments the model cannot take (a tp that splits no path, ...)
+        raise UsageError(str(exc)) from exc
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.explain())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..cli import UsageError
+from ..paths import PATHS
 
 FORMATS = ("text", "md", "html", "json")
 
@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="a local model folder (config.json + safetensors) or a built-in tiny config name")
     parser.add_argument("--target", required=True, help="target chip name (see `gqla-compile targets`), or auto")
-    parser.add_argument("--path", default="auto", choices=("auto", "absorbed", "grouped"), help="force a path")
+    parser.add_argument("--path", default="auto", choices=("auto", *PATHS), help="force a path")
     parser.add_argument("--s-q", type=int, default=1, help="tokens decoded per sequence and step (2 for MTP)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--context", type=int, default=4096, help="tokens of context each sequence attends to")
@@ -31,32 +31,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", default=None, help="write the report to this file instead of stdout")
     parser.add_argument("--full", action="store_true", help="text format: full op histograms and the graph diff")
     parser.set_defaults(func=run)
-
-
-def load_model(name: str) -> Any:
-    """A causal LM from a local folder (safetensors only) or a built-in tiny config (random weights, seed 0)."""
-    from ..tiny import TINY_CONFIGS
-
-    folder = Path(name)
-    if folder.exists() and not (folder / "config.json").is_file():
-        raise UsageError(f"{name!r} is not a model folder: it has no config.json")
-    if not folder.is_dir() and name not in TINY_CONFIGS:
-        raise UsageError(f"{name!r} is neither a local model folder nor a built-in tiny config "
-                         f"({', '.join(TINY_CONFIGS)})")
-    try:
-        from ..checkpoint import load_model as load
-    except ImportError:  # pragma: no cover - the checkpoint module predates this command in practice
-        load = None
-    if load is not None:
-        return load(name)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if folder.is_dir():
-        return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(TINY_CONFIGS[name]()).eval()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,12 +43,13 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UsageError(f"the folder of --output {args.output!r} does not exist")
+    from ..checkpoint import load_model
     from ..reporting import report
     from ..targets import names
 
     if args.target != "auto" and args.target.lower() not in names():
         raise UsageError(f"unknown target {args.target!r}; known: {', '.join(names())}")
-    model = load_model(args.model)
+    model = load_model(args.model)  # ModelNotFoundError: a usage error (cli.py)
     result = report(model, target=args.target, path=args.path, s_q=args.s_q, batch_size=args.batch,
                     context_len=args.context)
     if args.format == "html":
