@@ -22,9 +22,9 @@ from .capture import CACHE_ARGUMENTS, argument_leaf
 FOLD_QUERY_HEADS_UP_TO = 16
 
 
-def _bottom_right_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
-    """[T, S] boolean mask: the T new queries are the last T of the S keys."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+def _top_left_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """[T, S] boolean mask: query i sees keys 0..i (sdpa's ``is_causal``)."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril()
 
 
 def causal_attention(
@@ -37,7 +37,10 @@ def causal_attention(
     """Causal GQA attention of T new queries over S cached keys (the last T of which are the new ones).
 
     ``attention_mask`` is what transformers prepared for the model's attention implementation (boolean
-    for sdpa, additive for eager); without one the mask is causal, aligned to the end of the keys.
+    for sdpa, additive for eager). Without one, the semantics are transformers' own for sdpa: one query
+    sees every key, several are causal from the first key (``is_causal``, top-left). transformers leaves the
+    mask out only where that is right: a prefill into an empty cache (a StaticCache's unwritten slots come
+    after the queries) or as many keys as queries.
 
     Decoding (T up to FOLD_QUERY_HEADS_UP_TO) folds each KV group's query heads into the query length,
     [B, n_kv, heads_per_group * T, D], so the attention reads each cached key once, as MQA/GQA kernels do,
@@ -50,7 +53,7 @@ def causal_attention(
     elif t == 1 or t == s:
         mask = None
     else:
-        mask = _bottom_right_causal(t, s, query.device)
+        mask = _top_left_causal(t, s, query.device)
     if t > FOLD_QUERY_HEADS_UP_TO:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=True
@@ -58,7 +61,7 @@ def causal_attention(
     kv_heads = key.shape[1]
     folded = query.unflatten(1, (kv_heads, -1)).flatten(2, 3)  # [B, n_kv, heads_per_group * T, D]
     if mask is None and t > 1:
-        mask = _bottom_right_causal(t, s, query.device)
+        mask = _top_left_causal(t, s, query.device)
     if mask is not None:
         heads_per_group = query.shape[1] // kv_heads
         mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads_per_group, t, s).flatten(-3, -2)

@@ -83,6 +83,54 @@ class HandWrittenLatentLM(nn.Module):
         return self.head(x)
 
 
+def randomize_biases_and_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-zero biases and norm gains (configs initialise them to 0 and 1), so that a bias added once
+    per rank too many, a wrongly sliced bias or a lost norm changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.2)
+            elif "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), torch.Tensor):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+    return model
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """The model's attention blocks, found independently of the compiler: transformers' ``*Attention``
+    classes and the hand-written latent block."""
+    return [name for name, module in model.named_modules()
+            if "gqla_runtime" not in name  # the installed runtime itself (InstalledLatentAttention)
+            and (type(module).__name__.endswith("Attention") or isinstance(module, HandWrittenLatentBlock))]
+
+
+def assert_rewritten_for_real(model: nn.Module, path: str) -> None:
+    """Every attention block's forward is the installed runtime, on the chosen path."""
+    state = model.gqla_optimization
+    modules = dict(model.named_modules())
+    assert sorted(layer.module_path for layer in state.layers) == sorted(attention_modules(model))
+    for layer in state.layers:
+        module = modules[layer.module_path]
+        assert module.forward == module.gqla_runtime.forward and module.gqla_runtime.path == path, layer.module_path
+
+
+def assert_cache_layout(cache, model: nn.Module, batch: int, tokens: int) -> None:
+    """Each layer's cached keys and values have the rewritten path's shapes (paths.DecodePath.cache_shapes):
+    absorbed [B, 1, T, d_c + d_R] keys with zero-width values, grouped [B, n_g, T, d_n + d_R] and [B, n_g, T, d_v].
+
+    Both shapes are checked: transformers' own MLA caches [B, 1, T, d_c] keys and [B, 1, T, d_R] values,
+    the absorbed path's number of elements, so a size check alone could not tell them apart.
+    """
+    from gqla_compile.paths import PATHS
+
+    state = model.gqla_optimization
+    assert len(cache.layers) == len(state.layers)
+    for layer, cached in zip(state.layers, cache.layers):
+        key_shape, value_shape = PATHS[state.path].cache_shapes(layer.dims, batch, tokens)
+        assert tuple(cached.keys.shape) == key_shape, (layer.module_path, tuple(cached.keys.shape), key_shape)
+        assert tuple(cached.values.shape) == value_shape, (layer.module_path, tuple(cached.values.shape), value_shape)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

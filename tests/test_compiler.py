@@ -1,7 +1,8 @@
 """The compiler end to end: detect, rewrite to each path, install, run under generate (eager and Inductor).
 
-Every check is against the unmodified eager model in float32: logits of the prefill and of 32 decode
-steps within 1e-4 relative error, identical greedy tokens, and caches of exactly the predicted size.
+Every check is against the unmodified eager model in float32 with random non-zero biases and norm gains:
+logits of the prefill and of 32 decode steps within 1e-4 relative error, identical greedy tokens, every
+attention block's forward replaced by the installed runtime, and caches of exactly the rewritten layout.
 """
 
 from __future__ import annotations
@@ -10,8 +11,16 @@ import copy
 
 import pytest
 import torch
-from _models import HandWrittenLatentLM, cache_elements, relative_error, teacher_forced_decode
-from transformers import AutoModelForCausalLM
+from _models import (
+    HandWrittenLatentLM,
+    assert_cache_layout,
+    assert_rewritten_for_real,
+    cache_elements,
+    randomize_biases_and_norms,
+    relative_error,
+    teacher_forced_decode,
+)
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import gqla_compile
 from gqla_compile.dims import latent_cache_elements
@@ -24,19 +33,20 @@ DECODE_STEPS = 32
 
 def _hf_model(factory, attn_implementation="sdpa", **overrides):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(factory(**overrides), attn_implementation=attn_implementation).eval()
+    model = AutoModelForCausalLM.from_config(factory(**overrides), attn_implementation=attn_implementation).eval()
+    return randomize_biases_and_norms(model)
 
 
 MODELS = {
     "deepseek_v2": lambda: _hf_model(tiny_deepseek_v2),
     "deepseek_v2_eager": lambda: _hf_model(tiny_deepseek_v2, "eager"),
     "deepseek_v3": lambda: _hf_model(tiny_deepseek_v3),
-    "deepseek_v3_q_lora": lambda: _hf_model(tiny_deepseek_v3, q_lora_rank=24),
+    "deepseek_v3_q_lora": lambda: _hf_model(tiny_deepseek_v3, q_lora_rank=24, attention_bias=True),
     "deepseek_v3_eager": lambda: _hf_model(tiny_deepseek_v3, "eager"),
     "gqla": lambda: _hf_model(tiny_gqla),
     "gqla_q_lora_eager": lambda: _hf_model(tiny_gqla, "eager", q_lora_rank=24),
     "gqla_converted_style": lambda: _hf_model(tiny_gqla, kv_a_layernorm=False, attention_bias=True, attention_output_bias=True),
-    "hand_written_gqla": lambda: HandWrittenLatentLM().eval(),
+    "hand_written_gqla": lambda: randomize_biases_and_norms(HandWrittenLatentLM().eval()),
 }
 
 
@@ -57,8 +67,19 @@ def test_eager_rewrite_matches_original(name, path):
     optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
     state = optimized.gqla_optimization
     assert state.path == path and len(state.layers) == 2
+    assert_rewritten_for_real(optimized, path)
     vocab = getattr(getattr(reference, "config", None), "vocab_size", None) or reference.vocab
     _check_equivalent(reference, optimized, vocab)
+    prompt = torch.randint(0, vocab, (2, 5))
+    if hasattr(optimized, "generate"):
+        cache = optimized.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                   return_dict_in_generate=True).cache
+        assert_cache_layout(cache, optimized, batch=2, tokens=5 + 4 - 1)
+    else:
+        cache = DynamicCache()
+        with torch.no_grad():
+            optimized(prompt, cache=cache, use_cache=True)
+        assert_cache_layout(cache, optimized, batch=2, tokens=5)
 
 
 def test_gqla_groups_are_found_by_probing():
@@ -92,13 +113,26 @@ def test_generate_same_tokens_and_cache_size(path):
     assert cache_elements(actual.cache) == 2 * cached_tokens * per_token * prompt.shape[0]
 
 
-def test_generate_modes_left_padding_beam_sampling_static_cache():
-    reference = MODELS["deepseek_v3"]()
-    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h100", compile=False)
-    vocab = reference.config.vocab_size
-    prompt = torch.randint(1, vocab, (2, 8))
+@pytest.fixture(scope="module", params=[(m, p) for m in ("deepseek_v3", "gqla") for p in PATHS],
+                ids=lambda mp: "-".join(mp))
+def eager_pair(request):
+    """(reference, optimized, path) for MLA (DeepSeek-V3) and GQLA (n_g = 2 < n_h = 4) on each path."""
+    name, path = request.param
+    reference = MODELS[name]()
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    return reference, optimized, path
+
+
+def _left_padded_prompt(vocab: int, length: int, pad: int = 3):
+    prompt = torch.randint(1, vocab, (2, length))
     mask = torch.ones_like(prompt)
-    prompt[0, :3], mask[0, :3] = 0, 0  # left padding on the first row
+    prompt[0, :pad], mask[0, :pad] = 0, 0  # left padding on the first row
+    return prompt, mask
+
+
+def test_generate_modes_left_padding_beam_sampling_static_cache(eager_pair):
+    reference, optimized, path = eager_pair
+    prompt, mask = _left_padded_prompt(reference.config.vocab_size, 8)
     common = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
     for mode in (dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(cache_implementation="static")):
         assert torch.equal(optimized.generate(prompt, **common, **mode), reference.generate(prompt, **common, **mode)), mode
@@ -106,6 +140,58 @@ def test_generate_modes_left_padding_beam_sampling_static_cache():
     sampled = optimized.generate(prompt, **common, do_sample=True, top_k=5)
     torch.manual_seed(5)
     assert torch.equal(sampled, reference.generate(prompt, **common, do_sample=True, top_k=5))
+    assert_rewritten_for_real(optimized, path)
+
+
+def test_static_cache_holds_the_rewritten_layout(eager_pair):
+    reference, optimized, path = eager_pair
+    prompt = torch.randint(0, reference.config.vocab_size, (2, 6))
+    cache = StaticCache(config=optimized.config, max_cache_len=16)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+        logits = optimized(prompt, past_key_values=cache, use_cache=True).logits
+    assert relative_error(logits, expected) < 1e-4
+    assert_cache_layout(cache, optimized, batch=2, tokens=16)  # a static cache is allocated at full length
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_prefill_longer_than_the_decode_threshold(eager_pair, padded):
+    """40 tokens in one step: past FOLD_QUERY_HEADS_UP_TO, the attention core's prefill branch."""
+    from gqla_compile.runtime import FOLD_QUERY_HEADS_UP_TO
+
+    reference, optimized, _ = eager_pair
+    length = 40
+    assert length > FOLD_QUERY_HEADS_UP_TO
+    prompt, mask = _left_padded_prompt(reference.config.vocab_size, length, pad=7)
+    if not padded:
+        mask = torch.ones_like(mask)
+    with torch.no_grad():
+        expected = reference(prompt, attention_mask=mask).logits
+        actual = optimized(prompt, attention_mask=mask).logits
+    real = mask.bool()  # padded positions' logits are not defined by either model
+    assert relative_error(actual[real], expected[real]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "gqla"])
+def test_folded_output_absorption_end_to_end(name):
+    """A latent narrower than the heads makes the plan fold W_UV into o_proj; the model still decodes exactly."""
+    factory = {"deepseek_v3": tiny_deepseek_v3, "gqla": tiny_gqla}[name]
+    reference = _hf_model(factory, kv_lora_rank=8, **({"attention_output_bias": True} if name == "gqla" else {}))
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h100", compile=False)
+    state = optimized.gqla_optimization
+    assert state.plan.output_absorption == "folded"
+    absorb = next(r for r in state.layers[0].records if r.pass_name == "absorb")
+    assert absorb.summary["output_absorption"] == "folded"
+    assert any(k.startswith("o_proj_folded") for k in absorb.summary["folded_weights"])
+    dims = state.layers[0].dims
+    for layer in state.layers:
+        core = dict(optimized.named_modules())[layer.module_path].gqla_runtime.core
+        assert core.value_up is None and tuple(core.o_weight.shape) == (dims.hidden_size, dims.n_h * dims.d_c)
+    assert_rewritten_for_real(optimized, "absorbed")
+    _check_equivalent(reference, optimized, reference.config.vocab_size)
+    prompt = torch.randint(0, reference.config.vocab_size, (1, 7))
+    kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
 
 
 def test_save_pretrained_keeps_the_users_weights(tmp_path):

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from _models import cache_elements, relative_error, teacher_forced_decode
+from _models import cache_elements, randomize_biases_and_norms, relative_error, teacher_forced_decode
 from transformers import AutoModelForCausalLM
 
 import gqla_compile
@@ -35,7 +35,8 @@ def build(name: str):
     spec = dict(MODELS[name])
     factory = spec.pop("factory")
     torch.manual_seed(0)  # the same weights on every rank
-    return AutoModelForCausalLM.from_config(factory(**spec), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(factory(**spec), attn_implementation="sdpa").eval()
+    return randomize_biases_and_norms(model)
 
 
 def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> dict:
