@@ -43,6 +43,7 @@ _PUBLIC = {
     "ConversionError": "errors",
     "VerificationError": "errors",
     "PartialRewriteWarning": "errors",
+    "NoLatentAttentionWarning": "errors",
     "CompileError": "compile",
     "ReportError": "reporting",
     "OutputExistsError": "checkpoint",

@@ -32,3 +32,7 @@ class VerificationError(GqlaError, RuntimeError):
 
 class PartialRewriteWarning(UserWarning):
     """Some candidate blocks were rewritten and others holding attention were not (see ``skipped``)."""
+
+
+class NoLatentAttentionWarning(UserWarning):
+    """``optimize`` found nothing to rewrite and returned the model unchanged; the message says why."""

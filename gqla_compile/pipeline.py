@@ -22,7 +22,7 @@ from torch import nn
 from .capture import CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
-from .errors import GqlaError, NoLatentAttentionError, PartialRewriteWarning, VerificationError
+from .errors import GqlaError, NoLatentAttentionError, NoLatentAttentionWarning, PartialRewriteWarning, VerificationError
 from .passes.context import LayerContext
 from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord
@@ -143,7 +143,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
         message = _nothing_matched_message(model, captured, contexts)
         if path != "auto":
             raise NoLatentAttentionError(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, NoLatentAttentionWarning, stacklevel=3)
         return None
     _warn_if_partial(captured, contexts, matched)
     plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)

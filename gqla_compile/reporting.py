@@ -17,6 +17,7 @@ import html
 import json
 import logging
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GqlaError, NoLatentAttentionError
+from .errors import GqlaError, NoLatentAttentionError, NoLatentAttentionWarning
 from .paths import CORE_TRACE_CONTEXT, ORIGINAL_CACHE_LAYOUT, PATHS
 from .units import binary_bytes, duration, si
 
@@ -123,33 +124,23 @@ def report(model: nn.Module, target: Any = None, **optimize_kwargs: Any) -> Repo
         subject = copy.deepcopy(model)
         dry_run = True
         try:
-            with _warnings_as_log():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NoLatentAttentionWarning)
                 optimize(subject, target=target, **optimize_kwargs)
         except NoLatentAttentionError as exc:
             return _no_latent_report(model, str(exc), target, dry_run)
+        for warning in caught:  # optimize's own warning says why nothing matched: the report says it instead
+            if not issubclass(warning.category, NoLatentAttentionWarning):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         state = getattr(subject, "gqla_optimization", None)
         if state is None:
-            return _no_latent_report(model, None, target, dry_run)
+            reasons = [str(w.message) for w in caught if issubclass(w.category, NoLatentAttentionWarning)]
+            return _no_latent_report(model, reasons[-1] if reasons else None, target, dry_run)
     else:
         subject = model
         if target is not None:
             logger.info("the model is already optimized; reporting its optimization, not a new one for %s", target)
     return _build(subject, state, dry_run)
-
-
-class _warnings_as_log:
-    """optimize warns when a model holds no latent attention; the report says so itself."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", UserWarning)
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def _no_latent_report(model: nn.Module, message: str | None, target: Any, dry_run: bool) -> Report:

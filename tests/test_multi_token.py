@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from _models import relative_error
+from _models import randomize_biases_and_norms, relative_error
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import gqla_compile
@@ -22,7 +22,7 @@ PATHS = ("absorbed", "grouped")
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_gqla()).eval()
+    return randomize_biases_and_norms(AutoModelForCausalLM.from_config(tiny_gqla()).eval())
 
 
 @pytest.fixture(scope="module", params=PATHS)
@@ -54,18 +54,34 @@ def test_assistant_model_gives_the_unassisted_tokens(reference, optimized):
     assert torch.equal(model.generate(prompt, assistant_model=assistant, **kwargs), expected), path
 
 
+MULTI_TOKEN_MODELS = {
+    "deepseek_v3_q_lora": lambda: tiny_deepseek_v3(q_lora_rank=24, attention_bias=True),
+    "gqla": lambda: tiny_gqla(attention_bias=True, attention_output_bias=True),  # n_g = 2 < n_h = 4
+}
+
+
 @pytest.mark.parametrize("path", PATHS)
-def test_verification_step_equals_single_steps(path):
+@pytest.mark.parametrize("name", list(MULTI_TOKEN_MODELS))
+def test_verification_step_matches_the_unmodified_model(name, path):
+    """s_q = 4 new tokens in one step over a cache equals the unmodified model, and the optimized model's
+    own single steps."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_deepseek_v3(q_lora_rank=24)).eval()
-    model = gqla_compile.optimize(model, target="h20", path=path, s_q=4, compile=False)
+    reference = randomize_biases_and_norms(AutoModelForCausalLM.from_config(MULTI_TOKEN_MODELS[name]()).eval())
+    model = gqla_compile.optimize(copy.deepcopy(reference), target="h20", path=path, s_q=4, compile=False)
     tokens = torch.randint(0, model.config.vocab_size, (2, 14))
-    with torch.no_grad():
+
+    def verify_step(m):
         cache = DynamicCache()
-        model(tokens[:, :10], cache=cache, use_cache=True)
-        verified = model(tokens[:, 10:], cache=cache, use_cache=True).logits  # s_q = 4 in one step
+        m(tokens[:, :10], cache=cache, use_cache=True)
+        return m(tokens[:, 10:], cache=cache, use_cache=True).logits  # s_q = 4 in one step
+
+    with torch.no_grad():
+        verified, expected = verify_step(model), verify_step(reference)
         cache = DynamicCache()
         model(tokens[:, :10], cache=cache, use_cache=True)
         singles = torch.cat([model(tokens[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(10, 14)], 1)
+    assert relative_error(verified, expected) < 1e-4
     assert relative_error(verified, singles) < 1e-4
     assert model.gqla_optimization.plan.s_q == 4
+    if name == "gqla":
+        assert model.gqla_optimization.layers[0].dims.n_g == 2 < model.gqla_optimization.layers[0].dims.n_h
