@@ -149,7 +149,7 @@ def test_static_cache_holds_the_rewritten_layout(eager_pair):
     cache = StaticCache(config=optimized.config, max_cache_len=16)
     with torch.no_grad():
         expected = reference(prompt).logits
-        logits = optimized(prompt, past_key_values=cache, use_cache=True).logits
+        logits = optimized(prompt, cache=cache, use_cache=True).logits
     assert relative_error(logits, expected) < 1e-4
     assert_cache_layout(cache, optimized, batch=2, tokens=16)  # a static cache is allocated at full length
 
