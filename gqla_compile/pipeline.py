@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
+from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
 from .errors import GqlaError, NoLatentAttentionError, NoLatentAttentionWarning, PartialRewriteWarning, VerificationError
@@ -308,7 +308,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
 
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
     """Relative error of the rewritten block against the original on the recorded call (no cache)."""
-    arguments = {k: v for k, v in capture.example_arguments.items() if k not in ("cache", "past_key_values")}
+    arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
     hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
     seq = hidden.shape[1]
     # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.

@@ -1,12 +1,9 @@
 """Install: the rewritten attention that replaces the original's forward, with transformers' own caches.
 
-Cache layouts (DESIGN.md section 4: transformers' cache layers size themselves from the first update,
-keys and values separately, so no cache class of our own is needed; generate, beam search, cropping and
-StaticCache come for free):
-
-- absorbed: key = [c ; k_R] as one head [B, 1, T, d_c + d_R], value zero-width [B, 1, T, 0]; the
-  attention reads the latent part of the key as its values, so each token costs d_c + d_R elements.
-- grouped: keys [B, n_g, T, d_n + d_R] (k_R copied into each group), values [B, n_g, T, d_v].
+transformers' cache layers size themselves from the first update, keys and values separately, so no cache
+class of our own is needed (generate, beam search, cropping and StaticCache come for free). Each path's
+tail ends in (query, key, value) in the layout its ``DecodePath`` describes (paths.py): the runtime only
+updates the cache and runs the core configured by the path.
 """
 
 from __future__ import annotations

@@ -89,3 +89,20 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0 and f"gqla-compile {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "{missing}"], "neither a local model folder"),
+    (["plan", "tiny-llama", "--target", "h100"], "has no latent attention"),
+    (["bench", "{missing}", "--quick"], "neither a local model folder"),
+    (["bench", "tiny-llama", "--quick"], "has no latent attention"),
+    (["bench", "tiny-gqla", "--target", "no-such-chip", "--quick"], "no-such-chip"),
+    (["convert", "{missing}", "{out}"], "neither a local model folder"),
+    (["convert", "tiny-llama", "{folder}"], "already exists"),
+    (["report", "{missing}", "--target", "h100"], "neither a local model folder"),
+])
+def test_every_command_exits_2_with_one_line_on_a_usage_error(model_folder, tmp_path, capsys, args, message):
+    args = [a.format(missing=tmp_path / "absent", out=tmp_path / "out", folder=model_folder) for a in args]
+    assert main(["--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith(f"gqla-compile {args[0]}: error:")

@@ -42,6 +42,8 @@ LAYOUT_OPS = {
     operator.getitem,
 }
 LINEAR_OPS = {aten.linear.default}
+#: Ops that give a tensor a new shape from a size list (what the shard pass re-sizes to the rank's heads).
+RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 #: Ops that multiply by a matrix: what the report lists with the weights they take.
 WEIGHT_MATMUL_OPS = {
     aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.addmm.default,

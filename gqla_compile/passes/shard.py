@@ -25,20 +25,14 @@ the check fails; the record says which.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 import torch
 from torch import fx
 
 from ..capture import recorded_inputs
 from ..dims import LatentDims
 from ..paths import get_path
-from .graph import LINEAR_OPS, ancestors, append_to_graph, tensor_meta
-
-_RESHAPE_OPS = {
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.expand.default,
-}
+from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, tensor_meta
 
 REPLICATED = {
     "embeddings": "replicated",
@@ -47,11 +41,6 @@ REPLICATED = {
     "lm_head": "replicated",
     "latent_down_projection": "replicated (every rank needs the whole latent)",
 }
-
-
-def shard_problem(path: str, dims: LatentDims, tp: int) -> str | None:
-    """Why ``tp`` ranks cannot shard this layer on ``path``, or None when they can (the path's own rule)."""
-    return get_path(path).shard_problem(dims, tp)
 
 
 @dataclass(frozen=True)
@@ -64,7 +53,7 @@ class TensorParallelLayout:
     rank: int
 
     def __post_init__(self) -> None:
-        problem = shard_problem(self.path, self.dims, self.tp)
+        problem = get_path(self.path).shard_problem(self.dims, self.tp)
         if problem:
             raise ValueError(problem)
         if not 0 <= self.rank < self.tp:
@@ -151,7 +140,7 @@ def slice_query_projection(gm: fx.GraphModule, dims: LatentDims, start: int, end
                 delattr(new, old)  # the rank holds only its rows
     downstream = _descendants(linear) & (ancestors(query_out) | {query_out})
     for node in downstream:
-        if node.op != "call_function" or node.target not in _RESHAPE_OPS:
+        if node.op != "call_function" or node.target not in RESHAPE_OPS:
             continue
         meta = tensor_meta(node)
         shape = list(node.args[1])
@@ -249,6 +238,5 @@ class ShardAttention:
             "collective": "all_reduce(sum) after o_proj (torch.distributed._functional_collectives)",
             "o_proj_bias": "added once, after the all-reduce",
             "cache_elements_per_token_per_rank": layout.cache_elements(),
-            "cache": ("whole latent [c ; k_R] on every rank" if layout.path == "absorbed"
-                      else f"the rank's {layout.local_dims.n_g} of {layout.dims.n_g} groups' keys and values"),
+            "cache": get_path(layout.path).shards_by,
         }
