@@ -123,7 +123,7 @@ def test_bench_command_end_to_end(tmp_path, capsys):
 
 def test_bench_command_usage_errors(tmp_path, capsys):
     assert cli.main(["bench", str(tmp_path / "missing"), "--quick", "--out", str(tmp_path)]) == 2
-    assert "neither a folder" in capsys.readouterr().err
+    assert "neither a local model folder" in capsys.readouterr().err  # the one loader's message (checkpoint.py)
     assert cli.main(["bench", "tiny-llama", "--quick", "--out", str(tmp_path)]) == 2  # no latent attention
     assert cli.main(["bench", "tiny-gqla", "--only", "nope", "--out", str(tmp_path)]) == 2
 
