@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from gqla_compile.paths import PATH_NAMES as PATHS
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-VARIANTS: tuple[str, ...] = ("original", "absorbed", "grouped")  # original: the unmodified transformers model
-PATHS: tuple[str, ...] = ("absorbed", "grouped")
+VARIANTS: tuple[str, ...] = ("original", *PATHS)  # original: the unmodified transformers model
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from gqla_compile.paths import PATH_NAMES as PATHS
+
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("absorbed", "grouped")
 # A GQLA shape big enough for the attention to matter, small enough for a 2-core CPU.
 MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,

@@ -182,7 +182,8 @@ class DecodePath:
         with torch.no_grad():
             gm = make_fx(step, pre_dispatch=True)(weights, query, key, value)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        named = {node: (f"core.{name}", list(tensor.shape)) for node, (name, tensor) in zip(placeholders, weights.items())}
+        named = {node: (f"core.{name}", list(tensor.shape))
+                 for node, (name, tensor) in zip(placeholders, weights.items())}
         return CoreTrace(dict(op_histogram(gm)), gm.code, weight_matmuls(gm, named.get))
 
     def describe(self) -> dict[str, str]:

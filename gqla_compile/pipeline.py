@@ -22,7 +22,13 @@ from torch import nn
 from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
-from .errors import GqlaError, NoLatentAttentionError, NoLatentAttentionWarning, PartialRewriteWarning, VerificationError
+from .errors import (
+    GqlaError,
+    NoLatentAttentionError,
+    NoLatentAttentionWarning,
+    PartialRewriteWarning,
+    VerificationError,
+)
 from .passes.context import LayerContext
 from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord

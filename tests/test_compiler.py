@@ -27,7 +27,7 @@ from gqla_compile.dims import latent_cache_elements
 from gqla_compile.errors import NoLatentAttentionError
 from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_gqla, tiny_llama
 
-PATHS = ("absorbed", "grouped")
+PATHS = gqla_compile.paths.PATH_NAMES
 DECODE_STEPS = 32
 
 
@@ -135,7 +135,8 @@ def test_generate_modes_left_padding_beam_sampling_static_cache(eager_pair):
     prompt, mask = _left_padded_prompt(reference.config.vocab_size, 8)
     common = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
     for mode in (dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(cache_implementation="static")):
-        assert torch.equal(optimized.generate(prompt, **common, **mode), reference.generate(prompt, **common, **mode)), mode
+        expected = reference.generate(prompt, **common, **mode)
+        assert torch.equal(optimized.generate(prompt, **common, **mode), expected), mode
     torch.manual_seed(5)
     sampled = optimized.generate(prompt, **common, do_sample=True, top_k=5)
     torch.manual_seed(5)

@@ -111,13 +111,15 @@ def test_an_untraceable_block_is_named_with_its_exception():
 ])
 def test_a_partial_rewrite_warns_and_is_reported(second_block, reason):
     reference = _hand_written_with(second_block)
-    with pytest.warns(gqla_compile.PartialRewriteWarning, match="1 block\\(s\\) rewritten, 1 block\\(s\\) with attention"):
+    expected_warning = "1 block\\(s\\) rewritten, 1 block\\(s\\) with attention"
+    with pytest.warns(gqla_compile.PartialRewriteWarning, match=expected_warning):
         optimized = gqla_compile.optimize(copy.deepcopy(reference), target="h100", path="grouped", compile=False)
     state = optimized.gqla_optimization
     assert [layer.module_path for layer in state.layers] == ["blocks.0"]
     [(module, why)] = state.skipped
     assert module == "blocks.1" and reason in why
-    assert any(s["module"] == "blocks.1" and reason in s["reason"] for s in gqla_compile.report(optimized).data["skipped"])
+    reported = gqla_compile.report(optimized).data["skipped"]
+    assert any(s["module"] == "blocks.1" and reason in s["reason"] for s in reported)
     tokens = torch.randint(0, reference.vocab, (2, 9))
     with torch.no_grad():
         assert relative_error(optimized(tokens), reference(tokens)) < 1e-4
@@ -180,7 +182,7 @@ def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report(monkeypat
 
 
 def test_error_classes_are_importable_from_the_package():
-    from gqla_compile import (  # noqa: F401
+    from gqla_compile import (
         CompileError,
         ConversionError,
         GqlaError,
@@ -195,7 +197,7 @@ def test_error_classes_are_importable_from_the_package():
     )
 
     for error in (CompileError, ConversionError, NoLatentAttentionError, ReportError, VerificationError,
-                  ModelNotFoundError, UnknownTargetError):
+                  ModelNotFoundError, UnknownTargetError, ShapeMismatchError, OutputExistsError, UnsafeCheckpointError):
         assert issubclass(error, GqlaError)
     from gqla_compile.pipeline import VerificationError as raised_by_optimize
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import gqla_compile
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
 
-PATHS = ("absorbed", "grouped")
+PATHS = gqla_compile.paths.PATH_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from gqla_compile.distributed import run_parallel
 from gqla_compile.errors import GqlaError
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
 
-PATHS = ("absorbed", "grouped")
+PATHS = gqla_compile.paths.PATH_NAMES
 PROMPT, DECODE_STEPS, NEW_TOKENS, BATCH = 6, 8, 8, 2
 TIMEOUT = 150
 

@@ -1,7 +1,8 @@
 """The pass manager: runs an ordered list of graph passes and records what each changed.
 
 Modelled on vLLM's compilation pass manager: each pass is a small callable GraphModule -> GraphModule
-with a ``name`` and a ``summary()`` of what it matched, replaced or folded. The report is built from these records only.
+with a ``name`` and a ``summary()`` of what it matched, replaced or folded; its ``uuid`` hashes the source
+file that defines it. The report is built from these records.
 """
 
 from __future__ import annotations
