@@ -259,7 +259,7 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
             try:
                 first = capture_module(path, module, records[path])
             except Exception as exc:  # noqa: BLE001 - a block export cannot trace is reported, not fatal
-                first = TraceFailure(path, type(module).__name__, f"{type(exc).__name__}: {exc}".strip())
+                first = TraceFailure(path, type(module).__name__, _first_line(exc))
             by_structure[key] = first
             if isinstance(first, CapturedAttention):
                 logger.debug("traced %s in %.2f s", path, first.seconds)
@@ -269,6 +269,12 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
         logger.warning("could not trace %s (%s): %s", path, failure.module_type, failure.error)
         failures.append(failure)
     return CaptureResult(captures, failures, len(candidates))
+
+
+def _first_line(exc: Exception) -> str:
+    """"ExceptionType: first line of its message" (export's messages run to pages of hints)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().removesuffix(":")
 
 
 def capture_attention_candidates(model: nn.Module) -> list[CapturedAttention]:

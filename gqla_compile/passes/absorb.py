@@ -11,9 +11,8 @@ import functools
 import torch
 from torch import fx
 
+from ..paths import QUERY_ABSORPTION
 from .graph import append_to_graph
-
-QUERY_ABSORPTION = "bmm"
 
 
 def absorb_query(query, latent, rope_key, w_uk, *, d_n: int, n_g: int):
