@@ -292,7 +292,9 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
     parameter_shapes = {n.name: (capture.parameter_inputs[n.name], list(tensor_meta(n).shape))
                         for n in capture.graph_module.graph.nodes
                         if n.op == "placeholder" and n.name in capture.parameter_inputs}
-    attributes = {n: (n.target, list(getattr(projection, n.target).shape))
+    # split.py holds parameter p as buffer p.replace(".", "_"); the report names it p
+    parameter_of = {name.replace(".", "_"): name for name in capture.parameter_inputs.values()}
+    attributes = {n: (parameter_of.get(n.target, n.target), list(getattr(projection, n.target).shape))
                   for n in projection.graph.nodes if n.op == "get_attr"}
     return LayerRewrite(
         module_path=context.module_path,
