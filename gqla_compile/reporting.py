@@ -584,7 +584,8 @@ def render_html(data: dict) -> str:
              [f"after ({data['path']})", f"{cache['bytes_per_token_after']} B", binary_bytes(cache["bytes_after"])]],
             ["cache", "per token", f"total (context {cache['context_len']}, batch {cache['batch_size']})"]))
         body.append("<h2>Compile and skipped blocks</h2>")
-        body.append("<p>" + html.escape(sections[-2]) + "</p><p>" + html.escape(sections[-1]) + "</p>")
+        tail = [text for text in sections if text.startswith(("compile:", "tensor parallel:", "skipped:"))]
+        body.append("".join(f"<p>{html.escape(text)}</p>" for text in tail))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>gqla_compile report: {html.escape(str(data.get('model')))}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
