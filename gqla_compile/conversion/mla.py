@@ -87,14 +87,14 @@ class LatentBlock:
     """One detected latent-attention block and what conversion needs from the detector."""
 
     path: str
-    layer_index: int
+    layer_index: int | None  # i when the block is model.layers[i].self_attn (the compact GQLA layout), else None
     module: nn.Module
     dims: LatentDims  # n_g: the source's groups (n_h for MLA)
     scaling: float
     key_up: torch.Tensor  # W_UK^h per query head, float64 [n_h, d_n, d_c]
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
     rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
-    rope_layout: str  # "rotate_half" or "interleaved"
+    rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -144,11 +144,6 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
         dims = match.dims
         per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
         index = _layer_index(model, module)
-        if index is None:
-            raise ConversionError(
-                f"latent attention found at {capture.module_path}, which is not model.layers[i].self_attn: "
-                "conversion writes a GqlaForCausalLM and needs the decoder layout transformers' MLA models share"
-            )
         layout, order = _rope_layout(capture, match, parameters)
         blocks.append(LatentBlock(
             path=capture.module_path, layer_index=index, module=module,
@@ -156,7 +151,8 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
             rope_order=order, rope_layout=layout,
         ))
-    return sorted(blocks, key=lambda b: b.layer_index), len(captures)
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(blocks, key=lambda b: order[b.path]), len(captures)
 
 
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
@@ -164,15 +160,18 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
 
     The graph is evaluated on the recorded call; the RoPE key it produces is compared with the pre-RoPE key
     (the down-projection's last d_R outputs): a rotation keeps the norm of each rotated pair, and only the
-    true pairing does so at every position.
+    true pairing does so at every position. A key equal to its input at every position is not rotated
+    (layout "none", as in Kimi's latent layers); so is a block without RoPE dims (d_R = 0).
     """
-    from ..passes.detect import _probe_feeds
+    from ..passes.detect import probe_feeds
     from ..passes.graph import evaluate_nodes
     from torch.utils import _pytree as pytree
 
     dims = match.dims
+    if dims.d_R == 0:
+        return "none", []
     gm = capture.graph_module
-    feeds = _probe_feeds(capture, match, parameters, seq=2)
+    feeds = probe_feeds(capture, match, parameters, seq=2)
     sources = gm.meta.get("user_input_sources", {})
     for node in list(feeds):
         if node.name in sources:
@@ -191,6 +190,8 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
     post = rope.reshape(-1, dims.d_R).double()
     if pre.shape != post.shape:
         raise ConversionError(f"{capture.module_path}: cannot line up the RoPE key with its input")
+    if float((post - pre).abs().max()) <= 1e-6 * float(pre.abs().max().clamp_min(1e-30)):
+        return "none", list(range(dims.d_R))
     half = dims.d_R // 2
     candidates = {
         "rotate_half": list(range(dims.d_R)),
@@ -460,7 +461,12 @@ def convert_layer(
     grouping: str,
     score_aware: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The new attention tensors of one layer (float64, by name below ``self_attn.``) and its record."""
+    """The new attention tensors of one block (float64, by name below the block) and its record.
+
+    In the family's own layout, same names and shapes: ``kv_b_proj`` holds each group's shared up-projection
+    once per head of the group, the query's RoPE rows stay where the family has them (only re-indexed with
+    the heads), the down-projection is untouched. ``_compact_layout`` turns them into GqlaForCausalLM's.
+    """
     attn, d = block.module, block.dims
     m = d.n_h // num_groups
     sqrt_c, inv_sqrt_c = _sqrt_pair(latent_moment)
@@ -487,7 +493,7 @@ def convert_layer(
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         w_k, a, kk = group_basis(x_key[index], inv_sqrt_c, pick(left_key))
         w_v, b, kv = group_basis(x_value[index], inv_sqrt_c, pick(left_value))
-        kv_b.append(torch.cat([w_k, w_v]))
+        kv_b.append(torch.cat([w_k, w_v]).repeat(len(heads), 1))
         key_maps.append(a)
         value_maps.append(b)
         kept_k.append(kk)
@@ -496,24 +502,15 @@ def convert_layer(
     value_maps = torch.cat(value_maps)
     perm = torch.tensor(permutation)
 
-    # queries: new head j is old head perm[j]; no-RoPE rows get A_j^T, RoPE rows go to rotate_half order
+    # queries: new head j is old head perm[j]; its no-RoPE rows get A_j^T (bias as a column of the same map)
     q_linear = _query_linear(attn)
     q_name = "q_proj" if q_linear is getattr(attn, "q_proj", None) else "q_b_proj"
-    q_w = _f64(q_linear.weight).view(d.n_h, d.d_qk, -1)[perm]
-    q_b = _f64(q_linear.bias)
-    q_b = None if q_b is None else q_b.view(d.n_h, d.d_qk)[perm]
-    rope = torch.tensor(block.rope_order)
-    new_q = torch.cat([key_maps.transpose(1, 2) @ q_w[:, : d.d_n], q_w[:, d.d_n :][:, rope]], dim=1)
-    tensors = {f"{q_name}.weight": new_q.reshape(d.n_h * d.d_qk, -1)}
-    if q_b is not None:
-        new_bias = torch.cat([(key_maps.transpose(1, 2) @ q_b[:, : d.d_n, None])[..., 0], q_b[:, d.d_n :][:, rope]], dim=1)
-        tensors[f"{q_name}.bias"] = new_bias.reshape(-1)
-    # latent and RoPE key: unchanged apart from the RoPE row order
-    kv_a = _f64(attn.kv_a_proj_with_mqa.weight)
-    rows = torch.cat([torch.arange(d.d_c), d.d_c + rope])
-    tensors["kv_a_proj_with_mqa.weight"] = kv_a[rows]
-    if attn.kv_a_proj_with_mqa.bias is not None:
-        tensors["kv_a_proj_with_mqa.bias"] = _f64(attn.kv_a_proj_with_mqa.bias)[rows]
+    tensors = {}
+    for kind, value in (("weight", q_linear.weight), ("bias", q_linear.bias)):
+        if value is not None:
+            rows = _f64(value).view(d.n_h, d.d_qk, -1)[perm]
+            new_q = torch.cat([key_maps.transpose(1, 2) @ rows[:, : d.d_n], rows[:, d.d_n :]], dim=1)
+            tensors[f"{q_name}.{kind}"] = new_q.reshape(value.shape)
     tensors["kv_b_proj.weight"] = torch.cat(kv_b)
     tensors["o_proj.weight"] = (o_heads[perm] @ value_maps).permute(1, 0, 2).reshape(o_weight.shape[0], -1)
     record = {
@@ -524,6 +521,26 @@ def convert_layer(
         "neighbour_grouping_residual": neighbour_cost,
     }
     return tensors, record
+
+
+def _compact_layout(block: LatentBlock, tensors: dict[str, torch.Tensor], num_groups: int) -> dict[str, torch.Tensor]:
+    """One block's family-layout tensors in GqlaForCausalLM's layout: kv_b_proj once per group, RoPE rows of the
+    query and of the down-projection in rotate_half order."""
+    d = block.dims
+    rope = torch.tensor(block.rope_order, dtype=torch.long)
+    compact = dict(tensors)
+    for name, value in tensors.items():
+        if name.startswith(("q_proj.", "q_b_proj.")):
+            rows = value.view(d.n_h, d.d_qk, -1)
+            compact[name] = torch.cat([rows[:, : d.d_n], rows[:, d.d_n :][:, rope]], dim=1).reshape(value.shape)
+    down = block.module.kv_a_proj_with_mqa
+    rows = torch.cat([torch.arange(d.d_c), d.d_c + rope])
+    compact["kv_a_proj_with_mqa.weight"] = _f64(down.weight)[rows]
+    if down.bias is not None:
+        compact["kv_a_proj_with_mqa.bias"] = _f64(down.bias)[rows]
+    per_head = tensors["kv_b_proj.weight"].view(d.n_h, d.d_n + d.d_v, d.d_c)
+    compact["kv_b_proj.weight"] = per_head[:: d.n_h // num_groups].reshape(-1, d.d_c)
+    return compact
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -577,22 +594,100 @@ def _expected_state_names(config: GqlaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_layout(source: nn.Module, blocks: Sequence[LatentBlock], expected: dict[str, tuple[int, ...]]) -> None:
-    """ConversionError (before any calibration) when the source has weights a GqlaForCausalLM cannot hold."""
+    """ConversionError (before any calibration) when the source has what a GqlaForCausalLM cannot hold."""
+    elsewhere = [b.path for b in blocks if b.layer_index is None]
+    if elsewhere:
+        raise ConversionError(
+            f"latent attention at {elsewhere[0]}, which is not model.layers[i].self_attn (e.g. several attention "
+            "blocks per layer): GqlaForCausalLM has one per layer; keep the family's layout (output='family')"
+        )
     layers = source.model.layers
     if len(blocks) != len(layers):
         missing = sorted(set(range(len(layers))) - {b.layer_index for b in blocks})
         raise ConversionError(f"latent attention was detected in {len(blocks)} of {len(layers)} layers (not in {missing}); "
-                              "conversion needs every layer to be latent attention")
+                              "GqlaForCausalLM needs every layer to be latent attention; keep the family's layout "
+                              "(output='family')")
     for block in blocks[1:]:
         if (block.dims.as_dict() | {"n_g": 0}) != (blocks[0].dims.as_dict() | {"n_g": 0}) or block.scaling != blocks[0].scaling:
-            raise ConversionError(f"{block.path} has other dims than {blocks[0].path}; a GqlaConfig has one shape for all layers")
+            raise ConversionError(f"{block.path} has other dims than {blocks[0].path}; a GqlaConfig has one shape for "
+                                  "all layers; keep the family's layout (output='family')")
+    unrotated = [b.path for b in blocks if b.rope_layout == "none" and b.dims.d_R]
+    if unrotated:
+        raise ConversionError(f"{unrotated[0]} does not rotate its {blocks[0].dims.d_R} RoPE key dims, which "
+                              "GqlaForCausalLM always rotates; keep the family's layout (output='family')")
     source_names = {n: tuple(t.shape) for n, t in source.state_dict().items()}
     unused = sorted(n for n in source_names if n not in expected and not n.endswith("rotary_emb.inv_freq"))
     if unused:
         raise ConversionError(
-            f"{type(source).__name__} has weights GqlaForCausalLM has no place for (e.g. {', '.join(unused[:3])}); "
-            "only dense-MLP decoders convert (MoE layers do not)"
+            f"{type(source).__name__} has weights GqlaForCausalLM has no place for (e.g. {', '.join(unused[:3])}): "
+            "only dense-MLP decoders have a compact form (MoE layers do not); keep the family's layout "
+            "(output='family')"
         )
+
+
+def _regrouped_copy(model: nn.Module, blocks: Sequence[LatentBlock], layer_tensors: Sequence[dict[str, torch.Tensor]],
+                    dtype: torch.dtype | None) -> nn.Module:
+    """A copy of ``model`` (same class, config and modules) whose attention blocks hold the new tensors."""
+    new = copy.deepcopy(model)
+    if dtype is not None:
+        new.to(dtype)
+    with torch.no_grad():
+        for block, tensors in zip(blocks, layer_tensors):
+            module = new.get_submodule(block.path)
+            for name, value in tensors.items():
+                parameter = module.get_parameter(name)
+                parameter.copy_(value.to(parameter.dtype))
+    return new.eval()
+
+
+def _compact_model(source: nn.Module, blocks: Sequence[LatentBlock], layer_tensors: Sequence[dict[str, torch.Tensor]],
+                   config: GqlaConfig, expected: dict[str, tuple[int, ...]], dtype: torch.dtype) -> nn.Module:
+    """The GqlaForCausalLM holding the regrouped blocks and the source's other weights."""
+    from ..modeling_gqla import GqlaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    state = {name: t for name, t in source.state_dict().items() if name in expected}
+    for block, tensors in zip(blocks, layer_tensors):
+        compact = _compact_layout(block, tensors, config.num_key_value_heads)
+        state.update({f"{block.path}.{name}": t for name, t in compact.items()})
+    for name, shape in expected.items():  # biases the source lacks (e.g. q_proj's when kv_a has one): zero
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+    missing = set(expected) - set(state)
+    if missing:
+        raise ConversionError(f"no source weights for {sorted(missing)[:3]}")
+    with no_init_weights():
+        new = GqlaForCausalLM(config)
+    new.load_state_dict({n: t.detach().to("cpu", dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(source.generation_config)
+    return new.eval()
+
+
+def _check_compact_reproduces(family: nn.Module, compact: nn.Module) -> None:
+    """ConversionError naming the source's config fields GqlaConfig lacks when the compact model computes
+    something else than the family's (e.g. MiniCPM3's embedding, residual and logit scales)."""
+    ids = torch.randint(0, family.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    device = next(family.parameters()).device
+    with torch.no_grad():
+        expected = family(input_ids=ids.to(device), use_cache=False).logits.double()
+        actual = compact.to(device)(input_ids=ids.to(device), use_cache=False).logits.double()
+    error = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+    tolerance = 1e-4 if family.dtype in (torch.float32, torch.float64) else 5e-2
+    if not error <= tolerance:
+        known = set(GqlaConfig().to_dict())
+        fields = sorted(k for k, v in family.config.to_dict().items()
+                        if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConversionError(
+            f"GqlaForCausalLM does not reproduce {type(family).__name__} (relative logit error {error:.2g}): it has no "
+            f"place for what the family's config fields {', '.join(fields) or '(none)'} describe; keep the family's "
+            "layout (output='family')"
+        )
+
+
+OUTPUTS = ("family", "gqla")
+RECORD_FIELD = "gqla_conversion"  # the config field a regrouped family checkpoint records its conversion in
 
 
 def convert_mla(
@@ -604,17 +699,23 @@ def convert_mla(
     grouping: str | None = None,
     weighting: str | None = None,
     score_aware: bool = False,
+    output: str = "family",
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> nn.Module:
-    """A latent-attention model (MLA or GQLA) as a GqlaForCausalLM with ``num_groups`` groups; see module docs."""
-    from ..modeling_gqla import GqlaForCausalLM
-    from transformers.initialization import no_init_weights
+    """A latent-attention model (MLA or GQLA) regrouped to ``num_groups`` groups; see module docs.
 
+    ``output="family"`` (default): a copy of ``model``, same class, config and modules, every weight outside the
+    attention blocks bit-identical; the config records the conversion under ``gqla_conversion`` (a field stock
+    transformers keeps and ignores). ``output="gqla"``: a GqlaForCausalLM, only where it reproduces the family
+    (a dense DeepSeek-layout decoder); otherwise a ConversionError names what it cannot hold.
+    """
     start = time.perf_counter()
     grouping = grouping or "neighbour"
+    if output not in OUTPUTS:
+        raise ConversionError(f"output={output!r} is not known; use 'family' (the source's own class) or 'gqla'")
     blocks, checked = find_latent_blocks(model)
     if not blocks:
         config = getattr(model, "config", None)
@@ -629,29 +730,29 @@ def convert_mla(
         )
     dims = blocks[0].dims
     num_groups = dims.n_g if num_groups is None else num_groups  # default: the source's own groups (exact)
-    _check_options(num_groups, dims.n_h, grouping, weighting)
-    config = gqla_config_for_latent(model, blocks, num_groups)
-    expected = _expected_state_names(config)
-    _check_layout(model, blocks, expected)
-    out_dtype = next(model.parameters()).dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    for n_h in sorted({b.dims.n_h for b in blocks}):
+        _check_options(num_groups, n_h, grouping, weighting)
+    compact = output == "gqla"
+    if compact:
+        config = gqla_config_for_latent(model, blocks, num_groups)
+        expected = _expected_state_names(config)
+        _check_layout(model, blocks, expected)
+    source_dtype = next(model.parameters()).dtype
+    out_dtype = source_dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
     stats = collect_latent_statistics(model, blocks, sequences, weighting=weighting, queries=score_aware,
                                       batch_size=batch_size, progress=progress)
-    state = {name: t for name, t in model.state_dict().items() if name in expected}
-    records = []
-    for i, block in enumerate(tqdm(blocks, desc="TransGQLA (latent)", unit="layer", disable=not progress)):
+    layer_tensors, records = [], []
+    for i, block in enumerate(tqdm(blocks, desc="TransGQLA (latent)", unit="block", disable=not progress)):
         tensors, record = convert_layer(block, stats.latent[i], stats.query[i] if stats.query else None,
                                         num_groups, grouping, score_aware)
-        prefix = f"model.layers.{block.layer_index}.self_attn."
-        state.update({prefix + name: t for name, t in tensors.items()})
-        records.append({"rope_layout": block.rope_layout, **record})
-    for name, shape in expected.items():  # biases the source lacks (e.g. q_proj's when kv_a has one): zero
-        if name not in state and name.endswith(".bias"):
-            state[name] = torch.zeros(shape)
-    config.conversion = {
+        layer_tensors.append(tensors)
+        records.append({"block": block.path, "rope_layout": block.rope_layout, **record})
+    conversion = {
         "method": "TransGQLA (latent): per-group PCA of the up-projected keys and values in the latent's "
                   "calibration metric, head maps folded into q and o_proj",
+        "output": output,
         "source_architecture": type(model).__name__,
         "source_model_type": getattr(model.config, "model_type", None),
         "source_num_groups": dims.n_g,
@@ -664,16 +765,16 @@ def convert_mla(
                         "num_sequences": len(sequences), "num_tokens": stats.tokens, "seed": seed},
         "layers": records,
     }
-    with no_init_weights():
-        new = GqlaForCausalLM(config)
-    missing = set(expected) - set(state)
-    if missing:
-        raise ConversionError(f"no source weights for {sorted(missing)[:3]}")
-    new.load_state_dict({n: t.detach().to("cpu", out_dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        new.tie_weights()
-    new.generation_config = copy.deepcopy(model.generation_config)
-    logger.info("TransGQLA (latent): %d layers, %d -> %d groups (%s grouping) in %.1f s; mean kept key energy %.3f",
-                len(blocks), dims.n_g, num_groups, grouping, time.perf_counter() - start,
+    family = _regrouped_copy(model, blocks, layer_tensors, None if compact else out_dtype)
+    if compact:
+        config.conversion = conversion
+        new = _compact_model(model, blocks, layer_tensors, config, expected, source_dtype)
+        _check_compact_reproduces(family, new)
+        new = new.to(out_dtype)
+    else:
+        setattr(family.config, RECORD_FIELD, conversion)
+        new = family
+    logger.info("TransGQLA (latent): %d blocks, %d -> %d groups (%s grouping, %s layout) in %.1f s; mean kept key "
+                "energy %.3f", len(blocks), dims.n_g, num_groups, grouping, output, time.perf_counter() - start,
                 sum(r["key_kept_energy"] for r in records) / len(records))
-    return new.eval()
+    return new

@@ -260,7 +260,7 @@ def probe_up_projections(
     whether the graph broadcast K/V per group (GQA) or per head (MLA, n_g = n_h).
     """
     dims = match.dims
-    feeds = _probe_feeds(capture, match, parameters, seq=dims.d_c)
+    feeds = probe_feeds(capture, match, parameters, seq=dims.d_c)
     latent_meta = tensor_meta(match.latent)
     basis = torch.eye(dims.d_c, dtype=latent_meta.dtype)
     feeds[match.latent] = _in_layout(basis, latent_meta, capture, batch=1, seq=dims.d_c)
@@ -304,7 +304,7 @@ def _group_count(w_uk: torch.Tensor, w_uv: torch.Tensor) -> int:
     return n_h
 
 
-def _probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
+def probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
     """Parameters and zero user inputs sized for a probe of ``seq`` tokens and batch 1."""
     feeds: dict[fx.Node, torch.Tensor] = {}
     for node in capture.graph_module.graph.nodes:
