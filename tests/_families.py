@@ -5,8 +5,8 @@ all of transformers' MLA implementations give the latent down-projection). Nothi
 hand: each is built from its own config class by one generic shrinking function (``tiny_config``):
 
 - sizes by field name (hidden 64, 4 heads, d_c 16, d_n 8, d_R 4, d_v 6, few experts, small indexer top-k);
-- per-layer lists (``layer_types``, ``mlp_layer_types``, ``indexer_types``, ``no_rope_layers``...) keep the
-  first layer of each distinct combination of their values, in order, so a hybrid family keeps one
+- per-layer lists (``layer_types``, ``mlp_layer_types``, ``indexer_types``, ``no_rope_layers``...) keep few
+  layers that together show every value of every list (greedy cover, in order), so a hybrid family keeps one
   linear-attention layer next to one latent-attention layer, a MoE family one dense and one sparse layer;
 - vision/audio sub-configs are shrunk the same way and the model is run text-only;
 - ``attention_bias`` on; after building, random non-zero biases and norm gains (seeded), float32.
@@ -157,7 +157,7 @@ def _split(total: int, parts: list[int]) -> list[int]:
 
 
 def _shrink_layers(values: dict, out: dict) -> None:
-    """Keep the first layer of each distinct combination of the per-layer lists (at least two layers)."""
+    """Keep the layers that show each value of the per-layer lists at least once (at least two layers)."""
     key = next((k for k in _LAYER_COUNTS if isinstance(values.get(k), int)), None)
     if key is None:
         return
@@ -166,13 +166,17 @@ def _shrink_layers(values: dict, out: dict) -> None:
     # dicts keyed by layer index (per-layer overrides of sizes): shrunk, renumbered with the kept layers
     by_index = {k: v for k, v in values.items() if isinstance(v, dict) and v
                 and all(str(i).isdigit() and isinstance(s, dict) for i, s in v.items())}
+    def pairs(layer: int) -> set:
+        found = {(k, str(v[layer])) for k, v in per_layer.items() if v != list(range(count))}
+        return found | {(k, str({int(i): s for i, s in v.items()}.get(layer))) for k, v in by_index.items()}
+
     kept, seen = [], set()
-    for layer in range(count):
-        signature = tuple(str(v[layer]) for k, v in per_layer.items() if v != list(range(count)))
-        signature += tuple(str({int(i): s for i, s in v.items()}.get(layer)) for v in by_index.values())
-        if signature not in seen:
-            seen.add(signature)
-            kept.append(layer)
+    while True:  # greedy cover: the layer showing most (list, value) pairs no kept layer shows, earliest first
+        layer = max(range(count), key=lambda i: (len(pairs(i) - seen), -i))
+        if not pairs(layer) - seen:
+            break
+        seen |= pairs(layer)
+        kept.append(layer)
     while len(kept) < 2:
         kept.append(next(i for i in range(count) if i not in kept))
     kept.sort()
