@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import glob
 import importlib
+import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -231,6 +235,35 @@ def tiny_model(family: Family, seed: int = 0) -> torch.nn.Module:
 def text_inputs(batch: int = 2, seq: int = 12, seed: int = 3) -> torch.Tensor:
     """Token ids below TEXT_VOCAB (no image / audio / special tokens)."""
     return torch.randint(0, TEXT_VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+_LOAD_AND_RUN = textwrap.dedent("""
+    import json, sys
+    import torch, transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    folders, tokens = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
+    torch.set_num_threads(int(sys.argv[3]))  # the caller's, so that the logits can be bit-identical
+    for folder in folders:
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+        else:  # families transformers does not list for AutoModelForCausalLM load by their own class
+            model = getattr(transformers, config.architectures[0]).from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            torch.save(model.eval()(input_ids=tokens, use_cache=False).logits, folder + "/logits.pt")
+    assert not any(name.startswith("gqla_compile") for name in sys.modules), "gqla_compile was imported"
+""")
+
+
+def logits_in_stock_transformers(folders: list[str], tokens: torch.Tensor, cwd) -> dict[str, torch.Tensor]:
+    """Each saved folder loaded by stock transformers (AutoModelForCausalLM, eager attention) in a fresh
+    process that never imports gqla_compile, run on ``tokens``: folder -> logits."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, json.dumps([str(f) for f in folders]),
+                    json.dumps(tokens.tolist()), str(torch.get_num_threads())], check=True, env=env, cwd=cwd, timeout=600)
+    return {folder: torch.load(os.path.join(folder, "logits.pt")) for folder in folders}
 
 
 FAMILIES: dict[str, Family] = discover_families()

@@ -14,13 +14,10 @@ import copy
 import functools
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from _families import FAMILIES, TEXT_VOCAB, tiny_model
+from _families import FAMILIES, TEXT_VOCAB, logits_in_stock_transformers, tiny_model
 from _models import relative_error
 
 import gqla_compile
@@ -218,26 +215,6 @@ def test_dense_deepseek_compact_form_equals_the_family_form():
 
 # --- saved, then loaded by stock transformers in a fresh process ---------------------------------------------------
 
-_LOAD_AND_RUN = textwrap.dedent("""
-    import json, sys
-    import torch, transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    folders, tokens = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
-    torch.set_num_threads(int(sys.argv[3]))  # the test's, so that the logits are bit-identical
-    for folder in folders:
-        config = AutoConfig.from_pretrained(folder)
-        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-        else:  # families transformers does not list for AutoModelForCausalLM load by their own class
-            model = getattr(transformers, config.architectures[0]).from_pretrained(
-                folder, dtype=torch.float32, attn_implementation="eager")
-        with torch.no_grad():
-            torch.save(model.eval()(input_ids=tokens, use_cache=False).logits, folder + "/logits.pt")
-    assert not any(name.startswith("gqla_compile") for name in sys.modules), "gqla_compile was imported"
-""")
-
-
 def test_saved_regrouped_checkpoints_load_in_stock_transformers(tmp_path):
     tokens = _tokens(seed=5)
     folders = {}
@@ -245,15 +222,12 @@ def test_saved_regrouped_checkpoints_load_in_stock_transformers(tmp_path):
         model = _converted(name, _heads(name) // 2, "similarity")
         folders[name] = str(tmp_path / name)
         model.save_pretrained(folders[name])
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, json.dumps(list(folders.values())), json.dumps(tokens.tolist()),
-                    str(torch.get_num_threads())],
-                   check=True, env=env, cwd=tmp_path, timeout=600)
+    logits = logits_in_stock_transformers(list(folders.values()), tokens, tmp_path)
     for name, folder in folders.items():
         model = _converted(name, _heads(name) // 2, "similarity")
         with torch.no_grad():
             expected = model(input_ids=tokens, use_cache=False).logits
-        assert torch.equal(torch.load(os.path.join(folder, "logits.pt")), expected), name
+        assert torch.equal(logits[folder], expected), name
         saved = json.loads(open(os.path.join(folder, "config.json")).read())
         assert saved[RECORD_FIELD]["num_groups"] == _heads(name) // 2
 
