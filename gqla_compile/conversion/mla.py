@@ -582,6 +582,9 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
         mlp_bias=getattr(getattr(mlp, "gate_proj", None), "bias", None) is not None,
         kv_a_layernorm=has_norm,
         softmax_scale=blocks[0].scaling,
+        # a GQLA source's RoPE table (TransGQLA keeps the source's frequencies); None for MLA families
+        rope_frequency_dim=getattr(cfg, "rope_frequency_dim", None),
+        rope_frequency_indices=getattr(cfg, "rope_frequency_indices", None),
     )
 
 
