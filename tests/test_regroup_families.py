@@ -241,3 +241,21 @@ def test_group_count_must_divide_the_heads():
     with pytest.raises(ConversionError, match="output='bogus' is not known"):
         gqla_compile.convert(_source("deepseek_v2"), num_groups=2, calibration=CALIBRATION, progress=False,
                              output="bogus")
+
+
+# --- the real-weights benchmark's quick mode --------------------------------------------------------------------------
+
+
+def test_regroup_benchmark_quick_mode_recovers_the_shuffled_groups(tmp_path):
+    """A GQA model made into MLA exactly, heads shuffled: similarity grouping finds the groups, neighbour does not."""
+    from benchmarks import regroup_mla
+
+    result = regroup_mla.main(["--quick", "--out", str(tmp_path)])
+    rows = {(row["num_groups"], row["grouping"]): row for row in result["rows"]}
+    n_h, n_kv, layers = (result["model"][k] for k in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers"))
+    assert rows[(n_h, "-")]["logit_rel_error"] < 1e-5  # the MLA model is exact
+    similar, neighbour = rows[(n_kv, "similarity")], rows[(n_kv, "neighbour")]
+    assert similar["layers_with_original_groups"] == layers and similar["logit_rel_error"] < 1e-4
+    assert abs(similar["perplexity"] / result["original_perplexity"] - 1) < 1e-4
+    assert neighbour["layers_with_original_groups"] == 0 and neighbour["logit_rel_error"] > 1e-2
+    assert (tmp_path / "regroup_mla.md").read_text().startswith("# Regrouping")

@@ -31,12 +31,23 @@ Options:
   more (the last position, which has no target, gets weight 1).
 
 Finding the blocks: the compiler's detector (``capture_attention_candidates`` + ``detect_latent_attention``)
-finds every latent-attention block, its dims, its softmax scale and (by probing) the per-head up-projections
-W_UK^h, W_UV^h; the layout of the RoPE key is settled by evaluating the captured graph (rotate_half or
-interleaved pairs). Once the detector has confirmed a block, its q / kv_a / o weights are read by the
-DeepSeek names that every transformers MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/
-``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``o_proj``) and the result is written in
-GqlaForCausalLM's layout, which uses the same names.
+finds every latent-attention block wherever it sits (several per layer, hybrid models' latent layers), its dims,
+its softmax scale and (by probing) the per-head up-projections W_UK^h, W_UV^h; the layout of the RoPE key is
+settled by evaluating the captured graph (rotate_half, interleaved pairs, or none: not rotated). Once the
+detector has confirmed a block, its q / kv_a / o weights are read by the DeepSeek names that every transformers
+MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj``, ``kv_a_proj_with_mqa``,
+``kv_a_layernorm``, ``o_proj``).
+
+The result (``output=``):
+
+- ``"family"`` (default): a copy of the source, same class, config and modules; only each block's query,
+  ``kv_b_proj`` (each group's up-projection repeated for the heads of the group) and ``o_proj`` change, so
+  every other weight (experts, routers, norms, scales, lm_head) is bit-identical and the checkpoint loads
+  in stock transformers; ``config.gqla_conversion`` records the conversion.
+- ``"gqla"``: a GqlaForCausalLM (``kv_b_proj`` once per group, RoPE rows in rotate_half order), only where it
+  reproduces the family-form result (checked on a probe input); otherwise a ConversionError names what the
+  compact form cannot hold (MoE weights, several blocks per layer, unrotated RoPE dims, config fields such
+  as MiniCPM3's scales).
 """
 
 from __future__ import annotations
@@ -367,48 +378,56 @@ def group_basis(
     return basis, maps, kept
 
 
-def _gram(whitened: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
-    """Per head G_h = (L_h X_h)^T (L_h X_h) [n, d_c, d_c]."""
-    target = whitened if left is None else left @ whitened
-    return target.transpose(-1, -2) @ target
+def _weighted(whitened: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+    """Per head L_h X_h [n, d, d_c]: what the grouping's PCA has to keep."""
+    return whitened if left is None else left @ whitened
 
 
-def _residual(gram_sum: torch.Tensor, d: int) -> float:
-    eigvals = torch.linalg.eigvalsh(gram_sum)
+def _residual(stacked: torch.Tensor, d: int) -> float:
+    """Energy of ``stacked`` [rows, d_c] outside its top-d principal directions.
+
+    The eigenvalues come from the smaller of the two Gram matrices (rows x rows or d_c x d_c): their
+    non-zero eigenvalues are the same, and a group of a few heads has far fewer rows than latent dims.
+    """
+    gram = stacked @ stacked.T if stacked.shape[0] < stacked.shape[1] else stacked.T @ stacked
+    eigvals = torch.linalg.eigvalsh(gram)
     return float(eigvals[:-d].clamp_min(0).sum()) if d < eigvals.numel() else 0.0
 
 
 class _GroupingCost:
     """Calibration residual of a grouping: per kind (keys, values), the energy PCA loses, relative to the total."""
 
-    def __init__(self, grams: Sequence[torch.Tensor], ranks: Sequence[int]):
-        self.grams, self.ranks = grams, ranks
-        self.totals = [float(g.diagonal(dim1=-2, dim2=-1).sum()) or 1.0 for g in grams]
+    def __init__(self, targets: Sequence[torch.Tensor], ranks: Sequence[int]):
+        self.targets, self.ranks = targets, ranks
+        self.energies = [t.square().sum((1, 2)) for t in targets]  # per head
+        self.totals = [float(e.sum()) or 1.0 for e in self.energies]
         self.cache: dict[frozenset, float] = {}
 
     def group(self, heads) -> float:
         key = frozenset(heads)
         if key not in self.cache:
             index = torch.tensor(sorted(key))
-            self.cache[key] = sum(_residual(g[index].sum(0), d) / t for g, d, t in zip(self.grams, self.ranks, self.totals))
+            self.cache[key] = sum(_residual(t[index].reshape(-1, t.shape[-1]), d) / total
+                                  for t, d, total in zip(self.targets, self.ranks, self.totals))
         return self.cache[key]
 
     def total(self, groups) -> float:
         return sum(self.group(g) for g in groups)
 
 
-def similarity_grouping(grams: Sequence[torch.Tensor], ranks: Sequence[int], num_groups: int) -> tuple[list[list[int]], float, float]:
+def similarity_grouping(targets: Sequence[torch.Tensor], ranks: Sequence[int], num_groups: int) -> tuple[list[list[int]], float, float]:
     """Equal-size groups of heads whose subspaces share one basis best: (groups, cost, neighbour cost).
 
-    Greedy construction (seed: the unassigned head of most energy; then the head that adds the least
-    residual), then pairwise swaps between groups while they lower the residual, started from the greedy and
-    from the neighbour grouping; the better result is kept.
+    ``targets``: per kind (keys, values) the heads' weighted whitened up-projections [n_h, d, d_c]; ``ranks``:
+    the basis size of each kind. Greedy construction (seed: the unassigned head of most energy; then the head
+    that adds the least residual), then pairwise swaps between groups while they lower the residual, started
+    from the greedy and from the neighbour grouping; the better result is kept.
     """
-    n_h = grams[0].shape[0]
+    n_h = targets[0].shape[0]
     m = n_h // num_groups
-    cost = _GroupingCost(grams, ranks)
+    cost = _GroupingCost(targets, ranks)
     neighbour = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
-    energy = sum(g.diagonal(dim1=-2, dim2=-1).sum(-1) / t for g, t in zip(grams, cost.totals))
+    energy = sum(e / t for e, t in zip(cost.energies, cost.totals))
     unassigned = set(range(n_h))
     greedy = []
     for _ in range(num_groups):
@@ -478,13 +497,13 @@ def convert_layer(
         left_key = _psd_sqrt(query_moment)
         left_value = _psd_sqrt(o_heads.transpose(1, 2) @ o_heads)
 
-    grams = [_gram(x_key, left_key), _gram(x_value, left_value)]
+    targets = [_weighted(x_key, left_key), _weighted(x_value, left_value)]
     ranks = [d.d_n, d.d_v]
     if grouping == "similarity" and 1 < num_groups < d.n_h:
-        groups, cost, neighbour_cost = similarity_grouping(grams, ranks, num_groups)
+        groups, cost, neighbour_cost = similarity_grouping(targets, ranks, num_groups)
     else:
         groups = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
-        cost = neighbour_cost = _GroupingCost(grams, ranks).total(groups) if num_groups < d.n_h else 0.0
+        cost = neighbour_cost = _GroupingCost(targets, ranks).total(groups) if num_groups < d.n_h else 0.0
     permutation = [h for g in groups for h in g]
 
     kv_b, key_maps, value_maps, kept_k, kept_v = [], [], [], [], []
