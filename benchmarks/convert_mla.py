@@ -191,7 +191,7 @@ def run(setup: Setup, option_sets: list[dict[str, Any]], *, use_cache: bool = Tr
         for options in option_sets:
             start = time.perf_counter()
             converted = gqla_compile.convert(source, num_groups=num_groups, calibration=calibration, progress=False,
-                                             **options)
+                                             output="gqla", **options)  # the compact form: exact for this dense model
             seconds = time.perf_counter() - start
             ppl = perplexity(converted, eval_windows)
             grouped = kv_cache_elements(converted.config, "grouped")

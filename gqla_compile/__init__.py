@@ -27,6 +27,7 @@ _PUBLIC = {
     "GqlaForCausalLM": "modeling_gqla",
     "GqlaModel": "modeling_gqla",
     "convert": "conversion",
+    "export": "exporting",
     "Target": "targets",
     "plan": "cost_model",
     "Plan": "cost_model",

@@ -67,7 +67,8 @@ class LatentDims:
         """Read the dims of a GQLA or MLA (DeepSeek-style) config.
 
         MLA configs (every model type but "gqla") up-project the latent per head, so n_g = n_h whatever
-        their ``num_key_value_heads`` says.
+        their ``num_key_value_heads`` says, unless the checkpoint was regrouped in its family by
+        ``gqla_compile.convert`` (``gqla_conversion["num_groups"]`` records the groups its weights hold).
         """
         config = getattr(config, "get_text_config", lambda: config)()
         if not is_latent_config(config):
@@ -76,7 +77,8 @@ class LatentDims:
                 "(no kv_lora_rank); convert it first with gqla_compile.convert"
             )
         n_h = config.num_attention_heads
-        n_g = config.num_key_value_heads if getattr(config, "model_type", None) == "gqla" else n_h
+        regrouped = getattr(config, "gqla_conversion", None) or {}
+        n_g = config.num_key_value_heads if getattr(config, "model_type", None) == "gqla" else regrouped.get("num_groups", n_h)
         return cls(
             n_h=n_h,
             n_g=n_g,

@@ -69,7 +69,9 @@ def _logits(model, ids):
 
 
 def _convert(model, num_groups, **options):
-    return gqla_compile.convert(model, num_groups=num_groups, calibration=CALIBRATION, progress=False, **options)
+    """The compact form (GqlaForCausalLM): exact for these dense DeepSeek-layout models."""
+    return gqla_compile.convert(model, num_groups=num_groups, calibration=CALIBRATION, progress=False, output="gqla",
+                                **options)
 
 
 # --- exactness ----------------------------------------------------------------------------------------------
@@ -188,18 +190,20 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys, source, flag
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_converts_a_latent_checkpoint(tmp_path, capsys):
+def test_cli_converts_a_latent_checkpoint_in_its_family(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli_main(["-q", "convert", "tiny-deepseek-v3", str(out), "--num-groups", "2", "--grouping", "similarity",
                      "--weighting", "loss", *CLI_CALIBRATION])
     assert code == 0, capsys.readouterr().err
-    assert "grouped-path KV cache" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(DeepseekV3ForCausalLM, 2 groups" in printed and "(50.00 %)" in printed  # 4 heads -> 2 groups
     model = load_model(out)
-    assert isinstance(model, GqlaForCausalLM) and model.config.num_key_value_heads == 2
-    record = model.config.conversion
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    record = model.config.gqla_conversion
     assert (record["num_groups"], record["grouping"], record["weighting"]) == (2, "similarity", "loss")
     assert record["calibration"]["num_sequences"] == 4 and len(record["permutation"]) == 2
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert kv_cache_elements(model.config, "grouped") * 2 == kv_cache_elements(load_model("tiny-deepseek-v3").config, "grouped")
     assert torch.isfinite(_logits(model, torch.randint(0, 256, (1, 8)))).all()
 
 

@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> None:
     save_pretrained_atomic(model, args.dst, force=args.force, tokenizer=tokenizer)
     if is_latent_config(source.config):
         before, after = kv_cache_elements(source.config, "grouped"), kv_cache_elements(model.config, "grouped")
-        record = model.config.conversion
+        record = getattr(model.config, "gqla_conversion", None) or model.config.conversion
         print(f"converted {args.src} ({type(source).__name__}, {record['source_num_groups']} groups) -> {args.dst} "
-              f"(GqlaForCausalLM, {record['num_groups']} groups, {record['grouping']} grouping): grouped-path KV "
+              f"({type(model).__name__}, {record['num_groups']} groups, {record['grouping']} grouping): grouped-path KV "
               f"cache per token and layer {before} -> {after} elements ({100 * after / before:.2f} %); the "
               "absorbed path's latent cache is unchanged")
         return

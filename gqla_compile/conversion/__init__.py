@@ -43,15 +43,19 @@ def convert(
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
         **kwargs: ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
-            "similarity"), ``weighting`` (None or "loss") and ``score_aware`` (see ``conversion/mla.py``);
+            "similarity"), ``weighting`` (None or "loss"), ``score_aware`` and ``output`` ("family": the
+            source's own class regrouped in place, the default; "gqla": a GqlaForCausalLM where that is exact)
+            (see ``conversion/mla.py``);
             ``_latent_basis`` "pca" (default) or "random" (a
             baseline for tests and benchmarks).
 
-    Returns the new model in eval mode; ``config.conversion`` records how it was made.
+    Returns the new model in eval mode; ``config.conversion`` (``config.gqla_conversion`` for a latent source
+    kept in its family) records how it was made.
     """
     # Latent models (MLA, GQLA), and any model asked for the latent options, go to the latent converter,
     # whose detector decides (and says so when the model holds no latent attention).
-    latent_options = {name: kwargs.pop(name) for name in ("grouping", "weighting", "score_aware") if name in kwargs}
+    latent_options = {name: kwargs.pop(name) for name in ("grouping", "weighting", "score_aware", "output")
+                      if name in kwargs}
     config = getattr(model, "config", None)
     gqa_groups = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
     wants_latent = any(v not in (None, False) for v in latent_options.values()) or (

@@ -31,12 +31,23 @@ Options:
   more (the last position, which has no target, gets weight 1).
 
 Finding the blocks: the compiler's detector (``capture_attention_candidates`` + ``detect_latent_attention``)
-finds every latent-attention block, its dims, its softmax scale and (by probing) the per-head up-projections
-W_UK^h, W_UV^h; the layout of the RoPE key is settled by evaluating the captured graph (rotate_half or
-interleaved pairs). Once the detector has confirmed a block, its q / kv_a / o weights are read by the
-DeepSeek names that every transformers MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/
-``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``o_proj``) and the result is written in
-GqlaForCausalLM's layout, which uses the same names.
+finds every latent-attention block wherever it sits (several per layer, hybrid models' latent layers), its dims,
+its softmax scale and (by probing) the per-head up-projections W_UK^h, W_UV^h; the layout of the RoPE key is
+settled by evaluating the captured graph (rotate_half, interleaved pairs, or none: not rotated). Once the
+detector has confirmed a block, its q / kv_a / o weights are read by the DeepSeek names that every transformers
+MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj``, ``kv_a_proj_with_mqa``,
+``kv_a_layernorm``, ``o_proj``).
+
+The result (``output=``):
+
+- ``"family"`` (default): a copy of the source, same class, config and modules; only each block's query,
+  ``kv_b_proj`` (each group's up-projection repeated for the heads of the group) and ``o_proj`` change, so
+  every other weight (experts, routers, norms, scales, lm_head) is bit-identical and the checkpoint loads
+  in stock transformers; ``config.gqla_conversion`` records the conversion.
+- ``"gqla"``: a GqlaForCausalLM (``kv_b_proj`` once per group, RoPE rows in rotate_half order), only where it
+  reproduces the family-form result (checked on a probe input); otherwise a ConversionError names what the
+  compact form cannot hold (MoE weights, several blocks per layer, unrotated RoPE dims, config fields such
+  as MiniCPM3's scales).
 """
 
 from __future__ import annotations
@@ -87,14 +98,14 @@ class LatentBlock:
     """One detected latent-attention block and what conversion needs from the detector."""
 
     path: str
-    layer_index: int
+    layer_index: int | None  # i when the block is model.layers[i].self_attn (the compact GQLA layout), else None
     module: nn.Module
     dims: LatentDims  # n_g: the source's groups (n_h for MLA)
     scaling: float
     key_up: torch.Tensor  # W_UK^h per query head, float64 [n_h, d_n, d_c]
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
     rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
-    rope_layout: str  # "rotate_half" or "interleaved"
+    rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -144,11 +155,6 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
         dims = match.dims
         per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
         index = _layer_index(model, module)
-        if index is None:
-            raise ConversionError(
-                f"latent attention found at {capture.module_path}, which is not model.layers[i].self_attn: "
-                "conversion writes a GqlaForCausalLM and needs the decoder layout transformers' MLA models share"
-            )
         layout, order = _rope_layout(capture, match, parameters)
         blocks.append(LatentBlock(
             path=capture.module_path, layer_index=index, module=module,
@@ -156,7 +162,8 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
             rope_order=order, rope_layout=layout,
         ))
-    return sorted(blocks, key=lambda b: b.layer_index), len(captures)
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(blocks, key=lambda b: order[b.path]), len(captures)
 
 
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
@@ -164,13 +171,16 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
 
     The graph is evaluated on the recorded call; the RoPE key it produces is compared with the pre-RoPE key
     (the down-projection's last d_R outputs): a rotation keeps the norm of each rotated pair, and only the
-    true pairing does so at every position.
+    true pairing does so at every position. A key equal to its input at every position is not rotated
+    (layout "none", as in Kimi's latent layers); so is a block without RoPE dims (d_R = 0).
     """
     from ..passes.detect import probe_feeds
     from ..passes.graph import evaluate_nodes
     from torch.utils import _pytree as pytree
 
     dims = match.dims
+    if dims.d_R == 0:
+        return "none", []
     gm = capture.graph_module
     feeds = probe_feeds(capture, match, parameters, seq=2)
     sources = gm.meta.get("user_input_sources", {})
@@ -191,6 +201,8 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
     post = rope.reshape(-1, dims.d_R).double()
     if pre.shape != post.shape:
         raise ConversionError(f"{capture.module_path}: cannot line up the RoPE key with its input")
+    if float((post - pre).abs().max()) <= 1e-6 * float(pre.abs().max().clamp_min(1e-30)):
+        return "none", list(range(dims.d_R))
     half = dims.d_R // 2
     candidates = {
         "rotate_half": list(range(dims.d_R)),
@@ -366,48 +378,56 @@ def group_basis(
     return basis, maps, kept
 
 
-def _gram(whitened: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
-    """Per head G_h = (L_h X_h)^T (L_h X_h) [n, d_c, d_c]."""
-    target = whitened if left is None else left @ whitened
-    return target.transpose(-1, -2) @ target
+def _weighted(whitened: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+    """Per head L_h X_h [n, d, d_c]: what the grouping's PCA has to keep."""
+    return whitened if left is None else left @ whitened
 
 
-def _residual(gram_sum: torch.Tensor, d: int) -> float:
-    eigvals = torch.linalg.eigvalsh(gram_sum)
+def _residual(stacked: torch.Tensor, d: int) -> float:
+    """Energy of ``stacked`` [rows, d_c] outside its top-d principal directions.
+
+    The eigenvalues come from the smaller of the two Gram matrices (rows x rows or d_c x d_c): their
+    non-zero eigenvalues are the same, and a group of a few heads has far fewer rows than latent dims.
+    """
+    gram = stacked @ stacked.T if stacked.shape[0] < stacked.shape[1] else stacked.T @ stacked
+    eigvals = torch.linalg.eigvalsh(gram)
     return float(eigvals[:-d].clamp_min(0).sum()) if d < eigvals.numel() else 0.0
 
 
 class _GroupingCost:
     """Calibration residual of a grouping: per kind (keys, values), the energy PCA loses, relative to the total."""
 
-    def __init__(self, grams: Sequence[torch.Tensor], ranks: Sequence[int]):
-        self.grams, self.ranks = grams, ranks
-        self.totals = [float(g.diagonal(dim1=-2, dim2=-1).sum()) or 1.0 for g in grams]
+    def __init__(self, targets: Sequence[torch.Tensor], ranks: Sequence[int]):
+        self.targets, self.ranks = targets, ranks
+        self.energies = [t.square().sum((1, 2)) for t in targets]  # per head
+        self.totals = [float(e.sum()) or 1.0 for e in self.energies]
         self.cache: dict[frozenset, float] = {}
 
     def group(self, heads) -> float:
         key = frozenset(heads)
         if key not in self.cache:
             index = torch.tensor(sorted(key))
-            self.cache[key] = sum(_residual(g[index].sum(0), d) / t for g, d, t in zip(self.grams, self.ranks, self.totals))
+            self.cache[key] = sum(_residual(t[index].reshape(-1, t.shape[-1]), d) / total
+                                  for t, d, total in zip(self.targets, self.ranks, self.totals))
         return self.cache[key]
 
     def total(self, groups) -> float:
         return sum(self.group(g) for g in groups)
 
 
-def similarity_grouping(grams: Sequence[torch.Tensor], ranks: Sequence[int], num_groups: int) -> tuple[list[list[int]], float, float]:
+def similarity_grouping(targets: Sequence[torch.Tensor], ranks: Sequence[int], num_groups: int) -> tuple[list[list[int]], float, float]:
     """Equal-size groups of heads whose subspaces share one basis best: (groups, cost, neighbour cost).
 
-    Greedy construction (seed: the unassigned head of most energy; then the head that adds the least
-    residual), then pairwise swaps between groups while they lower the residual, started from the greedy and
-    from the neighbour grouping; the better result is kept.
+    ``targets``: per kind (keys, values) the heads' weighted whitened up-projections [n_h, d, d_c]; ``ranks``:
+    the basis size of each kind. Greedy construction (seed: the unassigned head of most energy; then the head
+    that adds the least residual), then pairwise swaps between groups while they lower the residual, started
+    from the greedy and from the neighbour grouping; the better result is kept.
     """
-    n_h = grams[0].shape[0]
+    n_h = targets[0].shape[0]
     m = n_h // num_groups
-    cost = _GroupingCost(grams, ranks)
+    cost = _GroupingCost(targets, ranks)
     neighbour = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
-    energy = sum(g.diagonal(dim1=-2, dim2=-1).sum(-1) / t for g, t in zip(grams, cost.totals))
+    energy = sum(e / t for e, t in zip(cost.energies, cost.totals))
     unassigned = set(range(n_h))
     greedy = []
     for _ in range(num_groups):
@@ -460,7 +480,12 @@ def convert_layer(
     grouping: str,
     score_aware: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The new attention tensors of one layer (float64, by name below ``self_attn.``) and its record."""
+    """The new attention tensors of one block (float64, by name below the block) and its record.
+
+    In the family's own layout, same names and shapes: ``kv_b_proj`` holds each group's shared up-projection
+    once per head of the group, the query's RoPE rows stay where the family has them (only re-indexed with
+    the heads), the down-projection is untouched. ``_compact_layout`` turns them into GqlaForCausalLM's.
+    """
     attn, d = block.module, block.dims
     m = d.n_h // num_groups
     sqrt_c, inv_sqrt_c = _sqrt_pair(latent_moment)
@@ -472,13 +497,13 @@ def convert_layer(
         left_key = _psd_sqrt(query_moment)
         left_value = _psd_sqrt(o_heads.transpose(1, 2) @ o_heads)
 
-    grams = [_gram(x_key, left_key), _gram(x_value, left_value)]
+    targets = [_weighted(x_key, left_key), _weighted(x_value, left_value)]
     ranks = [d.d_n, d.d_v]
     if grouping == "similarity" and 1 < num_groups < d.n_h:
-        groups, cost, neighbour_cost = similarity_grouping(grams, ranks, num_groups)
+        groups, cost, neighbour_cost = similarity_grouping(targets, ranks, num_groups)
     else:
         groups = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
-        cost = neighbour_cost = _GroupingCost(grams, ranks).total(groups) if num_groups < d.n_h else 0.0
+        cost = neighbour_cost = _GroupingCost(targets, ranks).total(groups) if num_groups < d.n_h else 0.0
     permutation = [h for g in groups for h in g]
 
     kv_b, key_maps, value_maps, kept_k, kept_v = [], [], [], [], []
@@ -487,7 +512,7 @@ def convert_layer(
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         w_k, a, kk = group_basis(x_key[index], inv_sqrt_c, pick(left_key))
         w_v, b, kv = group_basis(x_value[index], inv_sqrt_c, pick(left_value))
-        kv_b.append(torch.cat([w_k, w_v]))
+        kv_b.append(torch.cat([w_k, w_v]).repeat(len(heads), 1))
         key_maps.append(a)
         value_maps.append(b)
         kept_k.append(kk)
@@ -496,24 +521,15 @@ def convert_layer(
     value_maps = torch.cat(value_maps)
     perm = torch.tensor(permutation)
 
-    # queries: new head j is old head perm[j]; no-RoPE rows get A_j^T, RoPE rows go to rotate_half order
+    # queries: new head j is old head perm[j]; its no-RoPE rows get A_j^T (bias as a column of the same map)
     q_linear = _query_linear(attn)
     q_name = "q_proj" if q_linear is getattr(attn, "q_proj", None) else "q_b_proj"
-    q_w = _f64(q_linear.weight).view(d.n_h, d.d_qk, -1)[perm]
-    q_b = _f64(q_linear.bias)
-    q_b = None if q_b is None else q_b.view(d.n_h, d.d_qk)[perm]
-    rope = torch.tensor(block.rope_order)
-    new_q = torch.cat([key_maps.transpose(1, 2) @ q_w[:, : d.d_n], q_w[:, d.d_n :][:, rope]], dim=1)
-    tensors = {f"{q_name}.weight": new_q.reshape(d.n_h * d.d_qk, -1)}
-    if q_b is not None:
-        new_bias = torch.cat([(key_maps.transpose(1, 2) @ q_b[:, : d.d_n, None])[..., 0], q_b[:, d.d_n :][:, rope]], dim=1)
-        tensors[f"{q_name}.bias"] = new_bias.reshape(-1)
-    # latent and RoPE key: unchanged apart from the RoPE row order
-    kv_a = _f64(attn.kv_a_proj_with_mqa.weight)
-    rows = torch.cat([torch.arange(d.d_c), d.d_c + rope])
-    tensors["kv_a_proj_with_mqa.weight"] = kv_a[rows]
-    if attn.kv_a_proj_with_mqa.bias is not None:
-        tensors["kv_a_proj_with_mqa.bias"] = _f64(attn.kv_a_proj_with_mqa.bias)[rows]
+    tensors = {}
+    for kind, value in (("weight", q_linear.weight), ("bias", q_linear.bias)):
+        if value is not None:
+            rows = _f64(value).view(d.n_h, d.d_qk, -1)[perm]
+            new_q = torch.cat([key_maps.transpose(1, 2) @ rows[:, : d.d_n], rows[:, d.d_n :]], dim=1)
+            tensors[f"{q_name}.{kind}"] = new_q.reshape(value.shape)
     tensors["kv_b_proj.weight"] = torch.cat(kv_b)
     tensors["o_proj.weight"] = (o_heads[perm] @ value_maps).permute(1, 0, 2).reshape(o_weight.shape[0], -1)
     record = {
@@ -524,6 +540,26 @@ def convert_layer(
         "neighbour_grouping_residual": neighbour_cost,
     }
     return tensors, record
+
+
+def _compact_layout(block: LatentBlock, tensors: dict[str, torch.Tensor], num_groups: int) -> dict[str, torch.Tensor]:
+    """One block's family-layout tensors in GqlaForCausalLM's layout: kv_b_proj once per group, RoPE rows of the
+    query and of the down-projection in rotate_half order."""
+    d = block.dims
+    rope = torch.tensor(block.rope_order, dtype=torch.long)
+    compact = dict(tensors)
+    for name, value in tensors.items():
+        if name.startswith(("q_proj.", "q_b_proj.")):
+            rows = value.view(d.n_h, d.d_qk, -1)
+            compact[name] = torch.cat([rows[:, : d.d_n], rows[:, d.d_n :][:, rope]], dim=1).reshape(value.shape)
+    down = block.module.kv_a_proj_with_mqa
+    rows = torch.cat([torch.arange(d.d_c), d.d_c + rope])
+    compact["kv_a_proj_with_mqa.weight"] = _f64(down.weight)[rows]
+    if down.bias is not None:
+        compact["kv_a_proj_with_mqa.bias"] = _f64(down.bias)[rows]
+    per_head = tensors["kv_b_proj.weight"].view(d.n_h, d.d_n + d.d_v, d.d_c)
+    compact["kv_b_proj.weight"] = per_head[:: d.n_h // num_groups].reshape(-1, d.d_c)
+    return compact
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -565,6 +601,9 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
         mlp_bias=getattr(getattr(mlp, "gate_proj", None), "bias", None) is not None,
         kv_a_layernorm=has_norm,
         softmax_scale=blocks[0].scaling,
+        # a GQLA source's RoPE table (TransGQLA keeps the source's frequencies); None for MLA families
+        rope_frequency_dim=getattr(cfg, "rope_frequency_dim", None),
+        rope_frequency_indices=getattr(cfg, "rope_frequency_indices", None),
     )
 
 
@@ -577,22 +616,100 @@ def _expected_state_names(config: GqlaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_layout(source: nn.Module, blocks: Sequence[LatentBlock], expected: dict[str, tuple[int, ...]]) -> None:
-    """ConversionError (before any calibration) when the source has weights a GqlaForCausalLM cannot hold."""
+    """ConversionError (before any calibration) when the source has what a GqlaForCausalLM cannot hold."""
+    elsewhere = [b.path for b in blocks if b.layer_index is None]
+    if elsewhere:
+        raise ConversionError(
+            f"latent attention at {elsewhere[0]}, which is not model.layers[i].self_attn (e.g. several attention "
+            "blocks per layer): GqlaForCausalLM has one per layer; keep the family's layout (output='family')"
+        )
     layers = source.model.layers
     if len(blocks) != len(layers):
         missing = sorted(set(range(len(layers))) - {b.layer_index for b in blocks})
         raise ConversionError(f"latent attention was detected in {len(blocks)} of {len(layers)} layers (not in {missing}); "
-                              "conversion needs every layer to be latent attention")
+                              "GqlaForCausalLM needs every layer to be latent attention; keep the family's layout "
+                              "(output='family')")
     for block in blocks[1:]:
         if (block.dims.as_dict() | {"n_g": 0}) != (blocks[0].dims.as_dict() | {"n_g": 0}) or block.scaling != blocks[0].scaling:
-            raise ConversionError(f"{block.path} has other dims than {blocks[0].path}; a GqlaConfig has one shape for all layers")
+            raise ConversionError(f"{block.path} has other dims than {blocks[0].path}; a GqlaConfig has one shape for "
+                                  "all layers; keep the family's layout (output='family')")
+    unrotated = [b.path for b in blocks if b.rope_layout == "none" and b.dims.d_R]
+    if unrotated:
+        raise ConversionError(f"{unrotated[0]} does not rotate its {blocks[0].dims.d_R} RoPE key dims, which "
+                              "GqlaForCausalLM always rotates; keep the family's layout (output='family')")
     source_names = {n: tuple(t.shape) for n, t in source.state_dict().items()}
     unused = sorted(n for n in source_names if n not in expected and not n.endswith("rotary_emb.inv_freq"))
     if unused:
         raise ConversionError(
-            f"{type(source).__name__} has weights GqlaForCausalLM has no place for (e.g. {', '.join(unused[:3])}); "
-            "only dense-MLP decoders convert (MoE layers do not)"
+            f"{type(source).__name__} has weights GqlaForCausalLM has no place for (e.g. {', '.join(unused[:3])}): "
+            "only dense-MLP decoders have a compact form (MoE layers do not); keep the family's layout "
+            "(output='family')"
         )
+
+
+def _regrouped_copy(model: nn.Module, blocks: Sequence[LatentBlock], layer_tensors: Sequence[dict[str, torch.Tensor]],
+                    dtype: torch.dtype | None) -> nn.Module:
+    """A copy of ``model`` (same class, config and modules) whose attention blocks hold the new tensors."""
+    new = copy.deepcopy(model)
+    if dtype is not None:
+        new.to(dtype)
+    with torch.no_grad():
+        for block, tensors in zip(blocks, layer_tensors):
+            module = new.get_submodule(block.path)
+            for name, value in tensors.items():
+                parameter = module.get_parameter(name)
+                parameter.copy_(value.to(parameter.dtype))
+    return new.eval()
+
+
+def _compact_model(source: nn.Module, blocks: Sequence[LatentBlock], layer_tensors: Sequence[dict[str, torch.Tensor]],
+                   config: GqlaConfig, expected: dict[str, tuple[int, ...]], dtype: torch.dtype) -> nn.Module:
+    """The GqlaForCausalLM holding the regrouped blocks and the source's other weights."""
+    from ..modeling_gqla import GqlaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    state = {name: t for name, t in source.state_dict().items() if name in expected}
+    for block, tensors in zip(blocks, layer_tensors):
+        compact = _compact_layout(block, tensors, config.num_key_value_heads)
+        state.update({f"{block.path}.{name}": t for name, t in compact.items()})
+    for name, shape in expected.items():  # biases the source lacks (e.g. q_proj's when kv_a has one): zero
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+    missing = set(expected) - set(state)
+    if missing:
+        raise ConversionError(f"no source weights for {sorted(missing)[:3]}")
+    with no_init_weights():
+        new = GqlaForCausalLM(config)
+    new.load_state_dict({n: t.detach().to("cpu", dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(source.generation_config)
+    return new.eval()
+
+
+def _check_compact_reproduces(family: nn.Module, compact: nn.Module) -> None:
+    """ConversionError naming the source's config fields GqlaConfig lacks when the compact model computes
+    something else than the family's (e.g. MiniCPM3's embedding, residual and logit scales)."""
+    ids = torch.randint(0, family.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    device = next(family.parameters()).device
+    with torch.no_grad():
+        expected = family(input_ids=ids.to(device), use_cache=False).logits.double()
+        actual = compact.to(device)(input_ids=ids.to(device), use_cache=False).logits.double()
+    error = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+    tolerance = 1e-4 if family.dtype in (torch.float32, torch.float64) else 5e-2
+    if not error <= tolerance:
+        known = set(GqlaConfig().to_dict())
+        fields = sorted(k for k, v in family.config.to_dict().items()
+                        if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConversionError(
+            f"GqlaForCausalLM does not reproduce {type(family).__name__} (relative logit error {error:.2g}): it has no "
+            f"place for what the family's config fields {', '.join(fields) or '(none)'} describe; keep the family's "
+            "layout (output='family')"
+        )
+
+
+OUTPUTS = ("family", "gqla")
+RECORD_FIELD = "gqla_conversion"  # the config field a regrouped family checkpoint records its conversion in
 
 
 def convert_mla(
@@ -604,17 +721,23 @@ def convert_mla(
     grouping: str | None = None,
     weighting: str | None = None,
     score_aware: bool = False,
+    output: str = "family",
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> nn.Module:
-    """A latent-attention model (MLA or GQLA) as a GqlaForCausalLM with ``num_groups`` groups; see module docs."""
-    from ..modeling_gqla import GqlaForCausalLM
-    from transformers.initialization import no_init_weights
+    """A latent-attention model (MLA or GQLA) regrouped to ``num_groups`` groups; see module docs.
 
+    ``output="family"`` (default): a copy of ``model``, same class, config and modules, every weight outside the
+    attention blocks bit-identical; the config records the conversion under ``gqla_conversion`` (a field stock
+    transformers keeps and ignores). ``output="gqla"``: a GqlaForCausalLM, only where it reproduces the family
+    (a dense DeepSeek-layout decoder); otherwise a ConversionError names what it cannot hold.
+    """
     start = time.perf_counter()
     grouping = grouping or "neighbour"
+    if output not in OUTPUTS:
+        raise ConversionError(f"output={output!r} is not known; use 'family' (the source's own class) or 'gqla'")
     blocks, checked = find_latent_blocks(model)
     if not blocks:
         config = getattr(model, "config", None)
@@ -629,29 +752,29 @@ def convert_mla(
         )
     dims = blocks[0].dims
     num_groups = dims.n_g if num_groups is None else num_groups  # default: the source's own groups (exact)
-    _check_options(num_groups, dims.n_h, grouping, weighting)
-    config = gqla_config_for_latent(model, blocks, num_groups)
-    expected = _expected_state_names(config)
-    _check_layout(model, blocks, expected)
-    out_dtype = next(model.parameters()).dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    for n_h in sorted({b.dims.n_h for b in blocks}):
+        _check_options(num_groups, n_h, grouping, weighting)
+    compact = output == "gqla"
+    if compact:
+        config = gqla_config_for_latent(model, blocks, num_groups)
+        expected = _expected_state_names(config)
+        _check_layout(model, blocks, expected)
+    source_dtype = next(model.parameters()).dtype
+    out_dtype = source_dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
     stats = collect_latent_statistics(model, blocks, sequences, weighting=weighting, queries=score_aware,
                                       batch_size=batch_size, progress=progress)
-    state = {name: t for name, t in model.state_dict().items() if name in expected}
-    records = []
-    for i, block in enumerate(tqdm(blocks, desc="TransGQLA (latent)", unit="layer", disable=not progress)):
+    layer_tensors, records = [], []
+    for i, block in enumerate(tqdm(blocks, desc="TransGQLA (latent)", unit="block", disable=not progress)):
         tensors, record = convert_layer(block, stats.latent[i], stats.query[i] if stats.query else None,
                                         num_groups, grouping, score_aware)
-        prefix = f"model.layers.{block.layer_index}.self_attn."
-        state.update({prefix + name: t for name, t in tensors.items()})
-        records.append({"rope_layout": block.rope_layout, **record})
-    for name, shape in expected.items():  # biases the source lacks (e.g. q_proj's when kv_a has one): zero
-        if name not in state and name.endswith(".bias"):
-            state[name] = torch.zeros(shape)
-    config.conversion = {
+        layer_tensors.append(tensors)
+        records.append({"block": block.path, "rope_layout": block.rope_layout, **record})
+    conversion = {
         "method": "TransGQLA (latent): per-group PCA of the up-projected keys and values in the latent's "
                   "calibration metric, head maps folded into q and o_proj",
+        "output": output,
         "source_architecture": type(model).__name__,
         "source_model_type": getattr(model.config, "model_type", None),
         "source_num_groups": dims.n_g,
@@ -664,16 +787,16 @@ def convert_mla(
                         "num_sequences": len(sequences), "num_tokens": stats.tokens, "seed": seed},
         "layers": records,
     }
-    with no_init_weights():
-        new = GqlaForCausalLM(config)
-    missing = set(expected) - set(state)
-    if missing:
-        raise ConversionError(f"no source weights for {sorted(missing)[:3]}")
-    new.load_state_dict({n: t.detach().to("cpu", out_dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        new.tie_weights()
-    new.generation_config = copy.deepcopy(model.generation_config)
-    logger.info("TransGQLA (latent): %d layers, %d -> %d groups (%s grouping) in %.1f s; mean kept key energy %.3f",
-                len(blocks), dims.n_g, num_groups, grouping, time.perf_counter() - start,
+    family = _regrouped_copy(model, blocks, layer_tensors, None if compact else out_dtype)
+    if compact:
+        config.conversion = conversion
+        new = _compact_model(model, blocks, layer_tensors, config, expected, source_dtype)
+        _check_compact_reproduces(family, new)
+        new = new.to(out_dtype)
+    else:
+        setattr(family.config, RECORD_FIELD, conversion)
+        new = family
+    logger.info("TransGQLA (latent): %d blocks, %d -> %d groups (%s grouping, %s layout) in %.1f s; mean kept key "
+                "energy %.3f", len(blocks), dims.n_g, num_groups, grouping, output, time.perf_counter() - start,
                 sum(r["key_kept_energy"] for r in records) / len(records))
-    return new.eval()
+    return new

@@ -1,0 +1,182 @@
+"""Export a GqlaForCausalLM as a checkpoint of a stock transformers family, for serving engines.
+
+``export(model, out_dir, format="deepseek_v3")`` writes a DeepSeek-V3 checkpoint (safetensors, atomic) that
+``DeepseekV3ForCausalLM`` (and engines with DeepSeek-V3 MLA kernels) load with no code of ours. GQLA is MLA
+whose up-projection is shared by the heads of a group, so the group's ``kv_b_proj`` block is repeated for each
+of its heads (the cache and the latent stay the same; the compiler's probing finds n_g again). What
+DeepSeek-V3's layout has no field for is carried exactly where an identity allows it, else refused:
+
+- softmax scale: folded into the query rows (scores are linear in q), DeepSeek-V3's own scale is kept;
+- RoPE: GQLA's rotate_half pairs are written in DeepSeek-V3's interleaved layout (``rope_interleave=True``,
+  what DeepSeek-V3 checkpoints and engines use); a selected frequency subset (TransGQLA's
+  ``rope_frequency_indices``) is exact only when it is a geometric series from frequency 1 (then it is a
+  ``rope_theta``), and is refused otherwise;
+- biases: on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` DeepSeek-V3 has them (``attention_bias``;
+  a missing one is written as zeros) but engines may ignore them: a warning; a bias on a plain ``q_proj`` or
+  on the MLP has no place: refused when non-zero;
+- no latent norm (``kv_a_layernorm=False``, TransGQLA results from GQA models): DeepSeek-V3 always
+  normalises the latent, which would change the model: refused;
+- dense MLP: written as a DeepSeek-V3 without MoE layers (``first_k_dense_replace = num_hidden_layers``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConversionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "export", "to_deepseek_v3"]
+
+FORMATS = ("deepseek_v3",)
+
+
+def export(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "deepseek_v3", force: bool = False) -> Path:
+    """Write ``model`` (a GqlaForCausalLM) into ``out_dir`` as a checkpoint of ``format``; see module docs.
+
+    Refuses an existing ``out_dir`` unless ``force`` (checked before any work; the folder is written to a
+    temporary sibling and renamed into place). Raises ConversionError when the model has what the format
+    cannot express exactly; nothing is written then.
+    """
+    from .checkpoint import check_output_free, save_pretrained_atomic
+
+    if format not in FORMATS:
+        raise ConversionError(f"format={format!r} is not known; use one of {', '.join(FORMATS)}")
+    check_output_free(out_dir, force=force)
+    exported = to_deepseek_v3(model)
+    return save_pretrained_atomic(exported, out_dir, force=force)
+
+
+def _require_gqla(model: nn.Module) -> None:
+    from .modeling_gqla import GqlaForCausalLM
+
+    if not isinstance(model, GqlaForCausalLM):
+        raise ConversionError(
+            f"export writes a GqlaForCausalLM, got {type(model).__name__}; a model regrouped in its own family by "
+            "gqla_compile.convert is already a checkpoint of that family: save it with save_pretrained"
+        )
+
+
+def _nonzero(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and bool(tensor.detach().abs().max() > 0)
+
+
+def _rope_fields(model: nn.Module) -> tuple[dict[str, Any], list[int]]:
+    """DeepSeek-V3 rope_parameters reproducing GQLA's RoPE frequencies, and the pair order (fastest first)."""
+    config = model.config
+    half = config.qk_rope_head_dim // 2
+    parameters = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    default_table = config.rope_frequency_indices in (None, list(range(half))) and config.rope_frequency_dim in (
+        None, config.qk_rope_head_dim)
+    if default_table:  # the same table DeepSeek-V3 builds (head_dim = qk_rope_head_dim), whatever the rope type
+        return parameters, list(range(half))
+    if parameters.get("rope_type", "default") != "default":
+        raise ConversionError(
+            f"the RoPE uses a selected frequency subset of a {parameters.get('rope_type')!r} table "
+            "(rope_frequency_indices / rope_frequency_dim), which DeepSeek-V3's rope_parameters cannot express"
+        )
+    inv_freq = model.model.rotary_emb.inv_freq.detach().double().cpu()
+    order = sorted(range(half), key=lambda p: -float(inv_freq[p]))
+    ordered = inv_freq[order]
+    theta = float(ordered[1]) ** (-config.qk_rope_head_dim / 2) if half > 1 else float(parameters.get("rope_theta", 1e4))
+    expected = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / config.qk_rope_head_dim)
+    if not torch.allclose(ordered, expected, rtol=1e-6, atol=0):
+        raise ConversionError(
+            f"the RoPE frequencies {[round(float(f), 6) for f in ordered]} (a selected subset, "
+            "rope_frequency_indices) are not a geometric series from 1, so no DeepSeek-V3 rope_theta reproduces them"
+        )
+    return {**parameters, "rope_theta": theta}, order
+
+
+def to_deepseek_v3(model: nn.Module) -> nn.Module:
+    """A DeepseekV3ForCausalLM computing what ``model`` (a GqlaForCausalLM) computes; see module docs."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .conversion.mla import RECORD_FIELD
+
+    _require_gqla(model)
+    config = model.config
+    attention = [layer.self_attn for layer in model.model.layers]
+    if not config.kv_a_layernorm:
+        raise ConversionError(
+            "the model has no latent norm (kv_a_layernorm=False, as TransGQLA results from GQA models have): "
+            "DeepSeek-V3 always RMS-normalises the latent, which would change the model"
+        )
+    mlp_biases = [n for n, p in model.named_parameters() if ".mlp." in n and n.endswith(".bias") and _nonzero(p)]
+    if mlp_biases:
+        raise ConversionError(f"the MLP has biases ({mlp_biases[0]}, ...), which DeepSeek-V3's MLP has no place for")
+    if config.q_lora_rank is None and any(_nonzero(a.q_proj.bias) for a in attention):
+        raise ConversionError("q_proj has a bias, which DeepSeek-V3's q_proj (without q_lora_rank) has no place for")
+    rope_parameters, pair_order = _rope_fields(model)
+    biased = sorted({name.split(".")[-2] for name, p in model.named_parameters()
+                     if ".self_attn." in name and name.endswith(".bias") and _nonzero(p)})
+    if biased:
+        logger.warning("exporting attention biases (%s) as DeepSeek-V3's attention_bias: transformers loads them, "
+                       "serving engines' DeepSeek-V3 implementations may ignore them", ", ".join(biased))
+
+    n_h, n_g = config.num_attention_heads, config.num_key_value_heads
+    ds_config = DeepseekV3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        moe_intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=n_h, num_key_value_heads=n_h, n_shared_experts=1, n_routed_experts=1,
+        num_experts_per_tok=1, n_group=1, topk_group=1, first_k_dense_replace=config.num_hidden_layers,
+        kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank, qk_rope_head_dim=config.qk_rope_head_dim,
+        qk_nope_head_dim=config.qk_nope_head_dim, v_head_dim=config.v_head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, rope_parameters=rope_parameters, rope_interleave=True,
+        attention_bias=bool(biased), pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, num_mtp_layers=0,
+    )
+    setattr(ds_config, RECORD_FIELD, {
+        "method": "export of a GqlaForCausalLM: each group's kv_b_proj block repeated for its heads, softmax scale "
+                  "folded into the queries, RoPE pairs in DeepSeek-V3's interleaved layout",
+        "output": "deepseek_v3", "num_groups": n_g, "source_num_groups": n_g, "source_conversion": config.conversion,
+    })
+    with no_init_weights():
+        exported = DeepseekV3ForCausalLM(ds_config)
+    dtype = next(model.parameters()).dtype
+    scale = attention[0].scaling / exported.model.layers[0].self_attn.scaling
+    state = _deepseek_v3_state(model, pair_order, scale)
+    expected = exported.state_dict()
+    for name, tensor in expected.items():  # biases GQLA lacks where DeepSeek-V3 has one: zero
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros_like(tensor)
+    exported.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=True, assign=True)
+    if ds_config.tie_word_embeddings:
+        exported.tie_weights()
+    exported.generation_config = model.generation_config
+    logger.info("export: GqlaForCausalLM (%d groups) -> DeepseekV3ForCausalLM (kv_b_proj repeated %d times per "
+                "group, softmax scale factor %.6g folded into the queries)", n_g, n_h // n_g, scale)
+    return exported.eval()
+
+
+def _deepseek_v3_state(model: nn.Module, pair_order: list[int], scale: float) -> dict[str, torch.Tensor]:
+    """The GQLA state dict in DeepSeek-V3's names and layout."""
+    config = model.config
+    n_h, n_g = config.num_attention_heads, config.num_key_value_heads
+    d_n, d_r, d_c = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
+    half = d_r // 2
+    interleaved = torch.tensor([i for p in pair_order for i in (p, p + half)])  # rotate_half rows -> interleaved
+    state = {n: t.detach() for n, t in model.state_dict().items()}
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}.self_attn."
+        for name in ("q_proj.weight", "q_proj.bias", "q_b_proj.weight"):
+            if prefix + name in state:
+                rows = state[prefix + name].reshape(n_h, d_n + d_r, -1)
+                rows = torch.cat([rows[:, :d_n], rows[:, d_n:][:, interleaved]], dim=1) * scale
+                state[prefix + name] = rows.reshape(state[prefix + name].shape)
+        for name in ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias"):
+            if prefix + name in state:
+                value = state[prefix + name]
+                state[prefix + name] = torch.cat([value[:d_c], value[d_c:][interleaved]])
+        groups = state[prefix + "kv_b_proj.weight"].reshape(n_g, -1, d_c)
+        state[prefix + "kv_b_proj.weight"] = groups.repeat_interleave(n_h // n_g, dim=0).reshape(-1, d_c)
+    return state

@@ -1,0 +1,139 @@
+"""``gqla_compile.export`` / ``gqla-compile export``: a GqlaForCausalLM as a DeepSeek-V3 checkpoint (issue 12).
+
+The GQLA model is tiny, with everything DeepSeek-V3 has no field for but an identity carries exactly: a
+q_lora query with biases, a softmax scale of its own, a RoPE frequency subset of a larger table (evenly spaced,
+in shuffled order), random norm gains and biases. Stock ``DeepseekV3ForCausalLM`` must load it in a fresh
+process that never imports gqla_compile and give the same logits; the compiler's probing must find the groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from _families import logits_in_stock_transformers, randomize_norms_and_biases
+from _models import relative_error
+from transformers import AutoModelForCausalLM
+
+import gqla_compile
+from gqla_compile.cli import main as cli_main
+from gqla_compile.conversion.calibration import random_token_sequences
+from gqla_compile.conversion.mla import find_latent_blocks
+from gqla_compile.errors import ConversionError
+from gqla_compile.tiny import tiny_gqla, tiny_llama
+
+EXPRESSIBLE = dict(q_lora_rank=24, attention_bias=True, attention_output_bias=True, softmax_scale=0.3,
+                   rope_frequency_dim=32, rope_frequency_indices=[6, 0, 2, 4])
+
+
+def _gqla(**overrides):
+    torch.manual_seed(0)
+    return randomize_norms_and_biases(AutoModelForCausalLM.from_config(tiny_gqla(**overrides)).eval())
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
+
+
+def test_exported_checkpoint_loads_in_stock_deepseek_v3_with_the_same_logits(tmp_path, tokens, caplog):
+    model = _gqla(**EXPRESSIBLE)
+    out = tmp_path / "ds"
+    with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
+        gqla_compile.export(model, out, format="deepseek_v3")
+    assert "attention biases" in caplog.text  # engines may ignore them: said so
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # written atomically, no leftovers
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+    logits = logits_in_stock_transformers([str(out)], tokens, tmp_path)[str(out)]
+    assert relative_error(logits, expected) < 1e-5
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM" and loaded.config.rope_interleave
+    assert not any("experts" in name for name in loaded.state_dict())
+    blocks, _ = find_latent_blocks(loaded)  # kv_b_proj repeated per group: the probing finds the groups again
+    assert {b.dims.n_g for b in blocks} == {model.config.num_key_value_heads}
+    assert loaded.config.gqla_conversion["num_groups"] == model.config.num_key_value_heads
+
+
+def test_export_of_a_compact_conversion_decodes_like_it(tmp_path):
+    """A GqlaForCausalLM made by regrouping a DeepSeek-V3 model (output="gqla") round-trips to DeepSeek-V3."""
+    from gqla_compile.tiny import tiny_deepseek_v3
+
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(tiny_deepseek_v3()).eval()
+    compact = gqla_compile.convert(source, num_groups=2, calibration=random_token_sequences(256, 4, 24, seed=1),
+                                   progress=False, output="gqla")
+    gqla_compile.export(compact, tmp_path / "ds")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
+    prompt = torch.tensor([[5, 17, 99, 3, 250, 42, 8, 61]])
+    with torch.no_grad():
+        want = compact.generate(prompt, max_new_tokens=8, do_sample=False)
+        got = exported.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert len(set(want[0, 8:].tolist())) > 1  # not one repeated token
+    assert torch.equal(got, want)
+
+
+# --- what DeepSeek-V3 cannot express: refused, nothing written ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: _gqla(kv_a_layernorm=False), "no latent norm"),
+        (lambda: _gqla(rope_frequency_dim=32, rope_frequency_indices=[0, 1, 3, 6]), "not a geometric series"),
+        (lambda: _gqla(mlp_bias=True), "MLP has biases"),
+        (lambda: _gqla(attention_bias=True), "q_proj has a bias"),
+        (lambda: AutoModelForCausalLM.from_config(tiny_llama()), "export writes a GqlaForCausalLM"),
+    ],
+    ids=["no_latent_norm", "irregular_rope_subset", "mlp_bias", "q_proj_bias", "not_gqla"],
+)
+def test_what_deepseek_v3_cannot_express_is_refused(tmp_path, make, message):
+    with pytest.raises(ConversionError, match=message):
+        gqla_compile.export(make(), tmp_path / "ds")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_transgqla_result_without_latent_norm_is_refused(tmp_path):
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(tiny_llama()).eval()
+    converted = gqla_compile.convert(llama, kv_lora_rank=16, qk_rope_head_dim=8, progress=False,
+                                     calibration=random_token_sequences(256, 4, 16, seed=1))
+    with pytest.raises(ConversionError, match="no latent norm.*TransGQLA"):
+        gqla_compile.export(converted, tmp_path / "ds")
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_folder_and_unknown_format_are_refused(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        gqla_compile.export(_gqla(), tmp_path / "ds")
+    assert os.listdir(tmp_path / "ds") == ["keep.txt"]
+    with pytest.raises(ConversionError, match="format='vllm' is not known"):
+        gqla_compile.export(_gqla(), tmp_path / "other", format="vllm")
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_cli_exports_and_refuses_an_existing_folder(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert cli_main(["-q", "export", "tiny-gqla", str(out)]) == 0, capsys.readouterr().err
+    assert "(deepseek_v3)" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "deepseek_v3"
+    before = sorted(os.listdir(out))
+    assert cli_main(["-q", "export", "tiny-gqla", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_cli_convert_refuses_an_existing_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli_main(["-q", "convert", "tiny-deepseek-v3", str(out), "--num-groups", "2", "--num-samples", "2",
+                     "--seq-len", "8"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert os.listdir(out) == []
