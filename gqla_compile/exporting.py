@@ -15,13 +15,22 @@ DeepSeek-V3's layout has no field for is carried exactly where an identity allow
   a missing one is written as zeros) but engines may ignore them: a warning; a bias on a plain ``q_proj`` or
   on the MLP has no place: refused when non-zero;
 - no latent norm (``kv_a_layernorm=False``, TransGQLA results from GQA models): DeepSeek-V3 always
-  normalises the latent, which would change the model: refused;
+  RMS-normalises the latent, so the export writes an *inert* one: the latent rows of ``kv_a_proj_with_mqa``
+  are scaled by a small s and the norm's gain is sqrt(eps) / s. Then mean(x^2) << eps for every input the
+  layer can see (bounded through the input norm's gain, see ``inert_latent_norm``), the norm divides by
+  sqrt(eps) and hands back the latent to within a relative 1e-8. That needs every loader to use the same eps:
+  transformers builds the latent norm with 1e-6 whatever the config says, serving engines with
+  ``rms_norm_eps``, so a model whose ``rms_norm_eps`` is not 1e-6 is refused;
 - dense MLP: written as a DeepSeek-V3 without MoE layers (``first_k_dense_replace = num_hidden_layers``).
+
+The exported model is checked against the source on a fixed batch of random tokens before it is returned
+(as ``optimize`` checks its rewrites): a difference above the dtype's tolerance is an error, never a file.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["FORMATS", "export", "to_deepseek_v3"]
 
 FORMATS = ("deepseek_v3",)
+#: The epsilon transformers' DeepSeek-V3 builds its latent norm with, whatever ``rms_norm_eps`` says.
+LATENT_NORM_EPS = 1e-6
+#: The largest relative change an inert latent norm may make to a latent, over every input.
+INERT_NORM_DEVIATION = 1e-8
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "deepseek_v3", force: bool = False) -> Path:
@@ -105,10 +118,13 @@ def to_deepseek_v3(model: nn.Module) -> nn.Module:
     _require_gqla(model)
     config = model.config
     attention = [layer.self_attn for layer in model.model.layers]
-    if not config.kv_a_layernorm:
+    if not config.kv_a_layernorm and not math.isclose(config.rms_norm_eps, LATENT_NORM_EPS):
         raise ConversionError(
-            "the model has no latent norm (kv_a_layernorm=False, as TransGQLA results from GQA models have): "
-            "DeepSeek-V3 always RMS-normalises the latent, which would change the model"
+            f"the model has no latent norm (kv_a_layernorm=False, as TransGQLA results from GQA models have) and "
+            f"rms_norm_eps={config.rms_norm_eps:g}: DeepSeek-V3 always RMS-normalises the latent, and the inert norm "
+            f"that stands in for none needs every loader to use one epsilon (transformers uses {LATENT_NORM_EPS:g}, "
+            "serving engines rms_norm_eps). Serve this model with gqla_compile.optimize instead, or convert a "
+            f"source whose rms_norm_eps is {LATENT_NORM_EPS:g}"
         )
     mlp_biases = [n for n, p in model.named_parameters() if ".mlp." in n and n.endswith(".bias") and _nonzero(p)]
     if mlp_biases:
@@ -153,9 +169,12 @@ def to_deepseek_v3(model: nn.Module) -> nn.Module:
     if ds_config.tie_word_embeddings:
         exported.tie_weights()
     exported.generation_config = model.generation_config
+    exported.eval()
+    _check_reproduces(model, exported)
     logger.info("export: GqlaForCausalLM (%d groups) -> DeepseekV3ForCausalLM (kv_b_proj repeated %d times per "
-                "group, softmax scale factor %.6g folded into the queries)", n_g, n_h // n_g, scale)
-    return exported.eval()
+                "group, softmax scale factor %.6g folded into the queries%s)", n_g, n_h // n_g, scale,
+                "" if config.kv_a_layernorm else ", an inert latent norm")
+    return exported
 
 
 def _deepseek_v3_state(model: nn.Module, pair_order: list[int], scale: float) -> dict[str, torch.Tensor]:
@@ -177,6 +196,51 @@ def _deepseek_v3_state(model: nn.Module, pair_order: list[int], scale: float) ->
             if prefix + name in state:
                 value = state[prefix + name]
                 state[prefix + name] = torch.cat([value[:d_c], value[d_c:][interleaved]])
+        if not config.kv_a_layernorm:
+            shrink, gain = inert_latent_norm(model.model.layers[i])
+            for name in ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias"):
+                if prefix + name in state:
+                    value = state[prefix + name].clone()
+                    value[:d_c] *= shrink
+                    state[prefix + name] = value
+            state[prefix + "kv_a_layernorm.weight"] = torch.full((d_c,), gain, dtype=torch.float64)
         groups = state[prefix + "kv_b_proj.weight"].reshape(n_g, -1, d_c)
         state[prefix + "kv_b_proj.weight"] = groups.repeat_interleave(n_h // n_g, dim=0).reshape(-1, d_c)
     return state
+
+
+def inert_latent_norm(layer: nn.Module) -> tuple[float, float]:
+    """(s, gain) that make DeepSeek-V3's latent RMSNorm hand back ``layer``'s latent unchanged.
+
+    The norm computes gain * x / sqrt(mean(x^2) + eps) with x = s c. The layer's input is the output of its
+    input RMSNorm, whose norm is at most max|g_in| sqrt(D), so mean(c^2) <= m = (sigma_max(W_c) max|g_in|
+    sqrt(D) + |b_c|)^2 / d_c for every input. With s^2 m = 2 INERT_NORM_DEVIATION eps and gain = sqrt(eps) / s
+    the output is c / sqrt(1 + s^2 mean(c^2) / eps), within a relative INERT_NORM_DEVIATION of c.
+    """
+    attention = layer.self_attn
+    d_c = attention.kv_lora_rank
+    down = attention.kv_a_proj_with_mqa
+    weight = down.weight.detach()[:d_c].double()
+    bias = down.bias.detach()[:d_c].double().norm().item() if down.bias is not None else 0.0
+    gain_in = layer.input_layernorm.weight.detach().double().abs().max().item()
+    bound = (torch.linalg.matrix_norm(weight, ord=2).item() * gain_in * math.sqrt(weight.shape[1]) + bias) ** 2 / d_c
+    shrink = math.sqrt(2 * INERT_NORM_DEVIATION * LATENT_NORM_EPS / max(bound, 1e-30))
+    return shrink, math.sqrt(LATENT_NORM_EPS) / shrink
+
+
+def _check_reproduces(model: nn.Module, exported: nn.Module) -> None:
+    """Raise ConversionError when ``exported`` does not give ``model``'s logits on a fixed random batch."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        want = model(input_ids=tokens, use_cache=False).logits.double()
+        got = exported(input_ids=tokens, use_cache=False).logits.double()
+    error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    if not error <= tolerance:
+        raise ConversionError(
+            f"the DeepSeek-V3 export does not reproduce the model (relative logit error {error:.2e} > "
+            f"{tolerance:.0e}); nothing was written. Please report this model"
+        )
+    logger.info("export reproduces the model: relative logit error %.2e", error)

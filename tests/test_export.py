@@ -81,7 +81,7 @@ def test_export_of_a_compact_conversion_decodes_like_it(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: _gqla(kv_a_layernorm=False), "no latent norm"),
+        (lambda: _gqla(kv_a_layernorm=False, rms_norm_eps=1e-5), "no latent norm.*rms_norm_eps=1e-05"),
         (lambda: _gqla(rope_frequency_dim=32, rope_frequency_indices=[0, 1, 3, 6]), "not a geometric series"),
         (lambda: _gqla(mlp_bias=True), "MLP has biases"),
         (lambda: _gqla(attention_bias=True), "q_proj has a bias"),
@@ -95,13 +95,52 @@ def test_what_deepseek_v3_cannot_express_is_refused(tmp_path, make, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_transgqla_result_without_latent_norm_is_refused(tmp_path):
+def test_a_transgqla_result_without_latent_norm_exports_with_an_inert_norm(tmp_path, tokens):
+    """TransGQLA results have no latent norm; DeepSeek-V3 always has one: the export makes it inert (exact)."""
     torch.manual_seed(0)
-    llama = AutoModelForCausalLM.from_config(tiny_llama()).eval()
-    converted = gqla_compile.convert(llama, kv_lora_rank=16, qk_rope_head_dim=8, progress=False,
+    llama = randomize_norms_and_biases(AutoModelForCausalLM.from_config(tiny_llama(rms_norm_eps=1e-6)).eval())
+    converted = gqla_compile.convert(llama, kv_lora_rank=16, qk_rope_head_dim=16, progress=False,
                                      calibration=random_token_sequences(256, 4, 16, seed=1))
-    with pytest.raises(ConversionError, match="no latent norm.*TransGQLA"):
-        gqla_compile.export(converted, tmp_path / "ds")
+    assert not converted.config.kv_a_layernorm
+    out = tmp_path / "ds"
+    gqla_compile.export(converted, out)
+    with torch.no_grad():
+        expected = converted(input_ids=tokens, use_cache=False).logits
+    logits = logits_in_stock_transformers([str(out)], tokens, tmp_path)[str(out)]
+    assert relative_error(logits, expected) < 1e-5
+    gains = AutoModelForCausalLM.from_pretrained(out).model.layers[0].self_attn.kv_a_layernorm.weight
+    assert gains.min() > 1e3  # the latent reaches the norm scaled far below its epsilon
+
+
+def test_a_large_latent_stays_exact_through_the_inert_norm(tmp_path, tokens):
+    """The inert norm's scale comes from a bound over every input, not from a sample: large weights stay exact."""
+    model = _gqla(kv_a_layernorm=False, **EXPRESSIBLE)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_proj_with_mqa.weight.mul_(300.0)
+            layer.input_layernorm.weight.mul_(5.0)
+    gqla_compile.export(model, tmp_path / "ds")
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")(input_ids=tokens, use_cache=False).logits
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path, monkeypatch):
+    """The export checks itself: a wrong weight layout is an error and nothing is written."""
+    from gqla_compile import exporting
+
+    layout = exporting._deepseek_v3_state
+
+    def swapped_heads(model, pair_order, scale):
+        state = layout(model, pair_order, scale)
+        name = "model.layers.0.self_attn.o_proj.weight"
+        state[name] = state[name].flip(1)
+        return state
+
+    monkeypatch.setattr(exporting, "_deepseek_v3_state", swapped_heads)
+    with pytest.raises(ConversionError, match="does not reproduce the model"):
+        gqla_compile.export(_gqla(), tmp_path / "ds")
     assert os.listdir(tmp_path) == []
 
 
