@@ -27,6 +27,8 @@ _PUBLIC = {
     "GqlaForCausalLM": "modeling_gqla",
     "GqlaModel": "modeling_gqla",
     "convert": "conversion",
+    "heal": "heal",
+    "HealConfig": "heal",
     "Target": "targets",
     "plan": "cost_model",
     "Plan": "cost_model",
