@@ -238,7 +238,7 @@ def heal(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.losses.append(float(loss))
+            result.losses.append(float(loss.detach()))
             result.step = step + 1
             if checkpoint_every and result.step % checkpoint_every == 0 and result.step < end:
                 save(result.step)
