@@ -276,6 +276,18 @@ def test_cli_convert_writes_a_loadable_model(saved_llama, tmp_path, capsys):
     assert isinstance(model, GqlaForCausalLM) and model.config.kv_lora_rank == 24
 
 
+def test_cli_convert_quality_options(saved_llama, tmp_path, capsys):
+    dst = tmp_path / "banded"
+    assert cli_main(["-q", "convert", str(saved_llama), str(dst), *CLI_RANKS, "--rope-band-size", "4",
+                     "--no-fit-output", "--no-sequential"]) == 0
+    record = load_model(dst).config.conversion
+    assert [layer["band_size"] for layer in record["layers"]] == [4, 4]
+    assert record["fit_output"] is False and record["sequential"] is False
+    assert cli_main(["-q", "convert", str(saved_llama), str(tmp_path / "bad"), *CLI_RANKS,
+                     "--rope-band-size", "3"]) == 2
+    assert "band size 3" in capsys.readouterr().err
+
+
 def test_cli_refuses_existing_output_and_bad_arguments(saved_llama, tmp_path, capsys):
     dst = tmp_path / "taken"
     dst.mkdir()
@@ -300,7 +312,10 @@ def test_quick_benchmark_writes_results(tmp_path):
     benchmark_main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "convert.json").read_text())
     rows = results["results"]
-    assert results["mode"] == "quick" and len(rows) >= 5
+    assert results["mode"] == "quick" and len(rows) >= 9
+    assert {row["method"] for row in rows} >= {"transmla", "energy", "training-free", "fit", "fit+heal"}
+    healed = next(row for row in rows if row["method"] == "fit+heal")
+    assert [c["step"] for c in healed["heal_curve"]] == [2, 4] and healed["perplexity"] > 1
     assert rows[0]["logit_rel_error"] < 1e-4  # the full-rank row
     assert "| tiny |" in (tmp_path / "convert.md").read_text()
 

@@ -42,7 +42,13 @@ def convert(
         dtype: dtype of the returned model; None keeps the source's. The arithmetic is float64 regardless.
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
-        **kwargs: ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
+        **kwargs: for GQA sources: ``rope_band_size`` ("auto": per-layer FreqFold band chosen on calibration
+            data when qk_rope_head_dim < head_dim, 1 otherwise; or a power of two for every layer),
+            ``rope_allocation`` ("freqfold", or "energy": the former ranking of pairs by key energy),
+            ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),
+            ``fit_output`` (True: least-squares o_proj against the source attention's output), ``fit_steps`` (0)
+            and ``fit_lr`` (1e-4): Adam refinement steps of each layer's attention weights (see
+            ``conversion/gqa.py``). ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
             "similarity"), ``weighting`` (None or "loss") and ``score_aware`` (see ``conversion/mla.py``);
             ``_latent_basis`` "pca" (default) or "random" (a
             baseline for tests and benchmarks).

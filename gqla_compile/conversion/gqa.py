@@ -1,20 +1,32 @@
 """TransGQLA: a GQA checkpoint (Llama, Qwen2, Mistral; MHA included) to a GQLA model (DESIGN.md section 1).
 
-Per layer, with x~ = [x; 1] the attention input with a constant appended (so biases ride along as one more
-weight column) and C = E[x~ x~^T] from calibration (see ``calibration.py``):
+The model is converted layer by layer on calibration activations (``calibration.LayerStream``): the inputs of
+layer i come from the model whose layers before i are already converted (``sequential``, the default) or from
+the source. With x~ = [x; 1] the attention input with a constant appended (so biases ride along as one more
+weight column) and C = E[x~ x~^T] its moment, per layer:
 
-1. RoRoPE. For each rotary frequency i, the 2-D components (dims i and i + d_h/2) of the n_kv key heads are
-   rotated by the eigenvectors U_i of their energy E_i. The same rotation on both components commutes with
-   RoPE and is orthogonal, so scores are unchanged. The d_R/2 rotated pairs of most energy keep RoPE
-   (the shared key k_R = R_S K); RoPE is dropped on the rest, the only lossy step before PCA: the no-RoPE
-   key of group g becomes k^n_g = P_g (I - R_S^T R_S) K and its query is the original q_h (d_n = d_h).
-   The query's RoPE part is q_R,h = R_S P_g^T q_h.
+1. RoPE step (RoRoPE / FreqFold). Neighbouring rotary frequencies are folded into bands of b (a power of two);
+   per band, the 2-D components (dims i and i + d_h/2) of its b frequencies and n_kv key heads are rotated by
+   the eigenvectors of their energy. The same rotation on both components commutes with RoPE when b = 1 (and
+   approximately within a band), so it folds into k_proj and the query. The m = (d_R/2) b / (d_h/2) leading
+   component pairs of every band keep RoPE, rotated at a frequency of the band (pair j of band a at table
+   frequency a b + floor(j b / m)); RoPE is dropped on the rest: the no-RoPE key of group g becomes
+   k^n_g = P_g (I - R_S^T R_S) K, its query the original q_h (d_n = d_h), and the query's RoPE part is
+   R_S P_g^T q_h. b = 1 when d_R >= d_h (plain RoRoPE: one pair per frequency at d_R = d_h, everything, hence
+   exact, at d_R = n_kv d_h); for d_R < d_h every layer takes the b whose converted attention output is
+   closest to the source's on calibration data. Per-layer frequency tables go into the config.
+   (``rope_allocation="energy"``, the former method, ranks pairs by key energy across frequencies instead; it
+   drops RoPE on the fast frequencies and loses several times more.)
 2. Balance: alpha = sqrt(E||k^n||^2 / E||V||^2), so that keys and values weigh alike in the PCA.
 3. Joint PCA of Y = [k^n_g / alpha ; V_g]_g (uncentered, so biases pass through the latent's bias) to d_c:
    the down-projection is R_c^T W_Y, the up-projection per group [alpha R_c(keys of g) ; R_c(values of g)].
-4. softmax_scale keeps the source's d_h^-0.5; everything outside attention is copied.
+4. Output fitting (``fit_output``, default): o_proj is linear in the heads' outputs, so it is refitted by least
+   squares to the source attention's output on the same inputs; optionally (``fit_steps``) a few Adam steps
+   on the layer's attention weights follow.
+5. softmax_scale keeps the source's d_h^-0.5; everything outside attention is copied.
 
-All arithmetic is float64 on CPU. Weight matrices here are "augmented": [out, D + 1], bias in the last column.
+Weight algebra is float64 on CPU ("augmented" matrices: [out, D + 1], bias in the last column); the converted
+layers run in the source's dtype and device for choosing, fitting and the sequential stream.
 """
 
 from __future__ import annotations
@@ -42,9 +54,14 @@ __all__ = [
     "GqaShape",
     "convert_gqa",
     "check_gqa_model",
+    "RopeChoice",
+    "band_energy",
     "frequency_energy",
     "rorope_rotation",
+    "freqfold_band_sizes",
+    "freqfold_rope",
     "allocate_rope_frequencies",
+    "energy_ranked_rope",
     "rope_key_rows",
     "query_weights",
     "nope_key_weights",
@@ -52,6 +69,7 @@ __all__ = [
     "stack_compression_targets",
     "joint_pca",
     "build_layer_weights",
+    "fit_output_projection",
     "gqla_config_for",
 ]
 
@@ -493,7 +511,7 @@ def _as_dtype(dtype: torch.dtype | str | None, source: nn.Module) -> torch.dtype
 
 RopeAllocation = Literal["freqfold", "energy"]
 # Calibration batches on which the band size of each layer is chosen (the attention-output error decides).
-CHOICE_BATCHES = 2
+CHOICE_BATCHES = 1
 # Relative ridge of the o_proj least squares (the pre-o_proj activations of a narrow latent are rank-deficient).
 FIT_RIDGE = 1e-6
 
