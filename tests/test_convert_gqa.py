@@ -395,6 +395,27 @@ def test_per_layer_frequency_tables_survive_save_and_load(tmp_path):
         assert not torch.allclose(per_layer(ids).logits, converted(ids).logits)  # layer 1's table is used
 
 
+@pytest.mark.parametrize("path", ["absorbed", "grouped"])
+def test_compiler_runs_a_model_with_per_layer_tables(path):
+    import copy
+
+    import gqla_compile
+
+    source = make_source()
+    converted = convert(source, kv_lora_rank=24, qk_rope_head_dim=8, calibration=CALIBRATION, progress=False,
+                        rope_band_size=2)
+    config = converted.config
+    config.rope_frequency_indices, config.rope_layer_frequency_indices = None, [[0, 2, 4, 6], [1, 3, 5, 7]]
+    reference = GqlaForCausalLM(config).eval()
+    reference.load_state_dict(converted.state_dict())
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    ids = held_out_ids()
+    assert logit_error(reference, optimized, ids) < 1e-5
+    prompt = ids[:1, :8]
+    assert torch.equal(reference.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False),
+                       optimized.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False))
+
+
 @pytest.mark.parametrize("d_c", [8, 24])
 def test_output_fitting_never_increases_the_loss_it_minimizes(d_c):
     source = make_source()
