@@ -96,15 +96,18 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> l
 
 
 def gqa_options(args: argparse.Namespace) -> dict[str, Any]:
-    """convert() keywords of the GQA-source options."""
+    """convert() keywords of the GQA-source options the user changed (the others keep convert's defaults)."""
     band = args.rope_band_size
     if band != "auto":
         try:
             band = int(band)
         except ValueError as exc:
             raise UsageError(f"--rope-band-size must be a power of two or 'auto', got {band!r}") from exc
-    return {"rope_band_size": band, "rope_allocation": args.rope_allocation, "sequential": not args.no_sequential,
-            "fit_output": not args.no_fit_output, "fit_steps": args.fit_steps}
+    options = {"rope_band_size": band, "rope_allocation": args.rope_allocation, "sequential": not args.no_sequential,
+               "fit_output": not args.no_fit_output, "fit_steps": args.fit_steps}
+    defaults = {"rope_band_size": "auto", "rope_allocation": "freqfold", "sequential": True, "fit_output": True,
+                "fit_steps": 0}
+    return {name: value for name, value in options.items() if value != defaults[name]}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -123,8 +126,7 @@ def run(args: argparse.Namespace) -> None:
     calibration = _calibration(args, tokenizer, source.config.vocab_size)
     latent_options = {name: value for name, value in (("grouping", args.grouping), ("weighting", args.weighting),
                                                       ("score_aware", args.score_aware)) if value}
-    if not is_latent_config(source.config):
-        latent_options.update(gqa_options(args))
+    latent_options.update(gqa_options(args))
     try:
         model = convert(source, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.qk_rope_head_dim,
                         calibration=calibration, dtype=args.dtype, progress=not args.quiet, seed=args.seed,

@@ -8,10 +8,14 @@ import torch
 from torch import nn
 
 from ..dims import is_latent_config
+from ..errors import ConversionError
 from .calibration import CalibrationInput
 from .gqa import SUPPORTED_ARCHITECTURES, convert_gqa
 
 __all__ = ["convert", "SUPPORTED_ARCHITECTURES"]
+
+# convert() keywords that only the GQA converter takes
+GQA_OPTIONS = ("rope_band_size", "rope_allocation", "sequential", "fit_output", "fit_steps", "fit_lr")
 
 
 def convert(
@@ -64,6 +68,11 @@ def convert(
         num_groups is not None and num_groups != gqa_groups)
     if config is None or is_latent_config(config) or wants_latent:
         from .mla import convert_mla
+
+        gqa_only = sorted(set(kwargs) & set(GQA_OPTIONS))
+        if gqa_only:
+            raise ConversionError(f"{', '.join(gqa_only)} apply to GQA sources only (TransGQLA), not to regrouping a "
+                                  "latent-attention model")
 
         return convert_mla(model, num_groups=num_groups, calibration=calibration, tokenizer=tokenizer, dtype=dtype,
                            progress=progress, seed=seed, **latent_options, **kwargs)
