@@ -5,6 +5,10 @@ uncentered second moment of the attention input with a constant 1 appended, ``C 
 (x = hidden states after ``input_layernorm``). Keys, values and their biases are affine in x, so their
 energies, cross-terms and PCA covariances all follow from C and the weights. So the hooks accumulate C in
 float64 ((D+1)^2 numbers per layer) and never store activations.
+
+TransGQLA of a GQA model goes layer by layer instead (``LayerStream``): it keeps the hidden states entering the
+current layer for every calibration sequence (tokens x D, in the model's dtype), so that layer i can be
+converted, fitted and checked on the inputs that the layers before it, converted or not, really produce.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ __all__ = [
     "random_token_sequences",
     "token_chunks",
     "collect_attention_input_moments",
+    "equal_length_batches",
+    "causal_mask",
+    "attention_input_moment",
+    "LayerStream",
 ]
 
 DEFAULT_NUM_SAMPLES = 64
