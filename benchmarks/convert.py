@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -390,10 +390,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model only (no download, about a minute)")
     parser.add_argument("--heal-steps", type=int, default=40, help="healing steps per setting (full run)")
+    parser.add_argument("--settings", default=None,
+                        help="full run: only these cache settings, e.g. 64x160,64x44 (d_R x d_c)")
+    parser.add_argument("--methods", default=None, help=f"full run: only these methods, of {','.join(METHODS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for convert.json / convert.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = quick_settings() if args.quick else full_settings(args.heal_steps)
+    if args.settings:
+        wanted = [tuple(int(n) for n in item.split("x")) for item in args.settings.split(",")]
+        settings = [s for s in settings if (s.qk_rope_head_dim, s.kv_lora_rank) in wanted]
+    if args.methods:
+        methods = args.methods.split(",")
+        settings = [replace(s, methods=tuple(m for m in s.methods if m in methods)) for s in settings]
     rows: list[dict[str, Any]] = []
     for done, setting in enumerate(settings, 1):
         rows += run_setting(setting) if args.quick else run_isolated(setting)
