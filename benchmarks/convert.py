@@ -265,6 +265,7 @@ def run_setting(setting: Setting) -> list[dict[str, Any]]:
     from gqla_compile.conversion import convert
     from gqla_compile.dims import kv_cache_elements
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # also in a spawned child
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     source, tokenizer = load_source(setting.model)
     calibration = calibration_sequences(setting, tokenizer, source.config.vocab_size)
