@@ -28,6 +28,8 @@ _PUBLIC = {
     "GqlaModel": "modeling_gqla",
     "convert": "conversion",
     "export": "exporting",
+    "heal": "heal",
+    "HealConfig": "heal",
     "Target": "targets",
     "plan": "cost_model",
     "Plan": "cost_model",

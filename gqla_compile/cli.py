@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("convert", "export", "plan", "report", "bench", "targets", "demo")
+COMMANDS: tuple[str, ...] = ("convert", "export", "heal", "plan", "report", "bench", "targets", "demo")
 
 
 class UsageError(Exception):

@@ -62,6 +62,9 @@ class GqlaConfig(PreTrainedConfig):
         rope_frequency_indices (`list[int]`, *optional*): For each of the `qk_rope_head_dim // 2` RoPE pairs
             (pair p is dims (p, p + d_R/2), HF's rotate_half layout), the index of its frequency in that table.
             `None` means `range(qk_rope_head_dim // 2)`.
+        rope_layer_frequency_indices (`list[list[int]]`, *optional*): One `rope_frequency_indices` list per layer,
+            for checkpoints whose layers rotate their RoPE pairs at different frequencies (TransGQLA chooses the
+            frequencies per layer). Replaces `rope_frequency_indices`, which must then be `None`.
         conversion (`dict`, *optional*): Free-form record of how a converted checkpoint was made (source model,
             method, calibration); never read by the model.
 
@@ -112,6 +115,7 @@ class GqlaConfig(PreTrainedConfig):
     softmax_scale: float | None = None
     rope_frequency_dim: int | None = None
     rope_frequency_indices: list[int] | None = None
+    rope_layer_frequency_indices: list[list[int]] | None = None
     conversion: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -142,6 +146,17 @@ class GqlaConfig(PreTrainedConfig):
         if freq_dim <= 0 or freq_dim % 2:
             raise ValueError(f"rope_frequency_dim must be a positive even number, got {self.rope_frequency_dim}.")
         n_pairs, n_freqs = d_r // 2, freq_dim // 2
+        if self.rope_layer_frequency_indices is not None:
+            if self.rope_frequency_indices is not None:
+                raise ValueError("give rope_frequency_indices (one list for all layers) or "
+                                 "rope_layer_frequency_indices (one list per layer), not both.")
+            tables = list(self.rope_layer_frequency_indices)
+            if len(tables) != self.num_hidden_layers:
+                raise ValueError(f"rope_layer_frequency_indices must have one list per layer "
+                                 f"(num_hidden_layers = {self.num_hidden_layers}), got {len(tables)}.")
+            for table in tables:
+                self._check_frequency_indices(table, n_pairs, n_freqs, "rope_layer_frequency_indices")
+            return
         if self.rope_frequency_indices is None:
             if n_freqs < n_pairs:
                 raise ValueError(
@@ -149,14 +164,23 @@ class GqlaConfig(PreTrainedConfig):
                     "give rope_frequency_indices to say which frequencies the RoPE pairs use."
                 )
             return
-        indices = list(self.rope_frequency_indices)
+        self._check_frequency_indices(self.rope_frequency_indices, n_pairs, n_freqs, "rope_frequency_indices")
+
+    @staticmethod
+    def _check_frequency_indices(indices: list[int], n_pairs: int, n_freqs: int, field: str) -> None:
+        indices = list(indices)
         if len(indices) != n_pairs:
-            raise ValueError(
-                f"rope_frequency_indices must have qk_rope_head_dim // 2 = {n_pairs} entries, got {len(indices)}."
-            )
+            raise ValueError(f"{field} must have qk_rope_head_dim // 2 = {n_pairs} entries per table, got {len(indices)}.")
         bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_freqs]
         if bad:
             raise ValueError(
-                f"rope_frequency_indices entries must be ints in [0, rope_frequency_dim // 2 = {n_freqs}), "
-                f"got {bad}."
+                f"{field} entries must be ints in [0, rope_frequency_dim // 2 = {n_freqs}), got {bad}."
             )
+
+    def layer_frequency_indices(self, layer_idx: int) -> list[int]:
+        """The RoPE frequency index of each pair in layer ``layer_idx`` (into the rope_frequency_dim table)."""
+        if self.rope_layer_frequency_indices is not None:
+            return list(self.rope_layer_frequency_indices[layer_idx])
+        if self.rope_frequency_indices is not None:
+            return list(self.rope_frequency_indices)
+        return list(range(self.qk_rope_head_dim // 2))

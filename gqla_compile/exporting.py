@@ -86,8 +86,13 @@ def _rope_fields(model: nn.Module) -> tuple[dict[str, Any], list[int]]:
     config = model.config
     half = config.qk_rope_head_dim // 2
     parameters = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-    default_table = config.rope_frequency_indices in (None, list(range(half))) and config.rope_frequency_dim in (
-        None, config.qk_rope_head_dim)
+    tables = {tuple(config.layer_frequency_indices(i)) for i in range(config.num_hidden_layers)}
+    if len(tables) > 1:
+        raise ConversionError(
+            f"the layers use {len(tables)} different RoPE frequency tables (rope_layer_frequency_indices): "
+            "DeepSeek-V3 has one rope_theta for every layer"
+        )
+    default_table = tables == {tuple(range(half))} and config.rope_frequency_dim in (None, config.qk_rope_head_dim)
     if default_table:  # the same table DeepSeek-V3 builds (head_dim = qk_rope_head_dim), whatever the rope type
         return parameters, list(range(half))
     if parameters.get("rope_type", "default") != "default":

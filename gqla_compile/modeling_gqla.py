@@ -102,12 +102,13 @@ def rope_config_view(config: GqlaConfig) -> GqlaConfig:
 
 
 def compute_gqla_inv_freq(
-    config: GqlaConfig, device: torch.device | str | None = None
+    config: GqlaConfig, device: torch.device | str | None = None, frequency_indices: list[int] | None = None
 ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the d_R/2 RoPE pairs and the cos/sin scaling, for ``config``.
 
     The full table comes from transformers' own rope init (default or ``ROPE_INIT_FUNCTIONS[rope_type]``) with
-    head dim ``rope_frequency_dim``; pair p then takes entry ``rope_frequency_indices[p]`` of it.
+    head dim ``rope_frequency_dim``; pair p then takes entry ``frequency_indices[p]`` of it (default: the
+    config's ``rope_frequency_indices``).
     """
     view = rope_config_view(config)
     rope_type = view.rope_parameters.get("rope_type", "default")
@@ -116,9 +117,7 @@ def compute_gqla_inv_freq(
     else:
         rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
     full_inv_freq, attention_scaling = rope_init_fn(view, device=device)
-    indices = config.rope_frequency_indices
-    if indices is None:
-        indices = list(range(config.qk_rope_head_dim // 2))
+    indices = config.layer_frequency_indices(0) if frequency_indices is None else frequency_indices
     index = torch.tensor(indices, dtype=torch.long, device=full_inv_freq.device)
     return full_inv_freq.index_select(0, index).contiguous(), attention_scaling
 
@@ -126,15 +125,19 @@ def compute_gqla_inv_freq(
 class GqlaRotaryEmbedding(nn.Module):
     """Rotary table of the d_R RoPE dims, possibly a selection of another model's frequencies.
 
-    cos/sin are built exactly as HF does (``emb = cat(freqs, freqs)``, times ``attention_scaling``), so they
+    ``frequency_indices`` (default: the config's shared selection) picks the table's frequencies; a model whose
+    layers use different selections holds one such module per distinct selection. cos/sin are built exactly as HF does (``emb = cat(freqs, freqs)``, times ``attention_scaling``), so they
     feed ``apply_rotary_pos_emb`` (rotate_half layout: pair p is dims (p, p + d_R/2)).
     """
 
     inv_freq: torch.Tensor
 
-    def __init__(self, config: GqlaConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, config: GqlaConfig, device: torch.device | str | None = None, frequency_indices: list[int] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        self.frequency_indices = config.layer_frequency_indices(0) if frequency_indices is None else list(frequency_indices)
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
@@ -144,7 +147,7 @@ class GqlaRotaryEmbedding(nn.Module):
                 "uses the table computed at init for every length.",
                 self.rope_type,
             )
-        inv_freq, self.attention_scaling = compute_gqla_inv_freq(config, device)
+        inv_freq, self.attention_scaling = compute_gqla_inv_freq(config, device, self.frequency_indices)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
@@ -374,7 +377,7 @@ class GqlaPreTrainedModel(PreTrainedModel):
         """normal(0, initializer_range) for linears/embeddings, ones for norms (transformers' defaults); the
         rotary buffers are recomputed with the frequency selection (the generic rule would rebuild a full table)."""
         if isinstance(module, GqlaRotaryEmbedding):
-            inv_freq, _ = compute_gqla_inv_freq(module.config, module.inv_freq.device)
+            inv_freq, _ = compute_gqla_inv_freq(module.config, module.inv_freq.device, module.frequency_indices)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
             return
@@ -393,7 +396,14 @@ class GqlaModel(GqlaPreTrainedModel):
             [GqlaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = GqlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = GqlaRotaryEmbedding(config=config)
+        # One rotary module per distinct frequency selection; layer i reads table layer_rotary_table[i].
+        tables = [tuple(config.layer_frequency_indices(i)) for i in range(config.num_hidden_layers)]
+        distinct = list(dict.fromkeys(tables))
+        self.rotary_emb = GqlaRotaryEmbedding(config=config, frequency_indices=list(distinct[0]))
+        self.layer_rotary_embs = nn.ModuleList(
+            [GqlaRotaryEmbedding(config=config, frequency_indices=list(table)) for table in distinct[1:]]
+        )
+        self.layer_rotary_table = [distinct.index(table) for table in tables]
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -434,13 +444,14 @@ class GqlaModel(GqlaPreTrainedModel):
         )
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = [rotary(hidden_states, position_ids=position_ids)
+                               for rotary in (self.rotary_emb, *self.layer_rotary_embs)]
 
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        for decoder_layer, table in zip(self.layers[: self.config.num_hidden_layers], self.layer_rotary_table):
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[table],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,

@@ -148,10 +148,10 @@ def test_rorope_keeps_more_key_energy_than_unrotated_pairs():
 
 def test_rorope_rotation_alone_leaves_scores_unchanged():
     source = make_source()
-    shape, _, energy = layer_statistics(source)
-    eigvals, eigvecs = gqa.rorope_rotation(energy)
-    counts = gqa.allocate_rope_frequencies(eigvals[None], shape.key_width)  # keep every pair: drop nothing
-    rope_rows = gqa.rope_key_rows(eigvecs, counts, shape)
+    shape, moment, _ = layer_statistics(source)
+    k_weight = gqa.augmented_weight(source.model.layers[0].self_attn.k_proj)
+    choice = gqa.freqfold_rope(k_weight, moment, shape, shape.key_width, 1)  # keep every pair: drop nothing
+    rope_rows = choice.rows
     assert (rope_rows.abs() > 1e-3).sum(dim=1).max() > 1  # it really mixes heads
 
     attention = source.model.layers[0].self_attn
@@ -169,7 +169,7 @@ def test_rorope_rotation_alone_leaves_scores_unchanged():
     k = rope((x @ k_aug.T).view(12, shape.n_kv, shape.d_h).transpose(0, 1), base)
     original = q @ k[shape.group_of_heads()].transpose(1, 2)
 
-    new_inv_freq = base[gqa.rope_frequency_indices(counts)]
+    new_inv_freq = base[choice.frequency_indices]
     q_new = (x @ gqa.query_weights(q_aug, rope_rows, shape).T).view(12, shape.n_h, -1)[..., shape.d_h:]
     q_rope = rope(q_new.transpose(0, 1), new_inv_freq)
     k_rope = rope((x @ (rope_rows @ k_aug).T)[None], new_inv_freq)
@@ -276,6 +276,18 @@ def test_cli_convert_writes_a_loadable_model(saved_llama, tmp_path, capsys):
     assert isinstance(model, GqlaForCausalLM) and model.config.kv_lora_rank == 24
 
 
+def test_cli_convert_quality_options(saved_llama, tmp_path, capsys):
+    dst = tmp_path / "banded"
+    assert cli_main(["-q", "convert", str(saved_llama), str(dst), *CLI_RANKS, "--rope-band-size", "4",
+                     "--no-fit-output", "--no-sequential"]) == 0
+    record = load_model(dst).config.conversion
+    assert [layer["band_size"] for layer in record["layers"]] == [4, 4]
+    assert record["fit_output"] is False and record["sequential"] is False
+    assert cli_main(["-q", "convert", str(saved_llama), str(tmp_path / "bad"), *CLI_RANKS,
+                     "--rope-band-size", "3"]) == 2
+    assert "band size 3" in capsys.readouterr().err
+
+
 def test_cli_refuses_existing_output_and_bad_arguments(saved_llama, tmp_path, capsys):
     dst = tmp_path / "taken"
     dst.mkdir()
@@ -300,6 +312,150 @@ def test_quick_benchmark_writes_results(tmp_path):
     benchmark_main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "convert.json").read_text())
     rows = results["results"]
-    assert results["mode"] == "quick" and len(rows) >= 5
+    assert results["mode"] == "quick" and len(rows) >= 9
+    assert {row["method"] for row in rows} >= {"transmla", "energy", "training-free", "fit", "fit+heal"}
+    healed = next(row for row in rows if row["method"] == "fit+heal")
+    assert [c["step"] for c in healed["heal_curve"]] == [2, 4] and healed["perplexity"] > 1
     assert rows[0]["logit_rel_error"] < 1e-4  # the full-rank row
     assert "| tiny |" in (tmp_path / "convert.md").read_text()
+
+
+# --- RoPE step: RoRoPE, FreqFold, per-layer tables ----------------------------------------------------------
+
+
+def key_samples(source, layer_index: int = 0) -> torch.Tensor:
+    """Pre-RoPE keys [N, n_kv, d_h] of the calibration tokens at ``layer_index`` (float64)."""
+    captured = []
+    attention = source.model.layers[layer_index].self_attn
+    handle = attention.k_proj.register_forward_hook(lambda _, __, out: captured.append(out.detach()))
+    with torch.no_grad():
+        source(torch.stack(CALIBRATION))
+    handle.remove()
+    shape = gqa.GqaShape.from_config(source.config)
+    return captured[0].double().reshape(-1, shape.n_kv, shape.d_h)
+
+
+def test_freqfold_with_band_size_one_is_plain_rorope():
+    source = make_source()
+    shape, moment, _ = layer_statistics(source)
+    k_weight = gqa.augmented_weight(source.model.layers[0].self_attn.k_proj)
+    rope = gqa.freqfold_rope(k_weight, moment, shape, shape.d_h, 1)
+    assert rope.frequency_indices == list(range(shape.n_freq)) and rope.band_size == 1
+    keys = key_samples(source)
+    rows = rope.rows.view(shape.d_h, shape.n_kv, shape.d_h)
+    for i in range(shape.n_freq):  # RoRoPE from the key samples themselves: top eigenvector of frequency i
+        a, b = keys[:, :, i], keys[:, :, i + shape.n_freq]
+        top = torch.linalg.eigh(a.T @ a + b.T @ b).eigenvectors[:, -1]
+        for row, dim in ((rows[i], i), (rows[i + shape.n_freq], i + shape.n_freq)):
+            assert torch.count_nonzero(row[:, torch.arange(shape.d_h) != dim]) == 0
+            torch.testing.assert_close(row[:, dim].abs(), top.abs(), rtol=1e-6, atol=1e-8)
+            assert abs(float(row[:, dim] @ top)) == pytest.approx(1.0, rel=1e-8)
+
+
+def test_freqfold_keeps_the_leading_pair_of_every_band():
+    source = make_source()
+    shape, moment, _ = layer_statistics(source)
+    k_weight = gqa.augmented_weight(source.model.layers[0].self_attn.k_proj)
+    assert gqa.freqfold_band_sizes(shape, 8) == [2, 4, 8]
+    rope = gqa.freqfold_rope(k_weight, moment, shape, 8, 2)  # 8 frequencies in 4 bands of 2, one pair each
+    assert rope.frequency_indices == [0, 2, 4, 6]
+    torch.testing.assert_close(rope.rows @ rope.rows.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    for p in range(4):  # pair p lives on band p's dims only, in both halves
+        support = rope.rows[p].view(shape.n_kv, 2, shape.n_freq).abs().sum(dim=(0, 1)) > 0
+        assert support.nonzero().flatten().tolist() == [2 * p, 2 * p + 1]
+    wider = gqa.freqfold_rope(k_weight, moment, shape, 8, 4)  # 2 bands of 4, two pairs each
+    assert wider.frequency_indices == [0, 2, 4, 6] and wider.kept_energy >= rope.kept_energy
+    with pytest.raises(ConversionError, match="band size 16"):
+        gqa.freqfold_rope(k_weight, moment, shape, 8, 16)
+
+
+def test_one_rotated_pair_per_frequency_by_default_at_d_r_equal_head_dim():
+    source = make_source()
+    converted = convert(source, kv_lora_rank=48, qk_rope_head_dim=16, calibration=CALIBRATION, progress=False)
+    assert [r["band_size"] for r in converted.config.conversion["layers"]] == [1, 1]
+    assert converted.config.rope_frequency_indices == list(range(8))
+
+
+def test_per_layer_frequency_tables_survive_save_and_load(tmp_path):
+    source = make_source()
+    converted = convert(source, kv_lora_rank=24, qk_rope_head_dim=8, calibration=CALIBRATION, progress=False,
+                        rope_band_size=2)
+    tables = [[0, 2, 4, 6], [1, 3, 5, 7]]  # make the two layers' tables differ for certain
+    config = converted.config
+    config.rope_frequency_indices, config.rope_layer_frequency_indices = None, tables
+    per_layer = GqlaForCausalLM(config).eval()
+    per_layer.load_state_dict(converted.state_dict())
+    assert [r.frequency_indices for r in (per_layer.model.rotary_emb, *per_layer.model.layer_rotary_embs)] == tables
+    out = save_pretrained_atomic(per_layer, tmp_path / "per-layer")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.rope_layer_frequency_indices == tables and reloaded.config.rope_frequency_indices is None
+    ids = held_out_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, per_layer(ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(per_layer(ids).logits, converted(ids).logits)  # layer 1's table is used
+
+
+@pytest.mark.parametrize("path", ["absorbed", "grouped"])
+def test_compiler_runs_a_model_with_per_layer_tables(path):
+    import copy
+
+    import gqla_compile
+
+    source = make_source()
+    converted = convert(source, kv_lora_rank=24, qk_rope_head_dim=8, calibration=CALIBRATION, progress=False,
+                        rope_band_size=2)
+    config = converted.config
+    config.rope_frequency_indices, config.rope_layer_frequency_indices = None, [[0, 2, 4, 6], [1, 3, 5, 7]]
+    reference = GqlaForCausalLM(config).eval()
+    reference.load_state_dict(converted.state_dict())
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    ids = held_out_ids()
+    assert logit_error(reference, optimized, ids) < 1e-5
+    prompt = ids[:1, :8]
+    assert torch.equal(reference.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False),
+                       optimized.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False))
+
+
+@pytest.mark.parametrize("d_c", [8, 24])
+def test_output_fitting_never_increases_the_loss_it_minimizes(d_c):
+    source = make_source()
+    common = dict(kv_lora_rank=d_c, qk_rope_head_dim=8, calibration=CALIBRATION, progress=False, sequential=False,
+                  rope_band_size=2)
+    plain, fitted = convert(source, fit_output=False, **common), convert(source, fit_output=True, **common)
+    for record in fitted.config.conversion["layers"]:
+        assert record["output_error_after_fit"] <= record["output_error_before_fit"]
+    assert fitted.config.conversion["layers"][0]["output_error_after_fit"] < \
+        fitted.config.conversion["layers"][0]["output_error_before_fit"]
+
+    # Measured independently: layer 0's attention output on the calibration inputs, against the source's.
+    inputs = []
+    handle = source.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda _, args, kwargs: inputs.append(kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        source(torch.stack(CALIBRATION))
+    handle.remove()
+    x = inputs[0]
+    positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+    mask = torch.zeros(x.shape[1], x.shape[1]).masked_fill(torch.ones(x.shape[1], x.shape[1]).triu(1).bool(),
+                                                           float("-inf"))[None, None]
+
+    def layer0_error(model):
+        attention = model.model.layers[0].self_attn
+        embeddings = model.model.rotary_emb(x, positions)
+        with torch.no_grad():
+            out = attention(x, position_embeddings=embeddings, attention_mask=mask)[0]
+            target = source.model.layers[0].self_attn(x, position_embeddings=source.model.rotary_emb(x, positions),
+                                                      attention_mask=mask)[0]
+        return float((out - target).pow(2).sum() / target.pow(2).sum())
+
+    assert layer0_error(fitted) < layer0_error(plain)
+
+
+def test_sequential_and_refined_conversions_run_and_are_recorded():
+    source = make_source()
+    converted = convert(source, kv_lora_rank=16, qk_rope_head_dim=8, calibration=CALIBRATION, progress=False,
+                        fit_steps=3, fit_lr=1e-4)
+    record = converted.config.conversion
+    assert record["sequential"] is True and record["fit_steps"] == 3
+    assert all("refine_loss" in layer for layer in record["layers"])
+    assert logit_error(source, converted, held_out_ids()) < 1.0

@@ -271,6 +271,10 @@ def test_save_pretrained_round_trip(tmp_path, tie):
         (dict(rope_frequency_indices=[0, 1, 2]), "rope_frequency_indices"),
         (dict(rope_frequency_dim=16, rope_frequency_indices=[0, 1, 2, 8]), "rope_frequency_indices"),
         (dict(rope_frequency_dim=4), "rope_frequency_dim"),
+        (dict(rope_frequency_indices=[0, 1, 2, 3], rope_layer_frequency_indices=[[0, 1, 2, 3]] * 2), "not both"),
+        (dict(rope_layer_frequency_indices=[[0, 1, 2, 3]]), "rope_layer_frequency_indices"),
+        (dict(rope_frequency_dim=16, rope_layer_frequency_indices=[[0, 1, 2, 3], [0, 1, 2, 8]]),
+         "rope_layer_frequency_indices"),
     ],
 )
 def test_bad_configs_raise_value_error_naming_the_field(overrides, field):

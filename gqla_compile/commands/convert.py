@@ -41,6 +41,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random calibration tokens")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the output (default: the source's)")
     parser.add_argument("--force", action="store_true", help="replace DST_DIR if it exists (only once complete)")
+    gqa = parser.add_argument_group("GQA sources (TransGQLA quality options)")
+    gqa.add_argument("--rope-band-size", default="auto",
+                     help="FreqFold band size, a power of two, or 'auto' (default: chosen per layer on calibration "
+                     "data when --qk-rope-head-dim is below the head dim, else 1)")
+    gqa.add_argument("--rope-allocation", choices=("freqfold", "energy"), default="freqfold",
+                     help="'energy': rank rotated pairs by key energy across frequencies (the former method)")
+    gqa.add_argument("--no-sequential", action="store_true",
+                     help="calibrate every layer on the source model's activations (default: on the outputs of the "
+                     "layers converted before it)")
+    gqa.add_argument("--no-fit-output", action="store_true",
+                     help="skip the least-squares refit of o_proj to the source attention's output")
+    gqa.add_argument("--fit-steps", type=int, default=0,
+                     help="Adam steps per layer refining its attention weights against the source's output")
     latent = parser.add_argument_group(
         "latent-attention sources (MLA: DeepSeek-V2/V3 and alike, or GQLA)",
         "regroup the per-head (or per-group) up-projections into fewer groups; the latent and RoPE key stay, "
@@ -82,6 +95,21 @@ def _calibration(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> l
     return token_chunks(tokenizer(text)["input_ids"], args.num_samples, args.seq_len)
 
 
+def gqa_options(args: argparse.Namespace) -> dict[str, Any]:
+    """convert() keywords of the GQA-source options the user changed (the others keep convert's defaults)."""
+    band = args.rope_band_size
+    if band != "auto":
+        try:
+            band = int(band)
+        except ValueError as exc:
+            raise UsageError(f"--rope-band-size must be a power of two or 'auto', got {band!r}") from exc
+    options = {"rope_band_size": band, "rope_allocation": args.rope_allocation, "sequential": not args.no_sequential,
+               "fit_output": not args.no_fit_output, "fit_steps": args.fit_steps}
+    defaults = {"rope_band_size": "auto", "rope_allocation": "freqfold", "sequential": True, "fit_output": True,
+                "fit_steps": 0}
+    return {name: value for name, value in options.items() if value != defaults[name]}
+
+
 def run(args: argparse.Namespace) -> None:
     from ..checkpoint import ModelNotFoundError, check_output_free, load_model, save_pretrained_atomic
     from ..conversion import convert
@@ -98,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
     calibration = _calibration(args, tokenizer, source.config.vocab_size)
     latent_options = {name: value for name, value in (("grouping", args.grouping), ("weighting", args.weighting),
                                                       ("score_aware", args.score_aware)) if value}
+    latent_options.update(gqa_options(args))
     try:
         model = convert(source, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.qk_rope_head_dim,
                         calibration=calibration, dtype=args.dtype, progress=not args.quiet, seed=args.seed,

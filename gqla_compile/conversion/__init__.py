@@ -8,10 +8,14 @@ import torch
 from torch import nn
 
 from ..dims import is_latent_config
+from ..errors import ConversionError
 from .calibration import CalibrationInput
 from .gqa import SUPPORTED_ARCHITECTURES, convert_gqa
 
 __all__ = ["convert", "SUPPORTED_ARCHITECTURES"]
+
+# convert() keywords that only the GQA converter takes
+GQA_OPTIONS = ("rope_band_size", "rope_allocation", "sequential", "fit_output", "fit_steps", "fit_lr")
 
 
 def convert(
@@ -42,7 +46,13 @@ def convert(
         dtype: dtype of the returned model; None keeps the source's. The arithmetic is float64 regardless.
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
-        **kwargs: ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
+        **kwargs: for GQA sources: ``rope_band_size`` ("auto": per-layer FreqFold band chosen on calibration
+            data when qk_rope_head_dim < head_dim, 1 otherwise; or a power of two for every layer),
+            ``rope_allocation`` ("freqfold", or "energy": the former ranking of pairs by key energy),
+            ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),
+            ``fit_output`` (True: least-squares o_proj against the source attention's output), ``fit_steps`` (0)
+            and ``fit_lr`` (1e-4): Adam refinement steps of each layer's attention weights (see
+            ``conversion/gqa.py``). ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
             "similarity"), ``weighting`` (None or "loss"), ``score_aware`` and ``output`` ("family": the
             source's own class regrouped in place, the default; "gqla": a GqlaForCausalLM where that is exact)
             (see ``conversion/mla.py``);
@@ -62,6 +72,11 @@ def convert(
         num_groups is not None and num_groups != gqa_groups)
     if config is None or is_latent_config(config) or wants_latent:
         from .mla import convert_mla
+
+        gqa_only = sorted(set(kwargs) & set(GQA_OPTIONS))
+        if gqa_only:
+            raise ConversionError(f"{', '.join(gqa_only)} apply to GQA sources only (TransGQLA), not to regrouping a "
+                                  "latent-attention model")
 
         return convert_mla(model, num_groups=num_groups, calibration=calibration, tokenizer=tokenizer, dtype=dtype,
                            progress=progress, seed=seed, **latent_options, **kwargs)

@@ -5,6 +5,10 @@ uncentered second moment of the attention input with a constant 1 appended, ``C 
 (x = hidden states after ``input_layernorm``). Keys, values and their biases are affine in x, so their
 energies, cross-terms and PCA covariances all follow from C and the weights. So the hooks accumulate C in
 float64 ((D+1)^2 numbers per layer) and never store activations.
+
+TransGQLA of a GQA model goes layer by layer instead (``LayerStream``): it keeps the hidden states entering the
+current layer for every calibration sequence (tokens x D, in the model's dtype), so that layer i can be
+converted, fitted and checked on the inputs that the layers before it, converted or not, really produce.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ __all__ = [
     "random_token_sequences",
     "token_chunks",
     "collect_attention_input_moments",
+    "equal_length_batches",
+    "causal_mask",
+    "attention_input_moment",
+    "LayerStream",
 ]
 
 DEFAULT_NUM_SAMPLES = 64
@@ -177,3 +185,78 @@ def collect_attention_input_moments(
     finally:
         model.train(was_training)
     return [acc.mean() for acc in accumulators], accumulators[0].count
+
+
+# --- layer by layer -------------------------------------------------------------------------------------------
+
+
+def equal_length_batches(sequences: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """[B, T] token batches of sequences of one length each (no padding needed), in a fixed order."""
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for seq in sequences:
+        by_length.setdefault(seq.numel(), []).append(seq)
+    return [torch.stack(group[start : start + batch_size])
+            for _, group in sorted(by_length.items()) for start in range(0, len(group), batch_size)]
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive causal mask [1, 1, T, T] (0 on and below the diagonal, the dtype's minimum above)."""
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
+
+
+def attention_input_moment(states: Sequence[torch.Tensor], norm: nn.Module) -> torch.Tensor:
+    """E[[x;1][x;1]^T] (float64) of x = norm(h) over every token of ``states`` ([B, T, D] batches)."""
+    total, count = None, 0
+    for hidden in states:
+        x = norm(hidden).detach().to(device="cpu", dtype=torch.float64).reshape(-1, hidden.shape[-1])
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        total = x.T @ x if total is None else total + x.T @ x
+        count += x.shape[0]
+    return total / max(count, 1)
+
+
+class LayerStream:
+    """The hidden states entering one decoder layer, for every calibration batch, and what a layer needs to run
+    on them (causal masks, the source's rotary cos/sin). Moving through the model one layer at a time lets each
+    layer be converted on the inputs that the layers before it (converted or not) really produce.
+    """
+
+    def __init__(self, model: nn.Module, sequences: Sequence[torch.Tensor], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.states: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.source_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for ids in equal_length_batches(sequences, batch_size):
+                hidden = model.model.embed_tokens(ids.to(self.device))
+                positions = torch.arange(ids.shape[1], device=self.device)[None].expand(ids.shape[0], -1)
+                self.states.append(hidden)
+                self.positions.append(positions)
+                self.masks.append(causal_mask(ids.shape[1], dtype, self.device))
+                self.source_embeddings.append(model.model.rotary_emb(hidden, positions))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.states)
+
+    def attention_outputs(self, layer: nn.Module, attention: nn.Module,
+                          embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                          limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(attention input x = input_layernorm(h), attention(x)) per batch (the first ``limit`` batches);
+        ``embeddings`` are the cos/sin per batch (default: the source's)."""
+        embeddings = self.source_embeddings if embeddings is None else embeddings
+        for hidden, mask, embedding in list(zip(self.states, self.masks, embeddings))[:limit]:
+            x = layer.input_layernorm(hidden)
+            yield x, attention(x, position_embeddings=embedding, attention_mask=mask)[0]
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module, attention: nn.Module,
+                embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Run the decoder ``layer`` (its norms and MLP, with ``attention`` in place of its own) on every batch."""
+        outputs = self.attention_outputs(layer, attention, embeddings)
+        for index, (hidden, (_, attended)) in enumerate(zip(list(self.states), outputs)):
+            hidden = hidden + attended
+            self.states[index] = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

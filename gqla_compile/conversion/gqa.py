@@ -1,20 +1,32 @@
 """TransGQLA: a GQA checkpoint (Llama, Qwen2, Mistral; MHA included) to a GQLA model (DESIGN.md section 1).
 
-Per layer, with x~ = [x; 1] the attention input with a constant appended (so biases ride along as one more
-weight column) and C = E[x~ x~^T] from calibration (see ``calibration.py``):
+The model is converted layer by layer on calibration activations (``calibration.LayerStream``): the inputs of
+layer i come from the model whose layers before i are already converted (``sequential``, the default) or from
+the source. With x~ = [x; 1] the attention input with a constant appended (so biases ride along as one more
+weight column) and C = E[x~ x~^T] its moment, per layer:
 
-1. RoRoPE. For each rotary frequency i, the 2-D components (dims i and i + d_h/2) of the n_kv key heads are
-   rotated by the eigenvectors U_i of their energy E_i. The same rotation on both components commutes with
-   RoPE and is orthogonal, so scores are unchanged. The d_R/2 rotated pairs of most energy keep RoPE
-   (the shared key k_R = R_S K); RoPE is dropped on the rest, the only lossy step before PCA: the no-RoPE
-   key of group g becomes k^n_g = P_g (I - R_S^T R_S) K and its query is the original q_h (d_n = d_h).
-   The query's RoPE part is q_R,h = R_S P_g^T q_h.
+1. RoPE step (RoRoPE / FreqFold). Neighbouring rotary frequencies are folded into bands of b (a power of two);
+   per band, the 2-D components (dims i and i + d_h/2) of its b frequencies and n_kv key heads are rotated by
+   the eigenvectors of their energy. The same rotation on both components commutes with RoPE when b = 1 (and
+   approximately within a band), so it folds into k_proj and the query. The m = (d_R/2) b / (d_h/2) leading
+   component pairs of every band keep RoPE, rotated at a frequency of the band (pair j of band a at table
+   frequency a b + floor(j b / m)); RoPE is dropped on the rest: the no-RoPE key of group g becomes
+   k^n_g = P_g (I - R_S^T R_S) K, its query the original q_h (d_n = d_h), and the query's RoPE part is
+   R_S P_g^T q_h. b = 1 when d_R >= d_h (plain RoRoPE: one pair per frequency at d_R = d_h, everything, hence
+   exact, at d_R = n_kv d_h); for d_R < d_h every layer takes the b whose converted attention output is
+   closest to the source's on calibration data. Per-layer frequency tables go into the config.
+   (``rope_allocation="energy"``, the former method, ranks pairs by key energy across frequencies instead; it
+   drops RoPE on the fast frequencies and loses several times more.)
 2. Balance: alpha = sqrt(E||k^n||^2 / E||V||^2), so that keys and values weigh alike in the PCA.
 3. Joint PCA of Y = [k^n_g / alpha ; V_g]_g (uncentered, so biases pass through the latent's bias) to d_c:
    the down-projection is R_c^T W_Y, the up-projection per group [alpha R_c(keys of g) ; R_c(values of g)].
-4. softmax_scale keeps the source's d_h^-0.5; everything outside attention is copied.
+4. Output fitting (``fit_output``, default): o_proj is linear in the heads' outputs, so it is refitted by least
+   squares to the source attention's output on the same inputs; optionally (``fit_steps``) a few Adam steps
+   on the layer's attention weights follow.
+5. softmax_scale keeps the source's d_h^-0.5; everything outside attention is copied.
 
-All arithmetic is float64 on CPU. Weight matrices here are "augmented": [out, D + 1], bias in the last column.
+Weight algebra is float64 on CPU ("augmented" matrices: [out, D + 1], bias in the last column); the converted
+layers run in the source's dtype and device for choosing, fitting and the sequential stream.
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ from tqdm.auto import tqdm
 
 from ..configuration_gqla import GqlaConfig
 from ..errors import ConversionError
-from .calibration import CalibrationInput, DEFAULT_BATCH_SIZE, collect_attention_input_moments, prepare_calibration
+from .calibration import (CalibrationInput, DEFAULT_BATCH_SIZE, LayerStream, attention_input_moment,
+                          collect_attention_input_moments, prepare_calibration)
 from .common import model_wide_config_fields
 
 logger = logging.getLogger(__name__)
@@ -41,9 +54,14 @@ __all__ = [
     "GqaShape",
     "convert_gqa",
     "check_gqa_model",
+    "RopeChoice",
+    "band_energy",
     "frequency_energy",
     "rorope_rotation",
+    "freqfold_band_sizes",
+    "freqfold_rope",
     "allocate_rope_frequencies",
+    "energy_ranked_rope",
     "rope_key_rows",
     "query_weights",
     "nope_key_weights",
@@ -51,6 +69,7 @@ __all__ = [
     "stack_compression_targets",
     "joint_pca",
     "build_layer_weights",
+    "fit_output_projection",
     "gqla_config_for",
 ]
 
@@ -181,37 +200,106 @@ def split_augmented(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return matrix[:, :-1], matrix[:, -1]
 
 
-# --- RoRoPE -------------------------------------------------------------------------------------------------
+# --- RoRoPE and FreqFold -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeChoice:
+    """One layer's RoPE step: the kept rotated key components and the table frequency each is rotated at."""
+
+    rows: torch.Tensor  # R_S [d_R, n_kv d_h], orthonormal rows, rotate_half layout (pair p: rows p and p + d_R/2)
+    frequency_indices: list[int]  # [d_R/2]: frequency of pair p in the source's rotary table
+    band_size: int  # neighbouring frequencies folded into one band (1: plain RoRoPE; 0: energy ranking)
+    kept_energy: float  # share of the layer's key energy in the kept components
+
+
+def band_energy(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape, band_size: int = 1) -> torch.Tensor:
+    """E_a = E[a_a a_a^T + b_a b_a^T] per band a of ``band_size`` neighbouring frequencies: [n_bands, m, m].
+
+    a_a / b_a stack the first / second rotate_half component of every (KV head g, frequency f of the band),
+    component index g * band_size + f (m = n_kv * band_size). Pre-RoPE keys suffice: RoPE turns (a, b) of one
+    frequency by one angle, which leaves this sum unchanged; within a band of several frequencies it holds
+    only on average (FreqFold's approximation).
+    """
+    n_bands = shape.n_freq // band_size
+    heads = k_aug.view(shape.n_kv, 2, n_bands, band_size, -1)  # [g, half, band, f, D + 1]
+    parts = heads.permute(1, 2, 0, 3, 4).reshape(2, n_bands, shape.n_kv * band_size, -1)
+    return sum(torch.einsum("bie,ef,bjf->bij", part, moment, part) for part in parts)
 
 
 def frequency_energy(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape) -> torch.Tensor:
-    """E_i = E[a_i a_i^T + b_i b_i^T] per frequency i: [n_freq, n_kv, n_kv].
-
-    a_i / b_i stack dim i / i + d_h/2 of every key head. Pre-RoPE keys suffice: RoPE rotates (a_i, b_i) of all
-    heads by the same angle, which leaves this sum unchanged.
-    """
-    heads = k_aug.view(shape.n_kv, shape.d_h, -1)
-    first, second = heads[:, : shape.n_freq], heads[:, shape.n_freq :]
-    return sum(torch.einsum("gie,ef,hif->igh", part, moment, part) for part in (first, second))
+    """E_i per single frequency i: [n_freq, n_kv, n_kv] (``band_energy`` with bands of one frequency)."""
+    return band_energy(k_aug, moment, shape, 1)
 
 
 def rorope_rotation(energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues [n_freq, n_kv] (descending) and eigenvectors U [n_freq, n_kv, n_kv] (columns) of each E_i.
+    """Eigenvalues [n_bands, m] (descending) and eigenvectors U [n_bands, m, m] (columns) of each E_a.
 
-    Rotated component (i, j) = U_i[:, j]^T a_i (and likewise b_i) carries energy eigenvalue (i, j). Damping
-    E_i by a multiple of the identity would not change U_i, so none is added.
+    Rotated component (a, j) = U_a[:, j]^T a_a (and likewise b_a) carries energy eigenvalue (a, j). Damping
+    E_a by a multiple of the identity would not change U_a, so none is added.
     """
     eigvals, eigvecs = torch.linalg.eigh(energy)
     return eigvals.flip(-1).clamp_min(0.0), eigvecs.flip(-1)
 
 
-def allocate_rope_frequencies(eigvals: torch.Tensor, qk_rope_head_dim: int) -> list[int]:
-    """How many rotated pairs of each frequency keep RoPE, shared by all layers: counts [n_freq].
+def rope_key_rows(eigvecs: torch.Tensor, kept: list[tuple[int, int]], band_size: int, shape: GqaShape) -> torch.Tensor:
+    """R_S [d_R, n_kv d_h]: the kept rotated components (band a, rank j), in rotate_half layout.
 
-    ``eigvals`` is [L, n_freq, n_kv] (descending in the last dim). The GQLA config has one frequency list for
-    all layers, so every layer keeps the top-m_i components of frequency i with the same m_i. The m_i
-    maximize the kept share of each layer's key energy summed over layers: gains are non-increasing in j, so
-    taking the d_R/2 largest summed shares (ties to lower j) picks prefixes and is optimal.
+    Row p (pair p's first component) puts U_a[g * band_size + f, j] on dim a * band_size + f of KV head g; row
+    p + d_R/2 the same on the second-half dims. Rows are orthonormal.
+    """
+    half = len(kept)
+    rows = torch.zeros(2 * half, shape.n_kv, 2, shape.n_freq, dtype=torch.float64)
+    for p, (a, j) in enumerate(kept):
+        block = eigvecs[a, :, j].view(shape.n_kv, band_size)
+        band = slice(a * band_size, (a + 1) * band_size)
+        rows[p, :, 0, band] = block
+        rows[p + half, :, 1, band] = block
+    return rows.view(2 * half, shape.key_width)
+
+
+def freqfold_band_sizes(shape: GqaShape, qk_rope_head_dim: int) -> list[int]:
+    """Band sizes b (powers of two dividing the frequency count) that give every band the same whole number of
+    kept pairs m = (d_R/2) b / n_freq, with 1 <= m <= n_kv b."""
+    sizes, band = [], 1
+    while band <= shape.n_freq:
+        kept, remainder = divmod(qk_rope_head_dim // 2 * band, shape.n_freq)
+        if shape.n_freq % band == 0 and not remainder and 1 <= kept <= shape.n_kv * band:
+            sizes.append(band)
+        band *= 2
+    return sizes
+
+
+def freqfold_rope(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape, qk_rope_head_dim: int,
+                  band_size: int) -> RopeChoice:
+    """FreqFold: per band of ``band_size`` neighbouring frequencies, a PCA over (frequencies x KV heads); the m
+    leading component pairs of every band keep RoPE, pair j of band a at table frequency a b + floor(j b / m).
+
+    Band size 1 is plain RoRoPE (one rotated pair per frequency when d_R = d_h; every component of every
+    frequency, hence exact, when d_R = n_kv d_h).
+    """
+    if band_size not in freqfold_band_sizes(shape, qk_rope_head_dim):
+        raise ConversionError(
+            f"rope band size {band_size} does not fit qk_rope_head_dim={qk_rope_head_dim} with {shape.n_freq} "
+            f"frequencies; possible: {freqfold_band_sizes(shape, qk_rope_head_dim)}"
+        )
+    eigvals, eigvecs = rorope_rotation(band_energy(k_aug, moment, shape, band_size))
+    per_band = qk_rope_head_dim // 2 * band_size // shape.n_freq
+    kept = [(a, j) for a in range(shape.n_freq // band_size) for j in range(per_band)]
+    frequencies = [a * band_size + j * band_size // per_band for a, j in kept]
+    kept_energy = float(eigvals[:, :per_band].sum() / eigvals.sum().clamp_min(1e-300))
+    return RopeChoice(rope_key_rows(eigvecs, kept, band_size, shape), frequencies, band_size, kept_energy)
+
+
+def allocate_rope_frequencies(eigvals: torch.Tensor, qk_rope_head_dim: int) -> list[int]:
+    """Energy ranking (the ``rope_allocation="energy"`` option): how many rotated pairs of each frequency keep
+    RoPE, shared by all layers: counts [n_freq].
+
+    ``eigvals`` is [L, n_freq, n_kv] (descending in the last dim). Every layer keeps the top-m_i components of
+    frequency i with the same m_i, chosen to maximize the kept share of each layer's key energy summed over
+    layers (gains are non-increasing in j, so the d_R/2 largest summed shares, ties to lower j, are optimal).
+    It drops RoPE on the fast, low-energy frequencies that carry the position information: FreqFold loses
+    several times less.
     """
     totals = eigvals.sum(dim=(1, 2), keepdim=True)
     share = (eigvals / torch.where(totals > 0, totals, torch.ones_like(totals))).sum(dim=0)  # [n_freq, n_kv]
@@ -228,19 +316,11 @@ def rope_frequency_indices(counts: list[int]) -> list[int]:
     return [i for i, count in enumerate(counts) for _ in range(count)]
 
 
-def rope_key_rows(eigvecs: torch.Tensor, counts: list[int], shape: GqaShape) -> torch.Tensor:
-    """R_S [d_R, n_kv d_h]: the kept rotated components, in rotate_half layout.
-
-    Row p (pair p's first component) combines dim i of every head with weights U_i[:, j]; row p + d_R/2 the
-    same for dim i + d_h/2. Rows are orthonormal.
-    """
-    pairs = [(i, j) for i, count in enumerate(counts) for j in range(count)]
-    half = len(pairs)
-    rows = torch.zeros(2 * half, shape.n_kv, shape.d_h, dtype=torch.float64)
-    for p, (i, j) in enumerate(pairs):
-        rows[p, :, i] = eigvecs[i, :, j]
-        rows[p + half, :, i + shape.n_freq] = eigvecs[i, :, j]
-    return rows.view(2 * half, shape.key_width)
+def energy_ranked_rope(eigvals: torch.Tensor, eigvecs: torch.Tensor, counts: list[int], shape: GqaShape) -> RopeChoice:
+    """The RopeChoice of one layer under the energy ranking (``allocate_rope_frequencies``' counts)."""
+    kept = [(i, j) for i, count in enumerate(counts) for j in range(count)]
+    kept_energy = float(sum(eigvals[i, :count].sum() for i, count in enumerate(counts)) / eigvals.sum().clamp_min(1e-300))
+    return RopeChoice(rope_key_rows(eigvecs, kept, 1, shape), rope_frequency_indices(counts), 0, kept_energy)
 
 
 def query_weights(q_aug: torch.Tensor, rope_rows: torch.Tensor, shape: GqaShape) -> torch.Tensor:
@@ -318,36 +398,41 @@ def joint_pca(
 def build_layer_weights(
     attention: nn.Module,
     moment: torch.Tensor,
-    eigvals: torch.Tensor,
-    eigvecs: torch.Tensor,
-    counts: list[int],
+    rope: RopeChoice,
     shape: GqaShape,
     kv_lora_rank: int,
     *,
     basis: LatentBasis = "pca",
     generator: torch.Generator | None = None,
+    alpha: float | None = None,
 ) -> LayerConversion:
-    """The GQLA attention tensors of one layer (float64), keyed by name below ``self_attn.``."""
+    """The GQLA attention tensors of one layer (float64), keyed by name below ``self_attn.``.
+
+    ``alpha`` overrides the key/value balance (default ``balance_alpha``; any value is exact at full rank).
+    """
     q_aug, k_aug, v_aug = (augmented_weight(getattr(attention, name)) for name in _ATTENTION_PROJECTIONS)
-    rope_rows = rope_key_rows(eigvecs, counts, shape)
-    k_nope = nope_key_weights(k_aug, rope_rows)
-    alpha = balance_alpha(k_nope, v_aug, moment)
+    k_nope = nope_key_weights(k_aug, rope.rows)
+    alpha = balance_alpha(k_nope, v_aug, moment) if alpha is None else alpha
     w_y = stack_compression_targets(k_nope, v_aug, alpha, shape)
     r_c, latent_kept = joint_pca(w_y, moment, kv_lora_rank, basis=basis, generator=generator)
 
     up_scale = torch.cat([torch.full((shape.d_h,), alpha, dtype=torch.float64),
                           torch.ones(shape.d_h, dtype=torch.float64)]).repeat(shape.n_kv)
-    q_weight, q_bias = split_augmented(query_weights(q_aug, rope_rows, shape))
-    kv_a_weight, kv_a_bias = split_augmented(torch.cat([r_c.T @ w_y, rope_rows @ k_aug]))
+    q_weight, q_bias = split_augmented(query_weights(q_aug, rope.rows, shape))
+    kv_a_weight, kv_a_bias = split_augmented(torch.cat([r_c.T @ w_y, rope.rows @ k_aug]))
+    o_weight = attention.o_proj.weight.detach().to("cpu", torch.float64)
     tensors = {
         "q_proj.weight": q_weight,
         "q_proj.bias": q_bias,
         "kv_a_proj_with_mqa.weight": kv_a_weight,
         "kv_a_proj_with_mqa.bias": kv_a_bias,
         "kv_b_proj.weight": up_scale[:, None] * r_c,
+        "o_proj.weight": o_weight,
     }
-    rope_kept = float(sum(eigvals[i, :count].sum() for i, count in enumerate(counts)) / eigvals.sum().clamp_min(1e-300))
-    return LayerConversion(tensors=tensors, rope_kept_energy=rope_kept, latent_kept_energy=latent_kept, alpha=alpha)
+    if attention.o_proj.bias is not None:
+        tensors["o_proj.bias"] = attention.o_proj.bias.detach().to("cpu", torch.float64)
+    return LayerConversion(tensors=tensors, rope_kept_energy=rope.kept_energy, latent_kept_energy=latent_kept,
+                           alpha=alpha)
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -358,13 +443,20 @@ def gqla_config_for(
     *,
     kv_lora_rank: int,
     qk_rope_head_dim: int,
-    rope_frequency_indices: list[int],
+    rope_frequency_indices: list[int] | list[list[int]],
     attention_bias: bool = False,
     attention_output_bias: bool = False,
     conversion: dict | None = None,
 ) -> GqlaConfig:
-    """The GqlaConfig of a GQA source converted with these ranks (needs no weights)."""
+    """The GqlaConfig of a GQA source converted with these ranks (needs no weights).
+
+    ``rope_frequency_indices``: one list for all layers, or one per layer (stored as one shared list when the
+    layers agree).
+    """
     shape = GqaShape.from_config(source_config)
+    tables = [list(table) for table in rope_frequency_indices] if rope_frequency_indices and isinstance(
+        rope_frequency_indices[0], (list, tuple)) else [list(rope_frequency_indices)]
+    shared = all(table == tables[0] for table in tables)
     return GqlaConfig(
         **model_wide_config_fields(source_config),
         hidden_size=shape.hidden_size,
@@ -382,7 +474,8 @@ def gqla_config_for(
         kv_a_layernorm=False,
         softmax_scale=shape.d_h**-0.5,
         rope_frequency_dim=shape.d_h,
-        rope_frequency_indices=list(rope_frequency_indices),
+        rope_frequency_indices=tables[0] if shared else None,
+        rope_layer_frequency_indices=None if shared else tables,
         conversion=conversion,
     )
 
@@ -416,6 +509,137 @@ def _as_dtype(dtype: torch.dtype | str | None, source: nn.Module) -> torch.dtype
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+RopeAllocation = Literal["freqfold", "energy"]
+# Calibration batches on which the band size of each layer is chosen (the attention-output error decides).
+CHOICE_BATCHES = 1
+# Relative ridge of the o_proj least squares (the pre-o_proj activations of a narrow latent are rank-deficient).
+FIT_RIDGE = 1e-6
+
+
+def rope_candidates(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape, qk_rope_head_dim: int,
+                    band_size: int | Literal["auto"]) -> list[RopeChoice]:
+    """The RoPE steps to choose from for one layer: the given band size; or, with "auto", band 1 (RoRoPE) when
+    d_R >= d_h and every possible FreqFold band size when d_R < d_h."""
+    if band_size != "auto":
+        return [freqfold_rope(k_aug, moment, shape, qk_rope_head_dim, band_size)]
+    sizes = freqfold_band_sizes(shape, qk_rope_head_dim)
+    if not sizes:
+        raise ConversionError(
+            f"qk_rope_head_dim={qk_rope_head_dim} cannot be split evenly over {shape.n_freq} rotary frequencies "
+            f"(FreqFold needs (d_R/2) * b / {shape.n_freq} whole for a power-of-two band size b); use a "
+            "divisor or multiple of head_dim, or rope_allocation='energy'"
+        )
+    if qk_rope_head_dim >= shape.d_h and 1 in sizes:
+        sizes = [1]
+    return [freqfold_rope(k_aug, moment, shape, qk_rope_head_dim, size) for size in sizes]
+
+
+class _LayerBuilder:
+    """Turns one layer's float64 tensors into a runnable ``GqlaAttention`` (in the source's dtype and device) and
+    its rotary cos/sin per calibration batch: what choosing, fitting and the sequential stream run."""
+
+    def __init__(self, source: nn.Module, shape: GqaShape, kv_lora_rank: int, qk_rope_head_dim: int,
+                 has_qkv_bias: bool) -> None:
+        from ..modeling_gqla import GqlaAttention, GqlaRotaryEmbedding
+
+        self._attention_class, self._rotary_class = GqlaAttention, GqlaRotaryEmbedding
+        self.config = gqla_config_for(
+            source.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+            rope_frequency_indices=[p % shape.n_freq for p in range(qk_rope_head_dim // 2)],
+            attention_bias=has_qkv_bias, attention_output_bias=source.model.layers[0].self_attn.o_proj.bias is not None,
+        )
+        self.config._attn_implementation = "sdpa"
+        self.dtype = next(source.parameters()).dtype
+        self.device = next(source.parameters()).device
+
+    def attention(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        module = self._attention_class(self.config, index)
+        module.load_state_dict({name: t for name, t in tensors.items()
+                                if not name.endswith(".bias") or self.config.attention_bias or name.startswith("o_proj")},
+                               strict=True)
+        return module.to(device=self.device, dtype=self.dtype).eval()
+
+    def embeddings(self, rope: RopeChoice, stream: LayerStream) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rotary = self._rotary_class(self.config, frequency_indices=rope.frequency_indices).to(self.device)
+        return [rotary(hidden, positions) for hidden, positions in zip(stream.states, stream.positions)]
+
+
+@torch.no_grad()
+def output_error(stream: LayerStream, layer: nn.Module, attention: nn.Module,
+                 embeddings: list[tuple[torch.Tensor, torch.Tensor]], targets: list[torch.Tensor]) -> float:
+    """sum ||attention(x) - target||^2 / sum ||target||^2 over the first len(targets) batches."""
+    error, norm = 0.0, 0.0
+    for (_, out), target in zip(stream.attention_outputs(layer, attention, embeddings, limit=len(targets)), targets):
+        error += float((out.double() - target.double()).pow(2).sum())
+        norm += float(target.double().pow(2).sum())
+    return error / max(norm, 1e-300)
+
+
+@torch.no_grad()
+def fit_output_projection(stream: LayerStream, layer: nn.Module, attention: nn.Module,
+                          embeddings: list[tuple[torch.Tensor, torch.Tensor]], targets: list[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """Least-squares o_proj of the converted ``attention`` against the source attention's outputs ``targets``.
+
+    o_proj is linear in its input z (the heads' attention outputs), so W = argmin sum ||W [z;1] - y||^2 has a
+    closed form from G = sum [z;1][z;1]^T and H = sum [z;1] y^T (small ridge, see FIT_RIDGE). Returns (weight,
+    bias or None, relative loss before, after); when the fit does not lower the loss the old weights come back,
+    so it never increases it.
+    """
+    o_proj = attention.o_proj
+    has_bias = o_proj.bias is not None
+    captured: list[torch.Tensor] = []
+    handle = o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    gram = cross = None
+    target_energy = 0.0
+    try:
+        for (_, _), target in zip(stream.attention_outputs(layer, attention, embeddings), targets):
+            z = captured.pop().reshape(-1, o_proj.in_features).double().cpu()
+            if has_bias:
+                z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
+            y = target.reshape(-1, o_proj.out_features).double().cpu()
+            gram = z.T @ z if gram is None else gram + z.T @ z
+            cross = z.T @ y if cross is None else cross + z.T @ y
+            target_energy += float(y.pow(2).sum())
+    finally:
+        handle.remove()
+    old = o_proj.weight.detach().double().cpu()
+    if has_bias:
+        old = torch.cat([old, o_proj.bias.detach().double().cpu()[:, None]], dim=1)
+
+    def loss(weight: torch.Tensor) -> float:  # sum ||W z - y||^2 from the moments, relative
+        value = torch.einsum("oi,ij,oj->", weight, gram, weight) - 2 * torch.einsum("oi,io->", weight, cross)
+        return (float(value) + target_energy) / max(target_energy, 1e-300)
+
+    ridge = FIT_RIDGE * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    fitted = torch.linalg.solve(gram + ridge, cross).T
+    before, after = loss(old), loss(fitted)
+    best = fitted if after < before else old
+    weight, bias = (best[:, :-1], best[:, -1]) if has_bias else (best, None)
+    return weight, bias, before, min(before, after)
+
+
+def refine_attention(stream: LayerStream, layer: nn.Module, attention: nn.Module,
+                     embeddings: list[tuple[torch.Tensor, torch.Tensor]], targets: list[torch.Tensor],
+                     steps: int, lr: float) -> float:
+    """A few Adam steps on this layer's attention weights against the source attention's outputs (the loss:
+    relative squared error, one calibration batch per step, in turn). Returns the last step's loss."""
+    attention.requires_grad_(True)
+    optimizer = torch.optim.Adam(attention.parameters(), lr=lr)
+    inputs = [layer.input_layernorm(hidden).detach() for hidden in stream.states]
+    loss = torch.zeros(())
+    for step in range(steps):
+        index = step % len(inputs)
+        cos, sin = embeddings[index]
+        out = attention(inputs[index], position_embeddings=(cos, sin), attention_mask=stream.masks[index])[0]
+        loss = (out.float() - targets[index].float()).pow(2).sum() / targets[index].float().pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    attention.requires_grad_(False)
+    return float(loss.detach())
+
+
 def convert_gqa(
     model: nn.Module,
     *,
@@ -428,54 +652,115 @@ def convert_gqa(
     progress: bool = True,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    rope_band_size: int | Literal["auto"] = "auto",
+    rope_allocation: RopeAllocation = "freqfold",
+    sequential: bool = True,
+    fit_output: bool = True,
+    fit_steps: int = 0,
+    fit_lr: float = 1e-4,
     _latent_basis: LatentBasis = "pca",
 ) -> nn.Module:
-    """TransGQLA of a Llama / Qwen2 / Mistral model; see ``gqla_compile.convert``."""
+    """TransGQLA of a Llama / Qwen2 / Mistral model; see ``gqla_compile.convert``.
+
+    Layer by layer: the attention inputs of layer i come from the model whose layers before i are already
+    converted (``sequential``; else from the source), their moment gives the RoPE step and the balanced joint
+    PCA, then (``fit_output``) o_proj is refitted by least squares to the source attention's output on the same
+    inputs, and (``fit_steps``) refined by a few Adam steps.
+    """
     shape = check_gqa_model(model)
     check_ranks(shape, kv_lora_rank, qk_rope_head_dim, num_groups)
+    if rope_allocation not in ("freqfold", "energy"):
+        raise ConversionError(f"unknown rope_allocation {rope_allocation!r}; use 'freqfold' or 'energy'")
     out_dtype = _as_dtype(dtype, model)
     sliding_window_dropped = _warn_sliding_window(model.config)
     sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
-    moments, n_tokens = collect_attention_input_moments(model, sequences, batch_size=batch_size, progress=progress)
-
     layers = model.model.layers
-    energies = [frequency_energy(augmented_weight(layer.self_attn.k_proj), moment, shape)
-                for layer, moment in zip(layers, moments)]
-    rotations = [rorope_rotation(energy) for energy in energies]
-    counts = allocate_rope_frequencies(torch.stack([eigvals for eigvals, _ in rotations]), qk_rope_head_dim)
+    has_qkv_bias = any(getattr(layers[0].self_attn, name).bias is not None for name in _ATTENTION_PROJECTIONS)
 
+    energy_counts = None
+    if rope_allocation == "energy":
+        moments, _ = collect_attention_input_moments(model, sequences, batch_size=batch_size, progress=progress)
+        eigvals = [rorope_rotation(frequency_energy(augmented_weight(layer.self_attn.k_proj), moment, shape))[0]
+                   for layer, moment in zip(layers, moments)]
+        energy_counts = allocate_rope_frequencies(torch.stack(eigvals), qk_rope_head_dim)
+
+    was_training = model.training
+    model.eval()
+    builder = _LayerBuilder(model, shape, kv_lora_rank, qk_rope_head_dim, has_qkv_bias)
     generator = torch.Generator().manual_seed(seed)
+    stream = LayerStream(model, sequences, batch_size)
     attention: dict[str, torch.Tensor] = {}
-    records = []
-    for index in tqdm(range(len(layers)), desc="TransGQLA", unit="layer", disable=not progress):
-        eigvals, eigvecs = rotations[index]
-        layer = build_layer_weights(layers[index].self_attn, moments[index], eigvals, eigvecs, counts, shape,
-                                    kv_lora_rank, basis=_latent_basis, generator=generator)
-        attention.update({f"model.layers.{index}.self_attn.{name}": t for name, t in layer.tensors.items()})
-        records.append(layer.record)
+    records, tables = [], []
+    try:
+        for index in tqdm(range(len(layers)), desc="TransGQLA", unit="layer", disable=not progress):
+            layer = layers[index]
+            with torch.no_grad():
+                moment = attention_input_moment(stream.states, layer.input_layernorm)
+                targets = [out for _, out in stream.attention_outputs(layer, layer.self_attn)]
+            k_aug = augmented_weight(layer.self_attn.k_proj)
+            if energy_counts is not None:
+                eigvals, eigvecs = rorope_rotation(frequency_energy(k_aug, moment, shape))
+                candidates = [energy_ranked_rope(eigvals, eigvecs, energy_counts, shape)]
+            else:
+                candidates = rope_candidates(k_aug, moment, shape, qk_rope_head_dim, rope_band_size)
+            built = []
+            for rope in candidates:
+                conversion = build_layer_weights(layer.self_attn, moment, rope, shape, kv_lora_rank,
+                                                 basis=_latent_basis, generator=generator)
+                module, embeddings = builder.attention(index, conversion.tensors), builder.embeddings(rope, stream)
+                error = (output_error(stream, layer, module, embeddings, targets[:CHOICE_BATCHES])
+                         if len(candidates) > 1 else float("nan"))
+                built.append((error, rope, conversion, module, embeddings))
+            _, rope, conversion, module, embeddings = min(built, key=lambda item: item[0]) if len(built) > 1 else built[0]
+            record = {**conversion.record, "band_size": rope.band_size,
+                      "band_errors": {str(b[1].band_size): b[0] for b in built} if len(built) > 1 else {}}
+            if fit_output:
+                weight, bias, before, after = fit_output_projection(stream, layer, module, embeddings, targets)
+                with torch.no_grad():
+                    module.o_proj.weight.copy_(weight)
+                    if bias is not None:
+                        module.o_proj.bias.copy_(bias)
+                record.update(output_error_before_fit=before, output_error_after_fit=after)
+            if fit_steps:
+                record["refine_loss"] = refine_attention(stream, layer, module, embeddings, targets, fit_steps, fit_lr)
+            if fit_output or fit_steps:
+                conversion.tensors.update({name: t.detach().double().cpu() for name, t in module.state_dict().items()})
+            attention.update({f"model.layers.{index}.self_attn.{name}": t for name, t in conversion.tensors.items()})
+            records.append(record)
+            tables.append(rope.frequency_indices)
+            if sequential:
+                stream.advance(layer, module, embeddings)
+            else:
+                stream.advance(layer, layer.self_attn)
+    finally:
+        model.train(was_training)
 
-    attn = layers[0].self_attn
-    has_qkv_bias = any(getattr(attn, name).bias is not None for name in _ATTENTION_PROJECTIONS)
     if not has_qkv_bias:
-        attention = {name: t for name, t in attention.items() if not name.endswith(".bias")}
-    conversion = {
-        "method": "TransGQLA: RoRoPE, balanced joint PCA",
+        attention = {name: t for name, t in attention.items() if not name.endswith(".bias") or ".o_proj." in name}
+    conversion_record = {
+        "method": "TransGQLA: RoRoPE/FreqFold, balanced joint PCA" + (", o_proj least squares" if fit_output else "")
+                  + (f", {fit_steps} refinement steps" if fit_steps else ""),
         "source_architecture": type(model).__name__,
         "source_model_type": model.config.model_type,
         "source_num_key_value_heads": shape.n_kv,
         "source_head_dim": shape.d_h,
         "kv_lora_rank": kv_lora_rank,
         "qk_rope_head_dim": qk_rope_head_dim,
+        "rope_allocation": rope_allocation,
+        "rope_band_size": rope_band_size,
+        "sequential": sequential,
+        "fit_output": fit_output,
+        "fit_steps": fit_steps,
         "latent_basis": _latent_basis,
         "calibration": {"source": "random tokens" if calibration is None else "given",
-                        "num_sequences": len(sequences), "num_tokens": n_tokens, "seed": seed},
+                        "num_sequences": len(sequences), "num_tokens": stream.num_tokens, "seed": seed},
         "sliding_window_dropped": sliding_window_dropped,
         "layers": records,
     }
     config = gqla_config_for(
-        model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
-        rope_frequency_indices=rope_frequency_indices(counts), attention_bias=has_qkv_bias,
-        attention_output_bias=attn.o_proj.bias is not None, conversion=conversion,
+        model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim, rope_frequency_indices=tables,
+        attention_bias=has_qkv_bias, attention_output_bias=layers[0].self_attn.o_proj.bias is not None,
+        conversion=conversion_record,
     )
     logger.info("TransGQLA: %d layers, mean kept key energy under RoPE %.3f, mean kept latent energy %.3f",
                 len(records), sum(r["rope_kept_energy"] for r in records) / len(records),

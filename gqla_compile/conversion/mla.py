@@ -604,6 +604,7 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
         # a GQLA source's RoPE table (TransGQLA keeps the source's frequencies); None for MLA families
         rope_frequency_dim=getattr(cfg, "rope_frequency_dim", None),
         rope_frequency_indices=getattr(cfg, "rope_frequency_indices", None),
+        rope_layer_frequency_indices=getattr(cfg, "rope_layer_frequency_indices", None),
     )
 
 

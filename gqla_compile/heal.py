@@ -1,0 +1,249 @@
+"""Healing after a lossy conversion: distil the source model (teacher) into the converted one (student).
+
+The loss is the KL divergence of the student's next-token distribution from the teacher's (optionally plus a
+relative squared error between their per-layer hidden states), minimized with AdamW over the attention weights
+only by default, with linear warm-up and cosine decay. Batches are a pure function of (seed, step), and the
+models run in eval mode (no dropout), so a run resumed from a checkpoint takes exactly the steps of an
+uninterrupted one. Checkpoints hold the trainable tensors and the optimizer's moments (safetensors) and a small
+JSON state, written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import GqlaError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HealConfig", "HealResult", "heal", "distillation_loss"]
+
+Trainable = Literal["attention", "all"]
+STATE_FILE = "heal_state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class HealError(GqlaError, ValueError):
+    """Bad healing input, or a checkpoint that does not belong to this run."""
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """The hyper-parameters of a healing run (a checkpoint is resumed only under the same ones)."""
+
+    steps: int = 1000
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    trainable: Trainable = "attention"
+    seed: int = 0
+
+
+@dataclass
+class HealResult:
+    """What a healing run did: its losses per step (this process's steps only when resumed) and where it stopped."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _token_windows(texts: Sequence[Any], tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """[N, seq_len] windows of one token stream made of all texts (strings need ``tokenizer``; else token ids)."""
+    stream: list[int] = []
+    for text in texts:
+        if isinstance(text, str):
+            if tokenizer is None:
+                raise HealError("healing texts are strings: pass tokenizer=")
+            stream.extend(tokenizer(text)["input_ids"])
+        else:
+            stream.extend(int(t) for t in torch.as_tensor(text).flatten())
+    count = len(stream) // seq_len
+    if count == 0:
+        raise HealError(f"healing texts give {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def batch_indices(step: int, num_windows: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Window indices of ``step``'s batch: epoch e walks a permutation seeded by (seed, e); a function of step only."""
+    per_epoch = max(num_windows // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * batch_size : (position + 1) * batch_size] if num_windows >= batch_size else order
+
+
+def lr_factor(step: int, config: HealConfig) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, *, temperature: float = 1.0,
+                      hidden_weight: float = 0.0) -> torch.Tensor:
+    """KL(teacher || student) per token at ``temperature`` (times T^2), plus ``hidden_weight`` times the mean over
+    layers of ||h_s - h_t||^2 / ||h_t||^2 when asked."""
+    want_hidden = hidden_weight > 0
+    with torch.no_grad():
+        target = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+    output = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+    vocab = output.logits.shape[-1]
+    log_p_student = torch.log_softmax(output.logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(target.logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    loss = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    loss = loss * temperature**2
+    if want_hidden:
+        pairs = list(zip(output.hidden_states[1:], target.hidden_states[1:]))
+        hidden = sum((s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum() for s, t in pairs) / len(pairs)
+        loss = loss + hidden_weight * hidden
+    return loss
+
+
+def trainable_parameters(model: nn.Module, trainable: Trainable) -> dict[str, nn.Parameter]:
+    """The parameters healing updates: those of every ``self_attn`` module, or all."""
+    if trainable not in ("attention", "all"):
+        raise HealError(f"trainable={trainable!r}: use 'attention' or 'all'")
+    named = dict(model.named_parameters())
+    chosen = named if trainable == "all" else {n: p for n, p in named.items() if ".self_attn." in n}
+    if not chosen:
+        raise HealError("the model has no attention parameters (no '.self_attn.' modules) to heal")
+    return chosen
+
+
+class _Checkpoint:
+    """The files of one healing checkpoint; ``save_pretrained`` so that the atomic folder writer can write it."""
+
+    def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, state: dict[str, Any]):
+        self.params, self.optimizer, self.state = params, optimizer, state
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({name: p.detach().contiguous().cpu() for name, p in self.params.items()}, folder / WEIGHTS_FILE)
+        moments = {}
+        for name, param in self.params.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                moments[f"{name}::{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        save_file(moments, folder / OPTIMIZER_FILE)
+        (folder / STATE_FILE).write_text(json.dumps(self.state, indent=2) + "\n")
+
+
+def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+            config: HealConfig) -> int:
+    """Load a checkpoint into the parameters and optimizer; the step it stopped at."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state["config"] != asdict(config):
+        raise HealError(f"checkpoint {str(folder)!r} was written with other settings {state['config']}; "
+                        "use the same settings or another checkpoint folder")
+    weights = load_file(folder / WEIGHTS_FILE)
+    if set(weights) != set(params):
+        raise HealError(f"checkpoint {str(folder)!r} holds other tensors than this model's trainable ones")
+    moments = load_file(folder / OPTIMIZER_FILE)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+            saved = {key.split("::", 1)[1]: value for key, value in moments.items() if key.split("::", 1)[0] == name}
+            if saved:
+                optimizer.state[param] = {key: value.to(param.device) if key != "step" else value
+                                          for key, value in saved.items()}
+    return int(state["step"])
+
+
+def heal(
+    model: nn.Module,
+    teacher: nn.Module,
+    texts: Sequence[Any],
+    *,
+    tokenizer: Any = None,
+    config: HealConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    stop_after: int | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> HealResult:
+    """Distil ``teacher`` into ``model`` (changed in place) on windows of ``texts``; see the module docstring.
+
+    Args:
+        model: the converted model (e.g. from ``gqla_compile.convert``); its attention weights are trained.
+        teacher: the source model; only read.
+        texts: strings (with ``tokenizer``) or token-id sequences, cut into ``config.seq_len`` windows.
+        config: the hyper-parameters (``HealConfig()`` by default).
+        checkpoint_dir: written every ``checkpoint_every`` steps and at the end; if it holds a checkpoint of the
+            same settings, the run resumes from it.
+        stop_after: stop (with a checkpoint) after this many steps in total, e.g. to split a run; the schedule
+            still follows ``config.steps``.
+        device: where to train (default: the model's device); the teacher is moved there too.
+    """
+    config = config or HealConfig()
+    if config.steps <= 0 or config.batch_size <= 0 or config.seq_len <= 1:
+        raise HealError(f"steps ({config.steps}), batch_size ({config.batch_size}) and seq_len ({config.seq_len}) "
+                        "must be positive (seq_len at least 2)")
+    windows = _token_windows(texts, tokenizer, config.seq_len)
+    if device is not None:
+        model.to(device)
+        teacher.to(device)
+    device = next(model.parameters()).device
+    params = trainable_parameters(model, config.trainable)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start = _resume(folder, params, optimizer, config) if folder is not None and (folder / STATE_FILE).is_file() else 0
+    if start:
+        logger.info("healing resumes at step %d from %s", start, folder)
+    end = min(config.steps, stop_after if stop_after is not None else config.steps)
+    result = HealResult(step=start, resumed_from=start)
+    model.eval()
+    teacher.eval()
+
+    def save(step: int) -> None:
+        if folder is None:
+            return
+        from .checkpoint import save_pretrained_atomic
+
+        state = {"step": step, "config": asdict(config), "last_loss": result.losses[-1] if result.losses else None}
+        save_pretrained_atomic(_Checkpoint(params, optimizer, state), folder, force=True)
+
+    try:
+        for step in tqdm(range(start, end), desc="heal", unit="step", initial=start, total=end, disable=not progress):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config)
+            ids = windows[batch_indices(step, windows.shape[0], config.batch_size, config.seed)].to(device)
+            loss = distillation_loss(model, teacher, ids, temperature=config.temperature,
+                                     hidden_weight=config.hidden_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.losses.append(float(loss.detach()))
+            result.step = step + 1
+            if checkpoint_every and result.step % checkpoint_every == 0 and result.step < end:
+                save(result.step)
+    finally:
+        for param in params.values():
+            param.requires_grad_(False)
+    save(result.step)
+    return result
