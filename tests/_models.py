@@ -116,7 +116,8 @@ def assert_rewritten_for_real(model: nn.Module, path: str) -> None:
 
 def assert_cache_layout(cache, model: nn.Module, batch: int, tokens: int) -> None:
     """Each layer's cached keys and values have the rewritten path's shapes (paths.DecodePath.cache_shapes):
-    absorbed [B, 1, T, d_c + d_R] keys with zero-width values, grouped [B, n_g, T, d_n + d_R] and [B, n_g, T, d_v].
+    absorbed [B, 1, T, d_c + d_R] keys with zero-width values, grouped [B, n_g, T, d_n + d_R] and [B, n_g, T, d_v]
+    with the RoPE key copied, [B, 1, T, n_g d_n + d_R] and [B, 1, T, n_g d_v] with it shared.
 
     Both shapes are checked: transformers' own MLA caches [B, 1, T, d_c] keys and [B, 1, T, d_R] values,
     the absorbed path's number of elements, so a size check alone could not tell them apart.
@@ -126,7 +127,7 @@ def assert_cache_layout(cache, model: nn.Module, batch: int, tokens: int) -> Non
     state = model.gqla_optimization
     assert len(cache.layers) == len(state.layers)
     for layer, cached in zip(state.layers, cache.layers):
-        key_shape, value_shape = PATHS[state.path].cache_shapes(layer.dims, batch, tokens)
+        key_shape, value_shape = PATHS[state.path].cache_shapes(layer.dims, batch, tokens, rope_key=state.plan.rope_key)
         assert tuple(cached.keys.shape) == key_shape, (layer.module_path, tuple(cached.keys.shape), key_shape)
         assert tuple(cached.values.shape) == value_shape, (layer.module_path, tuple(cached.values.shape), value_shape)
 
