@@ -83,6 +83,20 @@ class HandWrittenLatentLM(nn.Module):
         return self.head(x)
 
 
+#: Every runtime cache layout: (path, rope_key). The RoPE key layout only matters on the grouped path.
+LAYOUTS = [("absorbed", "copied"), ("grouped", "copied"), ("grouped", "shared")]
+
+
+def expected_cache_elements(dims, path: str, rope_key: str, tp: int = 1) -> int:
+    """Cached elements per token, layer and rank, written out from DESIGN.md's table (not from paths.py)."""
+    if path == "absorbed":
+        return dims.d_c + dims.d_R  # the whole latent on every rank
+    groups = dims.n_g // tp
+    if rope_key == "copied":
+        return groups * (dims.d_n + dims.d_R + dims.d_v)
+    return groups * (dims.d_n + dims.d_v) + dims.d_R  # k_R kept once on every rank
+
+
 def randomize_biases_and_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random non-zero biases and norm gains (configs initialise them to 0 and 1), so that a bias added once
     per rank too many, a wrongly sliced bias or a lost norm changes the output."""
