@@ -59,39 +59,39 @@ def core_efficiency(config, target, path: str, *, compile: bool, dtype: torch.dt
                     device: str = "cpu") -> dict[str, float]:
     """How far this machine's attention kernel is from the roofline, measured once per shape and path.
 
-    Times the runtime's own attention call (``runtime.causal_attention`` on one layer's cache layout, with the
+    Times the runtime's own attention call (``runtime.causal_attention`` on the views of the cache layout the
+    plan takes, with the
     boolean mask a StaticCache step passes; Inductor-compiled when the grid is) for one sequence, one new
     token, ``context`` cached tokens, and divides by the plan's attention-core time for that point. The
     factor then scales the plan's attention core at every grid point (the other parts keep the roofline).
     """
     from gqla_compile.cost_model import plan
     from gqla_compile.dims import LatentDims
-    from gqla_compile.runtime import causal_attention
+    from gqla_compile.paths import PATHS
+    from gqla_compile.runtime import LatentAttentionCore, causal_attention
 
     d = LatentDims.from_config(config)
+    name = str(dtype).removeprefix("torch.")
+    chosen = plan(config, target, s_q=1, batch_size=1, context_len=context, dtype=name, path=path)
     generator = torch.Generator().manual_seed(0)
     s = context + 1
-    if path == "absorbed":
-        q = torch.randn(1, d.n_h, 1, d.d_c + d.d_R, generator=generator)
-        k = torch.randn(1, 1, s, d.d_c + d.d_R, generator=generator)
-        v = None
-    else:
-        q = torch.randn(1, d.n_h, 1, d.d_n + d.d_R, generator=generator)
-        k = torch.randn(1, d.n_g, s, d.d_n + d.d_R, generator=generator)
-        v = torch.randn(1, d.n_g, s, d.d_v, generator=generator)
-    q, k = q.to(device, dtype), k.to(device, dtype)
-    v = v.to(device, dtype) if v is not None else None
+    key_shape, value_shape = PATHS[path].cache_shapes(d, 1, s, rope_key=chosen.rope_key)
+    q = torch.randn(1, d.n_h, 1, PATHS[path].query_head_dims(d), generator=generator).to(device, dtype)
+    k = torch.randn(key_shape, generator=generator).to(device, dtype)
+    v = torch.randn(value_shape, generator=generator).to(device, dtype)
     mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
+    # only the core's cache reading is used (views of the layout the plan took), not its output projection
+    reader = LatentAttentionCore(torch.empty(0), None, 0.1, latent_value_dims=d.d_c if path == "absorbed" else None,
+                                 shared_rope_key=(d.n_g, d.d_R) if chosen.rope_key == "shared" and path == "grouped"
+                                 else None)
 
     def core(q, k, v, mask):
-        value = k[..., : d.d_c] if v is None else v
-        return causal_attention(q, k, value, mask, 0.1)
+        keys, value = reader.cache_views(k, v)
+        return causal_attention(q, keys, value, mask, 0.1)
 
     fn = torch.compile(core, dynamic=False) if compile else core
     timing = common.time_call(lambda: fn(q, k, v, mask), warmup=2, min_repeats=5, budget_s=0.5)
-    name = str(dtype).removeprefix("torch.")
-    predicted = plan(config, target, s_q=1, batch_size=1, context_len=context, dtype=name,
-                     path=path).costs[path].part("attention_core").time_s
+    predicted = chosen.costs[path].part("attention_core").time_s
     return {"context": context, "measured_s": timing.median, "predicted_s": predicted,
             "factor": timing.median / predicted}
 

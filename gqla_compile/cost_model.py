@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import targets as _targets
@@ -247,6 +247,16 @@ def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> P
                     rank_elements * step.dtype_bytes)
 
 
+def _fastest_rope_key(step: _Step, grouped_feasible: bool) -> str:
+    """The grouped cache layout whose step is faster: keeping k_R once reads fewer bytes, so it wins wherever
+    the attention core is bandwidth-bound; where nothing differs (compute-bound, or no grouped path) the
+    copied layout stays."""
+    if not grouped_feasible:
+        return "copied"
+    times = {key: _path_cost(PATHS["grouped"], replace(step, rope_key=key), 1, "bmm").time_s for key in ROPE_KEYS}
+    return min(ROPE_KEYS, key=times.__getitem__)  # ROPE_KEYS order: ties go to "copied"
+
+
 def _cheapest_output_absorption(step: _Step) -> str:
     """How the absorbed path should apply W_UV: whichever makes its projections cheapest.
 
@@ -263,8 +273,8 @@ def _check_workload(s_q: int, batch_size: int, context_len: int, tp: int, path: 
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_path_argument(path)
-    if rope_key not in ROPE_KEYS:
-        raise ValueError(f"rope_key must be 'copied' or 'shared', got {rope_key!r}")
+    if rope_key != "auto" and rope_key not in ROPE_KEYS:
+        raise ValueError(f"rope_key must be 'auto', 'copied' or 'shared', got {rope_key!r}")
 
 
 def _config_of(model_or_config: Any) -> Any:
@@ -322,7 +332,7 @@ def plan(
     tp: int = 1,
     dtype: Any = None,
     path: str = "auto",
-    rope_key: str = "copied",
+    rope_key: str = "auto",
 ) -> Plan:
     """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
 
@@ -330,7 +340,8 @@ def plan(
     name, a ``Target``, or "auto" (this machine's GPU, else the measured CPU). ``s_q``: tokens decoded per
     sequence and step (2 for MTP or speculative verification). ``path`` forces a path; the plan still
     costs both. ``rope_key``: whether the grouped cache copies the RoPE key into every group ("copied",
-    what a stock GQA kernel reads) or keeps it once ("shared").
+    a stock GQA layout) or keeps it once ("shared", fewer bytes to hold and read); "auto" takes the layout
+    whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken.
     """
     _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
     config = _config_of(model_or_config)
@@ -341,9 +352,12 @@ def plan(
         logger.warning("tp=%d spans more than one %s node (%d devices): the all-reduce will be slower than "
                        "the interconnect figure says", tp, chip.name, chip.devices_per_node)
     peak = chip.peak(dtype)
-    step = _Step(dims, s_q, batch_size, context_len, tp, rope_key, DTYPE_BYTES[dtype], peak,
+    step = _Step(dims, s_q, batch_size, context_len, tp, "copied", DTYPE_BYTES[dtype], peak,
                  chip.memory_bandwidth, chip.interconnect_bandwidth)
     problems = feasible_paths(dims, tp)
+    if rope_key == "auto":
+        rope_key = _fastest_rope_key(step, problems["grouped"] is None)
+    step = replace(step, rope_key=rope_key)
     feasible = [p for p, problem in problems.items() if problem is None]
     if path != "auto" and path not in feasible:
         raise ValueError(problems[path])

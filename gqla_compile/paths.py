@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # the builders import torch and the passes lazily: the cost m
 
 #: How the absorbed path applies W_UV after attention: as a per-group batched matmul, or folded into o_proj.
 OUTPUT_ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks cost ties: the bmm keeps smaller weights
-#: How the grouped cache holds the RoPE key: copied into each group's key (what a stock GQA kernel reads) or once.
+#: How the grouped cache holds the RoPE key: copied into each group's key (a stock GQA layout) or once, beside the
+#: groups (n_g (d_n + d_v) + d_R per token). The plan picks one ("auto") or takes the one asked for.
 ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
 #: How the absorbed path applies W_UK to the query. Folding it into q_proj is not implemented (the cost model
 #: does not price what the rewrite cannot build), so this is the one choice.
@@ -107,7 +108,8 @@ class DecodePath:
         """Cached elements per token and layer (keys and values together)."""
         raise NotImplementedError
 
-    def cache_shapes(self, dims: LatentDims, batch: int, tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def cache_shapes(self, dims: LatentDims, batch: int, tokens: int, *,
+                     rope_key: str = "copied") -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(key shape, value shape) of one layer's cache after ``tokens`` tokens, as the runtime writes it."""
         raise NotImplementedError
 
@@ -162,7 +164,8 @@ class DecodePath:
         """The tail pass and the attention core of one layer (``dims``: what this rank computes)."""
         raise NotImplementedError
 
-    def trace_core(self, core: torch.nn.Module, dims: LatentDims, *, context: int = CORE_TRACE_CONTEXT) -> CoreTrace:
+    def trace_core(self, core: torch.nn.Module, dims: LatentDims, *, rope_key: str = "copied",
+                   context: int = CORE_TRACE_CONTEXT) -> CoreTrace:
         """The attention core's aten graph at one decode step (one query token over ``context`` cached tokens)
         for a layer of ``dims`` (what this rank computes), with the weights it multiplies by, by name."""
         import torch
@@ -172,7 +175,7 @@ class DecodePath:
 
         weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
         dtype = next(iter(weights.values())).dtype
-        key_shape, value_shape = self.cache_shapes(dims, 1, context)
+        key_shape, value_shape = self.cache_shapes(dims, 1, context, rope_key=rope_key)
         query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), dtype=dtype)
         key, value = torch.zeros(key_shape, dtype=dtype), torch.zeros(value_shape, dtype=dtype)
 
@@ -210,7 +213,7 @@ class AbsorbedPath(DecodePath):
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
         return dims.d_c + dims.d_R
 
-    def cache_shapes(self, dims, batch, tokens):
+    def cache_shapes(self, dims, batch, tokens, *, rope_key="copied"):
         return (batch, 1, tokens, dims.d_c + dims.d_R), (batch, 1, tokens, 0)
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
@@ -258,7 +261,9 @@ class GroupedPath(DecodePath):
     """Grouped GQA: only the new tokens' latents are expanded, into per-group keys and values."""
 
     name = "grouped"
-    cache_layout = "keys [B, n_g, T, d_n + d_R] (k_R copied into each group's key), values [B, n_g, T, d_v]"
+    cache_layout = ("RoPE key copied: keys [B, n_g, T, d_n + d_R] (k_R in each group's key), values [B, n_g, T, d_v]; "
+                    "shared: key [B, 1, T, n_g d_n + d_R] (the groups' no-RoPE keys, then k_R once), "
+                    "value [B, 1, T, n_g d_v]")
     shards_by = "latent groups (each rank caches its groups' keys and values)"
 
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
@@ -267,7 +272,10 @@ class GroupedPath(DecodePath):
             return dims.n_g * (dims.d_n + dims.d_R + dims.d_v)
         return dims.n_g * (dims.d_n + dims.d_v) + dims.d_R
 
-    def cache_shapes(self, dims, batch, tokens):
+    def cache_shapes(self, dims, batch, tokens, *, rope_key="copied"):
+        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        if rope_key == "shared":
+            return (batch, 1, tokens, dims.n_g * dims.d_n + dims.d_R), (batch, 1, tokens, dims.n_g * dims.d_v)
         return (batch, dims.n_g, tokens, dims.d_n + dims.d_R), (batch, dims.n_g, tokens, dims.d_v)
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
@@ -293,13 +301,12 @@ class GroupedPath(DecodePath):
         from .passes.fold import stack_group_up_projections
         from .runtime import LatentAttentionCore
 
-        if rope_key != "copied":
-            raise ValueError(
-                f"rope_key={rope_key!r}: the grouped runtime writes a stock GQA cache with the RoPE key copied into "
-                "each group's key; a shared RoPE key is only costed by gqla_compile.plan (it needs its own kernel)"
-            )
-        tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n)
-        return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, process_group=process_group))
+        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n,
+                               rope_key=rope_key)
+        shared = (dims.n_g, dims.d_R) if rope_key == "shared" else None
+        return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, shared_rope_key=shared,
+                                                   process_group=process_group))
 
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.

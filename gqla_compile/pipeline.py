@@ -92,6 +92,7 @@ def optimize(
     batch_size: int = 1,
     context_len: int = 4096,
     tp: int | None = None,
+    rope_key: str = "auto",
     compile: bool = True,
     verify: bool = True,
     dump_dir: str | None = None,
@@ -99,7 +100,9 @@ def optimize(
     """Rewrite every latent-attention block of ``model`` into the path chosen for ``target``, in place.
 
     ``path="auto"`` asks the cost model (``gqla_compile.plan``) for the faster path at the given decode
-    shape; "absorbed" or "grouped" forces one. ``compile=True`` runs the model through ``torch.compile``
+    shape; "absorbed" or "grouped" forces one. ``rope_key`` is the grouped cache's layout: "copied" (k_R in
+    every group's key), "shared" (k_R kept once) or "auto" (the plan's faster one); the plan and the report
+    say which was taken. ``compile=True`` runs the model through ``torch.compile``
     with Inductor; ``compile=False`` keeps the rewritten graphs eager (for debugging). A model without
     latent attention is returned unchanged with a warning (an error if a path was forced); the warning
     names why each candidate block did not match, or which could not be traced.
@@ -121,7 +124,7 @@ def optimize(
     model.eval()
     try:
         state = _optimize(model, target, path, parallel, verify=verify, dump_dir=dump_dir,
-                          shape=dict(s_q=s_q, batch_size=batch_size, context_len=context_len))
+                          shape=dict(s_q=s_q, batch_size=batch_size, context_len=context_len, rope_key=rope_key))
     finally:
         model.train(was_training)
     if state is None:
@@ -165,7 +168,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
             layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
             key = context.capture.structure_key
             if key not in cores:
-                cores[key] = decode_path.trace_core(runtime.core, layer.local_dims)
+                cores[key] = decode_path.trace_core(runtime.core, layer.local_dims, rope_key=plan.rope_key)
             layer.core = cores[key]
             layer.matmul_weights_after += [{"graph": "core", **m} for m in layer.core.matmul_weights]
             layers.append(layer)
@@ -304,9 +307,9 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
         records=manager.records_of(context.module_path),
         verification_error=error,
         cache_elements_before=latent_cache_elements(dims, "original"),
-        cache_elements_after=decode_path.cache_elements(dims),
+        cache_elements_after=decode_path.cache_elements(dims, rope_key=plan.rope_key),
         trace_seconds=context.capture.seconds,
-        cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp),
+        cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp, rope_key=plan.rope_key),
         local_dims=TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims,
         output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
         matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),

@@ -24,27 +24,69 @@ def _top_left_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril()
 
 
+def attention_over_cache(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The attention core of a decode step: T queries over S cached tokens, reading the cache as it lies.
+
+    query [B, n_h, T, sum of the key parts' dims]; ``keys``: the cached key parts, [B, h_i, S, d_i] each,
+    h_i dividing n_h (query head h reads KV head h // (n_h / h_i)); the score is the sum over the parts of
+    q[..., part] . k_part, so a RoPE key kept once ([B, 1, S, d_R]) is scored against every group without
+    being copied. value [B, h_v, S, d_v] (any strides with a unit last stride: a slice of the key is read
+    as a view). ``mask``: None (every key), a boolean [.., T, S] (True: attend) or an additive float mask,
+    broadcastable to [B, n_h, T, S]; a token selection (sparse attention) is one more such mask.
+
+    Each part folds the query heads that share a KV head into the query length ([B, h_i, n_h / h_i * T,
+    d_i]), so every cached row is read once for all its heads, as MQA/GQA decode kernels do; plain PyTorch
+    (matmuls, softmax), which Inductor compiles. Returns [B, n_h, T, d_v].
+    """
+    batch, heads, t, _ = query.shape
+    s = value.shape[-2]
+    scores = None
+    offset = 0
+    for part in keys:
+        dims, kv_heads = part.shape[-1], part.shape[1]
+        folded = query[..., offset : offset + dims].unflatten(1, (kv_heads, -1)).flatten(2, 3)
+        part_scores = torch.matmul(folded, part.transpose(-1, -2)).view(batch, heads, t, s)
+        scores = part_scores if scores is None else scores + part_scores
+        offset += dims
+    scores = scores * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    kv_heads = value.shape[1]
+    out = torch.matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value)
+    return out.view(batch, heads, t, value.shape[-1])
+
+
 def causal_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
+    keys: list[torch.Tensor],
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Causal GQA attention of T new queries over S cached keys (the last T of which are the new ones).
+    """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
 
-    ``attention_mask`` is what transformers prepared for the model's attention implementation (boolean
-    for sdpa, additive for eager). Without one, the semantics are transformers' own for sdpa: one query
-    sees every key, several are causal from the first key (``is_causal``, top-left). transformers leaves the
-    mask out only where that is right: a prefill into an empty cache (a StaticCache's unwritten slots come
-    after the queries) or as many keys as queries.
+    ``keys`` and ``value`` as :func:`attention_over_cache` takes them. ``attention_mask`` is what
+    transformers prepared for the model's attention implementation (boolean for sdpa, additive for eager).
+    Without one, the semantics are transformers' own for sdpa: one query sees every key, several are causal
+    from the first key (``is_causal``, top-left). transformers leaves the mask out only where that is
+    right: a prefill into an empty cache (a StaticCache's unwritten slots come after the queries) or as
+    many keys as queries.
 
-    Decoding (T up to FOLD_QUERY_HEADS_UP_TO) folds each KV group's query heads into the query length,
-    [B, n_kv, heads_per_group * T, D], so the attention reads each cached key once, as MQA/GQA kernels do,
-    instead of broadcasting the cache to every head (which the CPU kernels materialise). Prefill keeps the
-    head layout and lets sdpa broadcast the keys: there the cost is the T x S scores, not the cache read.
+    Decoding (T up to FOLD_QUERY_HEADS_UP_TO) runs :func:`attention_over_cache` on the cache's own views.
+    Prefill joins the key parts into one key per KV head and lets sdpa broadcast it: there the cost is the
+    T x S scores, not the cache read, and sdpa never materialises them.
     """
-    t, s = query.shape[-2], key.shape[-2]
+    t, s = query.shape[-2], value.shape[-2]
     if attention_mask is not None:
         mask = attention_mask[..., :s]
     elif t == 1 or t == s:
@@ -52,27 +94,29 @@ def causal_attention(
     else:
         mask = _top_left_causal(t, s, query.device)
     if t > FOLD_QUERY_HEADS_UP_TO:
+        kv_heads = max(part.shape[1] for part in keys)
+        key = torch.cat([part.expand(-1, kv_heads, -1, -1) for part in keys], dim=-1) if len(keys) > 1 else keys[0]
         return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=True
+            query, key, value.expand(-1, kv_heads, -1, -1), attn_mask=mask, is_causal=mask is None and t > 1,
+            scale=scale, enable_gqa=True,
         )
-    kv_heads = key.shape[1]
-    folded = query.unflatten(1, (kv_heads, -1)).flatten(2, 3)  # [B, n_kv, heads_per_group * T, D]
     if mask is None and t > 1:
         mask = _top_left_causal(t, s, query.device)
-    if mask is not None:
-        heads_per_group = query.shape[1] // kv_heads
-        mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads_per_group, t, s).flatten(-3, -2)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
-    return out.unflatten(2, (-1, t)).flatten(1, 2)  # [B, n_h, T, d_v]
+    return attention_over_cache(query, keys, value, mask, scale)
 
 
 class LatentAttentionCore(nn.Module):
     """Attention over the cache, then the output projection: one module for both paths.
 
-    absorbed: the values are the first ``latent_value_dims`` (= d_c) dims of the cached key; the output
-    of attention lives in latent space and leaves it either through ``value_up`` (W_UV per group, one
-    batched matmul, then the unchanged o_proj) or through an o_proj with W_UV folded in (W_O~, [D, n_h d_c]),
-    whichever the plan found cheaper. grouped: values come from the cache, o_proj unchanged.
+    How the core reads the cache (views only, nothing copied):
+
+    - absorbed (``latent_value_dims`` = d_c): one key [B, 1, S, d_c + d_R]; the values are its first d_c
+      dims. The output of attention lives in latent space and leaves it either through ``value_up`` (W_UV
+      per group, one batched matmul, then the unchanged o_proj) or through an o_proj with W_UV folded in
+      (W_O~, [D, n_h d_c]), whichever the plan found cheaper.
+    - grouped, RoPE key copied: keys [B, n_g, S, d_n + d_R], values [B, n_g, S, d_v].
+    - grouped, RoPE key shared (``shared_rope_key`` = (n_g, d_R)): key [B, 1, S, n_g d_n + d_R] holds the
+      groups' no-RoPE keys then k_R once; value [B, 1, S, n_g d_v]. Scores are q_n . K_g + q_R . k_R.
     """
 
     def __init__(
@@ -83,6 +127,7 @@ class LatentAttentionCore(nn.Module):
         *,
         latent_value_dims: int | None = None,
         value_up: torch.Tensor | None = None,
+        shared_rope_key: tuple[int, int] | None = None,
         process_group=None,
     ):
         super().__init__()
@@ -91,14 +136,25 @@ class LatentAttentionCore(nn.Module):
         self.register_buffer("value_up", value_up, persistent=False)
         self.scale = scale
         self.latent_value_dims = latent_value_dims
+        self.shared_rope_key = shared_rope_key
         self.num_groups = value_up.shape[0] if value_up is not None else None
         # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
         self.process_group = process_group
 
-    def forward(self, query, key, value, attention_mask):
+    def cache_views(self, key: torch.Tensor, value: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(key parts [B, h_i, S, d_i], values [B, h_v, S, d_v]) as views of one layer's cached tensors."""
         if self.latent_value_dims is not None:
-            value = key[..., : self.latent_value_dims]
-        out = causal_attention(query, key, value, attention_mask, self.scale)
+            return [key], key[..., : self.latent_value_dims]
+        if self.shared_rope_key is None:
+            return [key], value
+        n_g, d_r = self.shared_rope_key
+        nope = key[:, 0, :, : key.shape[-1] - d_r].unflatten(-1, (n_g, -1)).transpose(1, 2)
+        values = value[:, 0].unflatten(-1, (n_g, -1)).transpose(1, 2)
+        return [nope, key[..., key.shape[-1] - d_r :]], values
+
+    def forward(self, query, key, value, attention_mask):
+        keys, value = self.cache_views(key, value)
+        out = causal_attention(query, keys, value, attention_mask, self.scale)
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
             out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)

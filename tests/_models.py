@@ -83,6 +83,20 @@ class HandWrittenLatentLM(nn.Module):
         return self.head(x)
 
 
+#: Every runtime cache layout: (path, rope_key). The RoPE key layout only matters on the grouped path.
+LAYOUTS = [("absorbed", "copied"), ("grouped", "copied"), ("grouped", "shared")]
+
+
+def expected_cache_elements(dims, path: str, rope_key: str, tp: int = 1) -> int:
+    """Cached elements per token, layer and rank, written out from DESIGN.md's table (not from paths.py)."""
+    if path == "absorbed":
+        return dims.d_c + dims.d_R  # the whole latent on every rank
+    groups = dims.n_g // tp
+    if rope_key == "copied":
+        return groups * (dims.d_n + dims.d_R + dims.d_v)
+    return groups * (dims.d_n + dims.d_v) + dims.d_R  # k_R kept once on every rank
+
+
 def randomize_biases_and_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random non-zero biases and norm gains (configs initialise them to 0 and 1), so that a bias added once
     per rank too many, a wrongly sliced bias or a lost norm changes the output."""
@@ -116,7 +130,8 @@ def assert_rewritten_for_real(model: nn.Module, path: str) -> None:
 
 def assert_cache_layout(cache, model: nn.Module, batch: int, tokens: int) -> None:
     """Each layer's cached keys and values have the rewritten path's shapes (paths.DecodePath.cache_shapes):
-    absorbed [B, 1, T, d_c + d_R] keys with zero-width values, grouped [B, n_g, T, d_n + d_R] and [B, n_g, T, d_v].
+    absorbed [B, 1, T, d_c + d_R] keys with zero-width values, grouped [B, n_g, T, d_n + d_R] and [B, n_g, T, d_v]
+    with the RoPE key copied, [B, 1, T, n_g d_n + d_R] and [B, 1, T, n_g d_v] with it shared.
 
     Both shapes are checked: transformers' own MLA caches [B, 1, T, d_c] keys and [B, 1, T, d_R] values,
     the absorbed path's number of elements, so a size check alone could not tell them apart.
@@ -126,7 +141,7 @@ def assert_cache_layout(cache, model: nn.Module, batch: int, tokens: int) -> Non
     state = model.gqla_optimization
     assert len(cache.layers) == len(state.layers)
     for layer, cached in zip(state.layers, cache.layers):
-        key_shape, value_shape = PATHS[state.path].cache_shapes(layer.dims, batch, tokens)
+        key_shape, value_shape = PATHS[state.path].cache_shapes(layer.dims, batch, tokens, rope_key=state.plan.rope_key)
         assert tuple(cached.keys.shape) == key_shape, (layer.module_path, tuple(cached.keys.shape), key_shape)
         assert tuple(cached.values.shape) == value_shape, (layer.module_path, tuple(cached.values.shape), value_shape)
 

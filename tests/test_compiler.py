@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 from _models import (
+    LAYOUTS,
     HandWrittenLatentLM,
     assert_cache_layout,
     assert_rewritten_for_real,
     cache_elements,
+    expected_cache_elements,
     randomize_biases_and_norms,
     relative_error,
     teacher_forced_decode,
@@ -23,7 +25,6 @@ from _models import (
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import gqla_compile
-from gqla_compile.dims import latent_cache_elements
 from gqla_compile.errors import NoLatentAttentionError
 from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_gqla, tiny_llama
 
@@ -98,10 +99,12 @@ def test_detection_reads_dims_and_groups_from_the_graph():
     assert detect.summary["attention"] == "eager"
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_generate_same_tokens_and_cache_size(path):
+@pytest.mark.parametrize("path, rope_key", LAYOUTS)
+def test_generate_same_tokens_and_cache_size(path, rope_key):
     reference = MODELS["deepseek_v3"]()
-    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", compile=False)
+    optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", rope_key=rope_key,
+                                      compile=False)
+    assert optimized.gqla_optimization.plan.rope_key == rope_key
     prompt = torch.randint(0, reference.config.vocab_size, (2, 7))
     kwargs = dict(max_new_tokens=DECODE_STEPS, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     expected = reference.generate(prompt, **kwargs)
@@ -109,7 +112,7 @@ def test_generate_same_tokens_and_cache_size(path):
     assert torch.equal(actual.sequences, expected.sequences)
     dims = optimized.gqla_optimization.layers[0].dims
     cached_tokens = prompt.shape[1] + DECODE_STEPS - 1
-    per_token = latent_cache_elements(dims, path)
+    per_token = expected_cache_elements(dims, path, rope_key)
     assert cache_elements(actual.cache) == 2 * cached_tokens * per_token * prompt.shape[0]
 
 

@@ -142,7 +142,9 @@ def test_converted_model_runs_both_paths_with_a_smaller_grouped_cache(planted):
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
     tokens, caches = {}, {}
     for path in ("absorbed", "grouped"):
-        model = gqla_compile.optimize(copy.deepcopy(converted), path=path, target="h20", compile=False)
+        # the RoPE key copied into each group: the grouped cache then scales with n_g alone
+        model = gqla_compile.optimize(copy.deepcopy(converted), path=path, target="h20", rope_key="copied",
+                                      compile=False)
         with torch.no_grad():
             tokens[path] = model.generate(prompt, max_new_tokens=8, do_sample=False)
             cache = DynamicCache()

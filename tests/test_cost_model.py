@@ -72,7 +72,7 @@ def test_committed_doc_holds_the_generated_table():
 
 
 def test_parts_follow_the_design_table():
-    p = plan(DSV3, "h100", s_q=2, batch_size=3, context_len=100)
+    p = plan(DSV3, "h100", s_q=2, batch_size=3, context_len=100, rope_key="copied")
     absorbed, grouped = p.costs["absorbed"], p.costs["grouped"]
     core = absorbed.part("attention_core")
     assert core.bytes == 3 * 100 * (512 + 64) * 2
@@ -109,7 +109,7 @@ def test_folding_wins_when_the_latent_is_smaller_than_the_heads():
 
 
 def test_tensor_parallel_shards_groups_and_replicates_the_latent():
-    one, four = plan(DSV3, "h20", s_q=2, batch_size=8), plan(DSV3, "h20", s_q=2, batch_size=8, tp=4)
+    one, four = (plan(DSV3, "h20", s_q=2, batch_size=8, tp=tp, rope_key="copied") for tp in (1, 4))
     grouped_core = [p.costs["grouped"].part("attention_core").bytes for p in (one, four)]
     absorbed_core = [p.costs["absorbed"].part("attention_core") for p in (one, four)]
     assert grouped_core[1] == grouped_core[0] / 4
@@ -138,6 +138,14 @@ def test_forced_path_keeps_both_costs():
 def test_shared_rope_key_reads_fewer_bytes():
     copied, shared = (plan(DSV3, "h20", s_q=2, rope_key=k).costs["grouped"] for k in ("copied", "shared"))
     assert shared.cache_bytes_per_token == (8 * 256 + 64) * 2 < copied.cache_bytes_per_token
+    assert shared.part("attention_core").bytes < copied.part("attention_core").bytes
+
+
+def test_auto_rope_key_takes_the_faster_layout():
+    # bandwidth-bound grouped core: keeping k_R once reads fewer bytes, so the plan takes it
+    assert plan(DSV3, "h100", batch_size=32, context_len=8192).rope_key == "shared"
+    # tp that cannot shard the groups leaves no grouped path: nothing to choose
+    assert plan(DSV3, "h100", tp=16).rope_key == "copied"
 
 
 def test_dtype_default_and_fallback(caplog):

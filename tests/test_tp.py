@@ -12,7 +12,14 @@ import copy
 
 import pytest
 import torch
-from _models import cache_elements, randomize_biases_and_norms, relative_error, teacher_forced_decode
+from _models import (
+    LAYOUTS,
+    cache_elements,
+    expected_cache_elements,
+    randomize_biases_and_norms,
+    relative_error,
+    teacher_forced_decode,
+)
 from transformers import AutoModelForCausalLM
 
 import gqla_compile
@@ -21,7 +28,6 @@ from gqla_compile.distributed import run_parallel
 from gqla_compile.errors import GqlaError
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
 
-PATHS = gqla_compile.paths.PATH_NAMES
 PROMPT, DECODE_STEPS, NEW_TOKENS, BATCH = 6, 8, 8, 2
 TIMEOUT = 150
 
@@ -42,10 +48,10 @@ def build(name: str):
 def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> dict:
     """Run on every rank: optimize with tp=world_size, decode, compare against the unmodified model."""
     results = {}
-    for name, path in cases:
+    for name, path, rope_key in cases:
         reference = build(name)
         optimized = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h100", tp=world_size,
-                                          compile=compile)
+                                          rope_key=rope_key, compile=compile)
         state = optimized.gqla_optimization
         vocab = reference.config.vocab_size
         tokens = torch.randint(0, vocab, (BATCH, PROMPT + DECODE_STEPS), generator=torch.Generator().manual_seed(1))
@@ -58,7 +64,8 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
         reference_tokens = reference.generate(prompt, **kwargs).sequences
         shard_record = next(r for r in state.layers[0].records if r.pass_name == "shard")
         report = gqla_compile.report(optimized).data
-        results[(name, path)] = dict(
+        results[(name, path, rope_key)] = dict(
+            rope_key=state.plan.rope_key,
             errors=[relative_error(a, e) for a, e in zip(actual, expected)],
             tokens_equal=torch.equal(generated.sequences, reference_tokens),
             cache_elements=cache_elements(generated.cache),
@@ -77,14 +84,16 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
     return results
 
 
-ALL_CASES = [(name, path) for name in MODELS for path in PATHS]
+ALL_CASES = [(name, path, rope_key) for name in MODELS for path, rope_key in LAYOUTS]
 RUNS = [
     pytest.param((2, ALL_CASES, False), id="tp2"),
-    # tp=4 covers each model and each path here; the other two combinations run with -m slow.
-    pytest.param((4, [("gqla", "grouped"), ("deepseek_v3", "absorbed")], False), id="tp4"),
-    pytest.param((4, [("gqla", "absorbed"), ("deepseek_v3", "grouped")], False), id="tp4-rest", marks=pytest.mark.slow),
-    pytest.param((2, [("gqla", "grouped"), ("deepseek_v3", "absorbed")], True), id="tp2-inductor",
-                 marks=pytest.mark.slow),
+    # tp=4 covers each model and each layout here; the other combinations run with -m slow.
+    pytest.param((4, [("gqla", "grouped", "copied"), ("deepseek_v3", "grouped", "shared"),
+                      ("deepseek_v3", "absorbed", "copied")], False), id="tp4"),
+    pytest.param((4, [("gqla", "absorbed", "copied"), ("deepseek_v3", "grouped", "copied"),
+                      ("gqla", "grouped", "shared")], False), id="tp4-rest", marks=pytest.mark.slow),
+    pytest.param((2, [("gqla", "grouped", "shared"), ("deepseek_v3", "absorbed", "copied")], True),
+                 id="tp2-inductor", marks=pytest.mark.slow),
 ]
 
 
@@ -98,9 +107,9 @@ def parallel_results(request):
 def test_sharded_decode_matches_single_process(parallel_results):
     world_size, per_rank = parallel_results
     for rank, results in enumerate(per_rank):
-        for (name, path), result in results.items():
-            where = f"{name}, {path} path, rank {rank} of {world_size}"
-            assert result["tp"] == (world_size, rank)
+        for (name, path, rope_key), result in results.items():
+            where = f"{name}, {path} path, RoPE key {rope_key}, rank {rank} of {world_size}"
+            assert result["tp"] == (world_size, rank) and result["rope_key"] == rope_key
             assert max(result["errors"]) < 1e-4, f"{where}: relative errors {result['errors']}"
             assert result["tokens_equal"], f"{where}: greedy tokens differ"
             tail = "absorb" if path == "absorbed" else "expand"
@@ -111,18 +120,17 @@ def test_sharded_decode_matches_single_process(parallel_results):
 def test_each_rank_caches_its_share(parallel_results):
     world_size, per_rank = parallel_results
     for rank, results in enumerate(per_rank):
-        for (name, path), result in results.items():
-            where = f"{name}, {path} path, rank {rank} of {world_size}"
+        for (name, path, rope_key), result in results.items():
+            where = f"{name}, {path} path, RoPE key {rope_key}, rank {rank} of {world_size}"
             dims: LatentDims = result["dims"]
-            total = result["layers"] * BATCH * result["cached_tokens"] * latent_cache_elements(dims, path)
+            per_rank = expected_cache_elements(dims, path, rope_key, world_size)
+            assert result["per_rank"] == per_rank, where
+            assert result["cache_elements"] == result["layers"] * BATCH * result["cached_tokens"] * per_rank, where
             summary = result["shard_summary"]
-            if path == "grouped":  # keys (RoPE part copied into each group) and values of n_g / P groups
-                assert result["cache_elements"] * world_size == total, where
-                assert result["per_rank"] * world_size == latent_cache_elements(dims, path), where
+            if path == "grouped":  # keys and values of n_g / P groups (and k_R, once, when shared)
                 assert summary["groups"] == [rank * dims.n_g // world_size, (rank + 1) * dims.n_g // world_size]
-            else:  # the whole latent on every rank
-                assert result["cache_elements"] == total, where
-                assert result["per_rank"] == latent_cache_elements(dims, path), where
+            if (path, rope_key) == ("grouped", "copied"):  # nothing replicated: the ranks split the cache
+                assert per_rank * world_size == latent_cache_elements(dims, path), where
             assert summary["heads"] == [rank * dims.n_h // world_size, (rank + 1) * dims.n_h // world_size], where
             assert summary["query_projection"] == "rows of the rank's heads", where
             assert result["sharding"]["mlp"] == "replicated"

@@ -26,8 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16, float32 or float8 (default: the model's)")
     parser.add_argument("--path", default="auto", choices=("auto", *PATHS), help="force a path (both are costed)")
-    parser.add_argument("--rope-key", default="copied", choices=ROPE_KEYS,
-                        help="grouped cache: RoPE key copied into every group (default) or kept once")
+    parser.add_argument("--rope-key", default="auto", choices=("auto", *ROPE_KEYS),
+                        help="grouped cache: RoPE key copied into every group, kept once, or auto (the faster)")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of a table")
     parser.set_defaults(func=run)
 
