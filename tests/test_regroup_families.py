@@ -141,7 +141,9 @@ def test_half_the_groups_both_paths_reproduce_the_converted_model(name):
     tokens = _tokens(seed=4)
     reference, _ = _prefill_and_decode(converted, tokens)
     for path in ("absorbed", "grouped"):
-        model = gqla_compile.optimize(copy.deepcopy(converted), path=path, target="h20", compile=False)
+        # the copied RoPE-key layout: n_g heads of d_n + d_R keys, so the cache scales exactly with the groups
+        model = gqla_compile.optimize(copy.deepcopy(converted), path=path, target="h20", compile=False,
+                                      rope_key="copied")
         assert len(model.gqla_optimization.layers) == len(blocks)
         steps, cache = _prefill_and_decode(model, tokens)
         for got, want in zip(steps, reference):
