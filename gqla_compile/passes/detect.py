@@ -65,6 +65,12 @@ NO_DOWN_PROJECTION = FailedMatch("no linear above the up-projection's input (no 
 KEYS_NOT_FROM_LATENT = FailedMatch("keys are not expanded from the same latent as the values")
 OUTPUT_NOT_PROJECTED = FailedMatch("the attention output does not flow into one linear (no output projection)")
 UP_PROJECTION_BIAS = FailedMatch("the latent up-projection has a bias; absorbing it is not supported")
+LEARNED_TOKEN_SELECTION = FailedMatch("the attention's mask is computed by its own projections (a learned token "
+                                      "selection such as a DeepSeek Sparse Attention indexer): sparse latent "
+                                      "attention is not rewritten yet")
+
+#: Failures that mean "latent attention, with a piece the paths do not rewrite", not "no latent attention".
+UNSUPPORTED_LATENT_PIECES = frozenset({LEARNED_TOKEN_SELECTION, UP_PROJECTION_BIAS})
 
 
 def _rope_key_count(count: int) -> FailedMatch:
@@ -120,6 +126,11 @@ class Detection:
     def has_attention(self) -> bool:
         """Whether the graph holds an attention at all (a block with attention that did not match is news)."""
         return self.match is not None or any(f != NO_ATTENTION for f in self.failures)
+
+    @property
+    def latent_but_unsupported(self) -> bool:
+        """Latent attention was recognised but holds a piece no path rewrites yet (not "no latent attention")."""
+        return self.match is None and bool(self.failures) and set(self.failures) <= UNSUPPORTED_LATENT_PIECES
 
     @property
     def reason(self) -> str:
@@ -225,6 +236,8 @@ def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
 
 
 def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | FailedMatch:
+    if _selection_projections(q, k, v, out):
+        return LEARNED_TOKEN_SELECTION
     up = walk_back_through_layout(v)
     if not is_linear(up) or up.args[1].op != "placeholder":
         return VALUES_NOT_PROJECTED
@@ -278,6 +291,13 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
     )
     logger.debug("latent attention in %s: %s", capture.module_path, dims)
     return match
+
+
+def _selection_projections(q: fx.Node, k: fx.Node, v: fx.Node, out: fx.Node) -> list[fx.Node]:
+    """Linears that reach the attention other than through its query, keys and values: they compute its mask
+    (the causal mask is a graph input; a top-k selection of the block's own scores is not)."""
+    through_qkv = ancestors(q) | ancestors(k) | ancestors(v) | {q, k, v}
+    return [n for n in ancestors(out) - through_qkv if is_linear(n)]
 
 
 def _nearest_linear_ancestor(node: fx.Node) -> fx.Node | None:
