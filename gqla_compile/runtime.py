@@ -95,10 +95,14 @@ class LatentAttentionCore(nn.Module):
         # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
         self.process_group = process_group
 
-    def forward(self, query, key, value, attention_mask):
+    def forward(self, query, key, value, attention_mask, gate=None):
+        """``gate``: the block's optional per-head output gate [B, T, n_h], applied to each head's output
+        before the output projection (per head, so before or after W_UV alike)."""
         if self.latent_value_dims is not None:
             value = key[..., : self.latent_value_dims]
         out = causal_attention(query, key, value, attention_mask, self.scale)
+        if gate is not None:
+            out = out * gate.transpose(1, 2).unsqueeze(-1)
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
             out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
@@ -149,11 +153,12 @@ class InstalledLatentAttention(nn.Module):
         arguments = dict(zip(self.argument_names, args))
         arguments.update(kwargs)
         inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
-        query, key, value = self.projection(*inputs)  # every path's tail ends in (query, key, value)
+        # every path's tail ends in (query, key, value), then the block's optional pieces (an output gate)
+        query, key, value, *gate = self.projection(*inputs)
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        out = self.core(query, key, value, arguments.get("attention_mask"))
+        out = self.core(query, key, value, arguments.get("attention_mask"), *gate)
         if self.output_arity == 0:
             return out
         return (out,) + (None,) * (self.output_arity - 1)

@@ -26,19 +26,19 @@ from gqla_compile.conversion.mla import RECORD_FIELD, find_latent_blocks
 from gqla_compile.dims import kv_cache_elements
 from gqla_compile.errors import ConversionError
 
-_DSA_MASK = "capture traces without a mask; the DSA indexer indexes the mask (issue 11)"
+_DSA = ("DeepSeek Sparse Attention: the indexer's top-k selection computes the attention mask "
+        "(detect.LEARNED_TOKEN_SELECTION); sparse latent attention is not rewritten yet (issue 11)")
 # What the detector cannot reach today, by family; every other discovered family must convert exactly.
 UNSUPPORTED = {
-    "axk2": _DSA_MASK,
-    "deepseek_v32": _DSA_MASK,
-    "dots3_note": _DSA_MASK + "; its sliding-window latent layers do not match the skeleton",
-    "glm_moe_dsa": _DSA_MASK,
-    "glm5_next": _DSA_MASK + "; its linear-attention layers fail torch.export (seq specialised)",
-    "hy_v4": _DSA_MASK + "; the shared-indexer layers fail tracing too",
-    "hy_v4_vl": _DSA_MASK + "; the shared-indexer layers fail tracing too",
-    "mistral_large4": "torch.export refuses the KVSharingDict cache-sharing input of the attention (issue 11)",
-    "bailing_hybrid": "the per-head sigmoid output gate (g_proj) between attention and o_proj is not in the "
-                      "detector's skeleton (issue 11)",
+    "axk2": _DSA,
+    "deepseek_v32": _DSA,
+    "dots3_note": _DSA + "; its sliding-window latent layer's output does not reach o_proj through the skeleton",
+    "glm_moe_dsa": _DSA,
+    "glm5_next": "its linear-attention layer holds no attention; its DSA layer has a second softmax the eager "
+                 "skeleton does not match (issue 11)",
+    "hy_v4": "a second softmax in the attention block that the eager skeleton does not match (issue 11)",
+    "hy_v4_vl": "a second softmax in the attention block that the eager skeleton does not match (issue 11)",
+    "mistral_large4": _DSA,
 }
 SUPPORTED = sorted(set(FAMILIES) - set(UNSUPPORTED))
 CALIBRATION = random_token_sequences(TEXT_VOCAB, num_samples=4, seq_len=24, seed=1)
