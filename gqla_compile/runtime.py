@@ -152,7 +152,7 @@ class InstalledLatentAttention(nn.Module):
     def forward(self, *args, **kwargs):
         arguments = dict(zip(self.argument_names, args))
         arguments.update(kwargs)
-        inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
+        inputs = [_as_traced(name, argument_leaf(arguments, name, leaf)) for name, leaf in self.user_inputs]
         # every path's tail ends in (query, key, value), then the block's optional pieces (an output gate)
         query, key, value, *gate = self.projection(*inputs)
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
@@ -162,6 +162,15 @@ class InstalledLatentAttention(nn.Module):
         if self.output_arity == 0:
             return out
         return (out,) + (None,) * (self.output_arity - 1)
+
+
+def _as_traced(name: str, value):
+    """A projection input in the form it was traced with: the block was captured without a cache, so its
+    attention mask was square (new tokens x new tokens); a mask over the cached keys is cut to that shape
+    (the projection never reads the mask's values: detection refuses blocks whose mask is computed)."""
+    if name == "attention_mask" and isinstance(value, torch.Tensor) and value.shape[-1] != value.shape[-2]:
+        return value[..., -value.shape[-2]:]
+    return value
 
 
 def install(module: nn.Module, runtime: InstalledLatentAttention) -> None:
