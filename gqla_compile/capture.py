@@ -7,7 +7,7 @@ mask, and functionalized with ``run_decompositions({})``. The result is a clean 
 ``split_with_sizes``, the norm and RoPE ops, one ``scaled_dot_product_attention`` or the eager
 matmul/softmax/matmul) whose parameters are placeholders named by the graph signature. Detection works on
 that graph alone, never on class or parameter names. The cache update is not in the graph: the installed
-attention owns it.
+attention owns it, as it owns the mask.
 
 Candidates are found by structure: the smallest modules holding at least four ``nn.Linear`` layers and
 called with a [batch, seq, hidden] tensor. Layers with the same structure (class and parameter shapes)
@@ -17,6 +17,7 @@ are traced once; their graphs differ only in the weights fed to them.
 from __future__ import annotations
 
 import inspect
+from collections import UserDict
 import logging
 import time
 import warnings
@@ -30,12 +31,11 @@ from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_METHOD = "torch.export (non-strict, dynamic batch/seq, no cache, no mask) + run_decompositions({})"
+CAPTURE_METHOD = "torch.export (non-strict, dynamic batch/seq, no cache, the recorded mask) + run_decompositions({})"
 _BATCH, _SEQ = 2, 11  # sizes of the recording run; distinct from any head count or feature size we use
 _MIN_LINEARS = 4
 #: The names a cache object is passed under (transformers' attention modules, and hand-written ones).
 CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value")
-_NONE_ARGUMENTS = (*CACHE_ARGUMENTS, "attention_mask")  # traced without: the installed runtime handles them
 
 
 @dataclass
@@ -142,17 +142,19 @@ def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
 
 
 def capture_module(path: str, module: nn.Module, record: CallRecord) -> CapturedAttention:
-    """Trace one module with torch.export, dynamic in batch and sequence, with no cache and no mask."""
+    """Trace one module with torch.export, dynamic in batch and sequence, with no cache and its recorded mask."""
     start = time.perf_counter()
     # Only the forward's named parameters: what travels through **kwargs (position_ids, use_cache, ...)
     # only configures the attention call, which the paths replace; torch.export cannot give it dynamic dims.
     named = inspect.signature(module.forward).parameters
     arguments = {
-        k: (None if k in _NONE_ARGUMENTS else v)
+        k: _traceable_argument(k, v)
         for k, v in record.arguments.items()
         if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD
     }
-    batch, seq = Dim("batch", min=1, max=1 << 16), Dim("seq", min=2, max=1 << 20)
+    # Dynamic dims export may narrow (a DSA indexer's ``min(top_k, seq)`` guards seq >= top_k): the graph is
+    # kept as a graph of the block's operations, not called through export's guards.
+    batch, seq = Dim.DYNAMIC, Dim.DYNAMIC
     dynamic = _dynamic_shapes(arguments, batch, seq)
     with torch.no_grad(), warnings.catch_warnings():
         # torch.export's own pytree deprecation notice (LeafSpec) says nothing to our users.
@@ -184,6 +186,17 @@ def capture_module(path: str, module: nn.Module, record: CallRecord) -> Captured
         output_arity=record.output_arity,
         example_arguments=record.arguments,
     )
+
+
+def _traceable_argument(name: str, value: Any) -> Any:
+    """What export is given for one recorded argument: no cache (the installed runtime owns it); a dict-like
+    container the model shares between blocks (``collections.UserDict``, e.g. ``KVSharingDict``) as a plain
+    dict copy, which export flattens like any dict and the block may still write to; the rest as recorded."""
+    if name in CACHE_ARGUMENTS:
+        return None
+    if isinstance(value, UserDict):
+        return dict(value)
+    return value
 
 
 def _dynamic_shapes(arguments: dict[str, Any], batch: Dim, seq: Dim) -> dict:

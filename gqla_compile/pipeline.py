@@ -203,12 +203,21 @@ def _nothing_matched_message(model: nn.Module, captured: CaptureResult, contexts
         for context in contexts:
             reasons.setdefault(context.detection.reason, []).append(context.module_path)
         listed = "; ".join(f"{_paths_text(paths)}: {reason}" for reason, paths in reasons.items())
-        parts.append(f"{name} holds no latent attention in the {len(contexts)} traced candidate block(s) ({listed})")
+        unsupported = sum(c.detection.latent_but_unsupported for c in contexts)
+        if unsupported:
+            parts.append(f"{name} holds latent attention that cannot be rewritten yet in {unsupported} of the "
+                         f"{len(contexts)} traced candidate block(s) ({listed})")
+        else:
+            parts.append(f"{name} holds no latent attention in the {len(contexts)} traced candidate block(s) ({listed})")
     elif not captured.failures:
         parts.append(f"{name} holds no latent attention: no candidate block (a module with at least four linear "
                      "layers called with [batch, seq, hidden])")
-    fix = ("fix the tracing error above (or report it)" if captured.failures and not contexts
-           else "convert a GQA model with gqla_compile.convert first")
+    if captured.failures and not contexts:
+        fix = "fix the tracing error above (or report it)"
+    elif any(c.detection.latent_but_unsupported for c in contexts):
+        fix = "the piece named above must be supported by the compiler (report it); converting will not help"
+    else:
+        fix = "convert a GQA model with gqla_compile.convert first"
     return "; ".join(parts) + f"; nothing was rewritten. To rewrite, {fix}"
 
 

@@ -152,9 +152,13 @@ class LatentAttentionCore(nn.Module):
         values = value[:, 0].unflatten(-1, (n_g, -1)).transpose(1, 2)
         return [nope, key[..., key.shape[-1] - d_r :]], values
 
-    def forward(self, query, key, value, attention_mask):
+    def forward(self, query, key, value, attention_mask, gate=None):
+        """``gate``: the block's optional per-head output gate [B, T, n_h], applied to each head's output
+        before the output projection (per head, so before or after W_UV alike)."""
         keys, value = self.cache_views(key, value)
         out = causal_attention(query, keys, value, attention_mask, self.scale)
+        if gate is not None:
+            out = out * gate.transpose(1, 2).unsqueeze(-1)
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
             out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
@@ -204,15 +208,25 @@ class InstalledLatentAttention(nn.Module):
     def forward(self, *args, **kwargs):
         arguments = dict(zip(self.argument_names, args))
         arguments.update(kwargs)
-        inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.user_inputs]
-        query, key, value = self.projection(*inputs)  # every path's tail ends in (query, key, value)
+        inputs = [_as_traced(name, argument_leaf(arguments, name, leaf)) for name, leaf in self.user_inputs]
+        # every path's tail ends in (query, key, value), then the block's optional pieces (an output gate)
+        query, key, value, *gate = self.projection(*inputs)
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        out = self.core(query, key, value, arguments.get("attention_mask"))
+        out = self.core(query, key, value, arguments.get("attention_mask"), *gate)
         if self.output_arity == 0:
             return out
         return (out,) + (None,) * (self.output_arity - 1)
+
+
+def _as_traced(name: str, value):
+    """A projection input in the form it was traced with: the block was captured without a cache, so its
+    attention mask was square (new tokens x new tokens); a mask over the cached keys is cut to that shape
+    (the projection never reads the mask's values: detection refuses blocks whose mask is computed)."""
+    if name == "attention_mask" and isinstance(value, torch.Tensor) and value.shape[-1] != value.shape[-2]:
+        return value[..., -value.shape[-2]:]
+    return value
 
 
 def install(module: nn.Module, runtime: InstalledLatentAttention) -> None:

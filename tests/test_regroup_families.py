@@ -5,7 +5,7 @@ classes, MoE with few experts, hybrids with one linear-attention layer, random n
 ``convert(model, num_groups=G)`` must return the same class, same config (plus the ``gqla_conversion``
 record), every weight outside the attention blocks bit-identical; exact at G = n_h; at G = n_h / 2 both of
 the compiler's paths must reproduce the converted model and the grouped cache must shrink by G / n_h.
-Families the detector does not reach yet are named ``xfail(strict=True)`` entries with the cause.
+Families the detector does not reach yet (``_families.UNSUPPORTED``) are ``xfail(strict=True)`` with the cause.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from _families import FAMILIES, TEXT_VOCAB, logits_in_stock_transformers, tiny_model
+from _families import FAMILIES, TEXT_VOCAB, UNSUPPORTED, logits_in_stock_transformers, shared_tiny_model
 from _models import relative_error
 
 import gqla_compile
@@ -26,20 +26,6 @@ from gqla_compile.conversion.mla import RECORD_FIELD, find_latent_blocks
 from gqla_compile.dims import kv_cache_elements
 from gqla_compile.errors import ConversionError
 
-_DSA_MASK = "capture traces without a mask; the DSA indexer indexes the mask (issue 11)"
-# What the detector cannot reach today, by family; every other discovered family must convert exactly.
-UNSUPPORTED = {
-    "axk2": _DSA_MASK,
-    "deepseek_v32": _DSA_MASK,
-    "dots3_note": _DSA_MASK + "; its sliding-window latent layers do not match the skeleton",
-    "glm_moe_dsa": _DSA_MASK,
-    "glm5_next": _DSA_MASK + "; its linear-attention layers fail torch.export (seq specialised)",
-    "hy_v4": _DSA_MASK + "; the shared-indexer layers fail tracing too",
-    "hy_v4_vl": _DSA_MASK + "; the shared-indexer layers fail tracing too",
-    "mistral_large4": "torch.export refuses the KVSharingDict cache-sharing input of the attention (issue 11)",
-    "bailing_hybrid": "the per-head sigmoid output gate (g_proj) between attention and o_proj is not in the "
-                      "detector's skeleton (issue 11)",
-}
 SUPPORTED = sorted(set(FAMILIES) - set(UNSUPPORTED))
 CALIBRATION = random_token_sequences(TEXT_VOCAB, num_samples=4, seq_len=24, seed=1)
 PROMPT, DECODE = 8, 4
@@ -50,9 +36,8 @@ def _family_params():
             if name in UNSUPPORTED else name for name in FAMILIES]
 
 
-@functools.lru_cache(maxsize=None)
 def _source(name: str):
-    return tiny_model(FAMILIES[name])
+    return shared_tiny_model(name)
 
 
 @functools.lru_cache(maxsize=None)

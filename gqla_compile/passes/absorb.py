@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from ..paths import QUERY_ABSORPTION
-from .graph import append_to_graph
+from .graph import append_to_graph, optional_output_count
 
 
 def absorb_query(query, latent, rope_key, w_uk, *, d_n: int, n_g: int):
@@ -35,7 +35,8 @@ def absorb_latent_attention(projection: fx.GraphModule, w_uk: torch.Tensor) -> f
     """Append the query absorption to a latent projection graph (outputs: query, key, zero-width value)."""
     n_g, d_n, _ = w_uk.shape
     tail = functools.partial(absorb_query, d_n=d_n, n_g=n_g)
-    return append_to_graph(projection, tail, {"w_uk": w_uk}, class_name="AbsorbedProjection")
+    return append_to_graph(projection, tail, {"w_uk": w_uk}, class_name="AbsorbedProjection",
+                           passthrough=optional_output_count(projection))
 
 
 class AbsorbQuery:

@@ -7,7 +7,8 @@ The skeleton, described once with its optional pieces (instead of one pattern pe
       latent <- [norm] <- split/slice <- linear(x, W_DKV)   the down-projection
       K = merge(views of the same linear(latent, W_UKV), rope_key)
       rope_key: the only tensor that flows into K from W_DKV's output without passing W_UKV
-    out = linear(views(attention), W_O)                    the output projection
+    out = linear(views(attention) [* gate], W_O)           the output projection
+      gate: optional, one value per head and token computed without the attention (e.g. sigmoid(g_proj(x)))
 
 Dims come from shapes; the group structure of the up-projection (n_g) and its per-group matrices come
 from probing the graph with basis vectors fed where the latent was (so any row layout, GQA broadcast or
@@ -65,6 +66,14 @@ NO_DOWN_PROJECTION = FailedMatch("no linear above the up-projection's input (no 
 KEYS_NOT_FROM_LATENT = FailedMatch("keys are not expanded from the same latent as the values")
 OUTPUT_NOT_PROJECTED = FailedMatch("the attention output does not flow into one linear (no output projection)")
 UP_PROJECTION_BIAS = FailedMatch("the latent up-projection has a bias; absorbing it is not supported")
+OUTPUT_GATE_SHAPE = FailedMatch("a product between the attention and the output projection that is not a per-head "
+                                "gate [batch, seq, heads, 1] computed without the attention")
+LEARNED_TOKEN_SELECTION = FailedMatch("the attention's mask is computed by its own projections (a learned token "
+                                      "selection such as a DeepSeek Sparse Attention indexer): sparse latent "
+                                      "attention is not rewritten yet")
+
+#: Failures that mean "latent attention, with a piece the paths do not rewrite", not "no latent attention".
+UNSUPPORTED_LATENT_PIECES = frozenset({LEARNED_TOKEN_SELECTION, UP_PROJECTION_BIAS})
 
 
 def _rope_key_count(count: int) -> FailedMatch:
@@ -100,6 +109,7 @@ class LatentAttentionMatch:
     q_lora: bool
     matched_nodes: int = 0
     up_projections: UpProjections | None = None  # set by probing: W_UK, W_UV per group
+    output_gate: fx.Node | None = None  # optional per-head gate [B, T, n_h, 1] multiplied before o_proj
 
     def weight_name(self, capture: CapturedAttention, linear: fx.Node, index: int = 1) -> str | None:
         """Parameter name behind a linear's weight (index 1) or bias (index 2) placeholder."""
@@ -120,6 +130,11 @@ class Detection:
     def has_attention(self) -> bool:
         """Whether the graph holds an attention at all (a block with attention that did not match is news)."""
         return self.match is not None or any(f != NO_ATTENTION for f in self.failures)
+
+    @property
+    def latent_but_unsupported(self) -> bool:
+        """Latent attention was recognised but holds a piece no path rewrites yet (not "no latent attention")."""
+        return self.match is None and bool(self.failures) and set(self.failures) <= UNSUPPORTED_LATENT_PIECES
 
     @property
     def reason(self) -> str:
@@ -225,6 +240,8 @@ def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
 
 
 def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | FailedMatch:
+    if _selection_projections(q, k, v, out):
+        return LEARNED_TOKEN_SELECTION
     up = walk_back_through_layout(v)
     if not is_linear(up) or up.args[1].op != "placeholder":
         return VALUES_NOT_PROJECTED
@@ -248,12 +265,14 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
     if len(rope_keys) != 1:
         return _rope_key_count(len(rope_keys))
     (rope_key,) = rope_keys
-    o_proj = walk_forward_through_layout(out)
-    if o_proj is None or not is_linear(o_proj):
-        return OUTPUT_NOT_PROJECTED
+    o_proj, gate = _output_projection_and_gate(capture, out)
+    if isinstance(o_proj, FailedMatch):
+        return o_proj
     dims = _dims(capture, q, v, up, rope_key, o_proj)
     if isinstance(dims, FailedMatch):
         return dims
+    if gate is not None and int(tensor_meta(gate).shape[2]) != dims.n_h:
+        return OUTPUT_GATE_SHAPE
     q_linear = _nearest_linear_ancestor(q)
     q_lora = q_linear is not None and any(is_linear(n) for n in ancestors(q_linear))
     if q_lora:
@@ -275,9 +294,35 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
         dims=dims,
         q_lora=q_lora,
         matched_nodes=matched,
+        output_gate=gate,
     )
     logger.debug("latent attention in %s: %s", capture.module_path, dims)
     return match
+
+
+def _output_projection_and_gate(capture, out: fx.Node) -> tuple[fx.Node | FailedMatch, fx.Node | None]:
+    """The output projection after the attention, and the optional per-head gate multiplied in between."""
+    user = walk_forward_through_layout(out)
+    gate = None
+    if user is not None and user.target is aten.mul.Tensor:
+        attention_side = [a for a in user.args if isinstance(a, fx.Node) and (a is out or out in ancestors(a))]
+        others = [a for a in user.args if isinstance(a, fx.Node) and a not in attention_side]
+        meta = tensor_meta(others[0]) if len(others) == 1 else None
+        batch_sym, seq_sym = batch_and_seq_symbols(capture)
+        if (len(attention_side) != 1 or meta is None or meta.dim() != 4 or int(meta.shape[-1]) != 1
+                or [str(s) for s in meta.shape[:2]] != [batch_sym, seq_sym]):
+            return OUTPUT_GATE_SHAPE, None
+        gate, user = others[0], walk_forward_through_layout(user)
+    if user is None or not is_linear(user):
+        return OUTPUT_NOT_PROJECTED, None
+    return user, gate
+
+
+def _selection_projections(q: fx.Node, k: fx.Node, v: fx.Node, out: fx.Node) -> list[fx.Node]:
+    """Linears that reach the attention other than through its query, keys and values: they compute its mask
+    (the causal mask is a graph input; a top-k selection of the block's own scores is not)."""
+    through_qkv = ancestors(q) | ancestors(k) | ancestors(v) | {q, k, v}
+    return [n for n in ancestors(out) - through_qkv if is_linear(n)]
 
 
 def _nearest_linear_ancestor(node: fx.Node) -> fx.Node | None:

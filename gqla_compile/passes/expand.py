@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .graph import append_to_graph
+from .graph import append_to_graph, optional_output_count
 
 
 def expand_new_tokens(query, latent, rope_key, w_ukv, *, n_g: int, d_n: int, d_v: int, shared_rope_key: bool = False):
@@ -39,7 +39,8 @@ def expand_latent_attention(projection: fx.GraphModule, w_ukv: torch.Tensor, *, 
     """Append the new-token expansion to a latent projection graph (outputs: query, keys, values)."""
     d_v = w_ukv.shape[0] // n_g - d_n
     tail = functools.partial(expand_new_tokens, n_g=n_g, d_n=d_n, d_v=d_v, shared_rope_key=shared_rope_key)
-    return append_to_graph(projection, tail, {"w_ukv": w_ukv}, class_name="GroupedProjection")
+    return append_to_graph(projection, tail, {"w_ukv": w_ukv}, class_name="GroupedProjection",
+                           passthrough=optional_output_count(projection))
 
 
 class ExpandNewTokens:

@@ -249,8 +249,12 @@ def append_to_graph(
     extra_attributes: Mapping[str, torch.Tensor],
     *,
     class_name: str,
+    passthrough: int = 0,
 ) -> fx.GraphModule:
     """Return a copy of ``gm`` whose outputs are ``tail(*old_outputs, *attribute_tensors)``.
+
+    With ``passthrough=n``, the last n old outputs (optional pieces such as an output gate) are not given to
+    ``tail`` and follow its results unchanged.
 
     ``tail`` is a plain PyTorch function (it also runs eagerly and is tested as such); it is traced onto
     the graph with FX proxies, so a rewrite reads as the math it performs. ``extra_attributes`` become
@@ -272,12 +276,19 @@ def append_to_graph(
     for name, tensor in extra_attributes.items():
         root.register_buffer(name, tensor, persistent=False)
         attribute_proxies.append(fx.Proxy(graph.get_attr(name), tracer))
-    results = tail(*(fx.Proxy(n, tracer) for n in old_outputs), *attribute_proxies)
-    graph.output(tuple(r.node for r in results))
+    kept = len(old_outputs) - passthrough
+    results = tail(*(fx.Proxy(n, tracer) for n in old_outputs[:kept]), *attribute_proxies)
+    graph.output(tuple(r.node for r in results) + tuple(old_outputs[kept:]))
     new = fx.GraphModule(root, graph, class_name=class_name)
     for name in list(new._buffers):
         new._non_persistent_buffers_set.add(name)
     return new
+
+
+def optional_output_count(gm: fx.GraphModule, required: int = 3) -> int:
+    """How many outputs a latent projection graph has beyond its ``required`` ones (optional pieces)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return len(output.args[0]) - required
 
 
 def same_size(a: object, b: object) -> bool:

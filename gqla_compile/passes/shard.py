@@ -31,8 +31,9 @@ from torch import fx
 
 from ..capture import recorded_inputs
 from ..dims import LatentDims
+from ..errors import ShapeMismatchError
 from ..paths import get_path
-from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, tensor_meta
+from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, optional_output_count, tensor_meta
 
 REPLICATED = {
     "embeddings": "replicated",
@@ -198,6 +199,9 @@ class ShardAttention:
         return replace(up, key=key, value=value), o_weight
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if optional_output_count(gm):
+            raise ShapeMismatchError("tensor parallel is not supported yet for a block with a per-head output gate "
+                                     "between attention and o_proj; optimize it with tp=None")
         start, end = self.layout.heads
         sliced = slice_query_projection(gm, self.layout.dims, start, end)
         if sliced is not None and self._agrees(gm, sliced, start, end):

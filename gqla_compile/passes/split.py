@@ -1,8 +1,9 @@
-"""Cut a captured attention graph down to its latent projection: hidden -> (query, latent, rope key).
+"""Cut a captured attention graph down to its latent projection: hidden -> (query, latent, rope key[, gate]).
 
 Everything after that point (the per-step up-projection of the whole cache, the attention, o_proj) is what
 the paths replace. The outputs are put into one canonical layout so both paths' tails are plain code:
-query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope key [B, T, d_R].
+query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope key [B, T, d_R]; an optional per-head output gate
+(detect.py) is a fourth output [B, T, n_h], which the paths' tails pass through to the attention core.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .graph import append_to_graph, extract_subgraph, tensor_meta
 def split_latent_projection(
     capture: CapturedAttention, match: LatentAttentionMatch, parameters: dict[str, torch.Tensor]
 ) -> fx.GraphModule:
-    """GraphModule(user inputs...) -> (query, latent, rope_key), parameters held as non-persistent buffers."""
+    """GraphModule(user inputs...) -> (query, latent, rope_key[, gate]), parameters as non-persistent buffers."""
     gm = capture.graph_module
     user = set(capture.user_placeholders)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in user]
@@ -28,13 +29,15 @@ def split_latent_projection(
         for n in gm.graph.nodes
         if n.op == "placeholder" and n.name in capture.parameter_inputs
     }
-    cut = extract_subgraph(gm, inputs, [match.query, match.latent, match.rope_key], attributes)
+    gate = [match.output_gate] if match.output_gate is not None else []
+    cut = extract_subgraph(gm, inputs, [match.query, match.latent, match.rope_key, *gate], attributes)
     batch_sym, seq_sym = batch_and_seq_symbols(capture)
     latent_dims = _token_layout(tensor_meta(match.latent), batch_sym, seq_sym)
     rope_dims = _token_layout(tensor_meta(match.rope_key), batch_sym, seq_sym)
 
-    def canonical(query, latent, rope_key):
-        return query, to_token_layout(latent, *latent_dims), to_token_layout(rope_key, *rope_dims)
+    def canonical(query, latent, rope_key, *gate):
+        pieces = tuple(g.flatten(2) for g in gate)  # [B, T, n_h, 1] -> [B, T, n_h]
+        return query, to_token_layout(latent, *latent_dims), to_token_layout(rope_key, *rope_dims), *pieces
 
     return append_to_graph(cut, canonical, {}, class_name="LatentProjection")
 
