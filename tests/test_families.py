@@ -91,7 +91,7 @@ def test_family_decodes_like_the_unmodified_model(name, path):
     length = PROMPT + DECODE_STEPS
     for layer in state.layers:  # the cache in the path's layout
         cached = cache.layers[layer.layer_idx]
-        key_shape, value_shape = PATHS[path].cache_shapes(layer.dims, 1, length)
+        key_shape, value_shape = PATHS[path].cache_shapes(layer.dims, 1, length, rope_key=state.plan.rope_key)
         assert (tuple(cached.keys.shape), tuple(cached.values.shape)) == (key_shape, value_shape), layer.module_path
 
 
