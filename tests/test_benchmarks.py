@@ -152,7 +152,9 @@ def test_quick_decode_compiled(tmp_path):
     assert {r["variant"] for r in compiled} == {"original", "absorbed", "grouped"}  # transformers compiled too
     assert all(_positive(r["tokens_per_s"]) for r in compiled)
     for info in data["shapes"]["gqla"]["compile"].values():
-        assert info["graphs"] >= 1 and info["graph_breaks"] == 0 and _positive(info["first_call_s"])
+        assert info["graphs"] >= 1 and info["graph_breaks"] == 0
+    for variant in ("original", "absorbed", "grouped"):  # the first compiled call (dynamo + Inductor) is timed
+        assert any(_positive(r["first_call_s"]) for r in compiled if r["variant"] == variant)
 
 
 def test_summary_from_files(quick_suite):

@@ -46,6 +46,13 @@ def _converted(name: str, num_groups: int, grouping: str = "neighbour"):
                                 progress=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _gated(name: str) -> bool:
+    """Whether the family's latent blocks carry a per-head output gate (similarity grouping refuses them)."""
+    blocks, _ = find_latent_blocks(_source(name))
+    return any(block.has_output_gate for block in blocks)
+
+
 def _heads(name: str) -> int:
     return _source(name).config.get_text_config().num_attention_heads
 
@@ -120,7 +127,7 @@ def _grouped_cache_per_token(cache, num_tokens: int) -> tuple[int, set[int]]:
 @pytest.mark.parametrize("name", _family_params())
 def test_half_the_groups_both_paths_reproduce_the_converted_model(name):
     groups = _heads(name) // 2
-    converted = _converted(name, groups, "similarity")
+    converted = _converted(name, groups, "neighbour" if _gated(name) else "similarity")
     blocks, _ = find_latent_blocks(converted)  # the detector's probing, on the regrouped weights
     assert blocks and {b.dims.n_g for b in blocks} == {groups}
     tokens = _tokens(seed=4)
@@ -138,6 +145,15 @@ def test_half_the_groups_both_paths_reproduce_the_converted_model(name):
             source_per_block = kv_cache_elements(_source(name).config, "grouped")  # n_h heads per block
             assert heads == {groups}
             assert per_token * _heads(name) == len(blocks) * source_per_block * groups
+
+
+def test_similarity_grouping_refuses_a_gated_block_it_would_reorder():
+    """bailing_hybrid's per-head output gate comes from its own projection, which regrouping does not
+    re-index: re-ordering the heads would silently misalign it, so it is an error."""
+    gated = next((name for name in SUPPORTED if _gated(name)), None)
+    assert gated, "no discovered family has a gated latent block"
+    with pytest.raises(ConversionError, match="output gate.*grouping='neighbour'"):
+        _converted(gated, _heads(gated) // 2, "similarity")
 
 
 # --- what makes each named family special ---------------------------------------------------------------------------

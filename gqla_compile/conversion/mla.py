@@ -106,6 +106,7 @@ class LatentBlock:
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
     rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
     rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
+    has_output_gate: bool = False  # a per-head gate before o_proj (bailing_hybrid): its rows follow the heads
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -160,7 +161,7 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             path=capture.module_path, layer_index=index, module=module,
             dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
-            rope_order=order, rope_layout=layout,
+            rope_order=order, rope_layout=layout, has_output_gate=match.output_gate is not None,
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.path]), len(captures)
@@ -505,6 +506,11 @@ def convert_layer(
         groups = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
         cost = neighbour_cost = _GroupingCost(targets, ranks).total(groups) if num_groups < d.n_h else 0.0
     permutation = [h for g in groups for h in g]
+    if block.has_output_gate and permutation != list(range(d.n_h)):
+        raise ConversionError(
+            f"{block.path}: similarity grouping re-orders the heads, but the block's per-head output gate is "
+            "computed by a projection this conversion does not re-index; use grouping='neighbour'"
+        )
 
     kv_b, key_maps, value_maps, kept_k, kept_v = [], [], [], [], []
     for heads in groups:
