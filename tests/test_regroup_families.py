@@ -152,8 +152,10 @@ def test_similarity_grouping_refuses_a_gated_block_it_would_reorder():
     re-index: re-ordering the heads would silently misalign it, so it is an error."""
     gated = next((name for name in SUPPORTED if _gated(name)), None)
     assert gated, "no discovered family has a gated latent block"
+    calibration = random_token_sequences(128, num_samples=4, seq_len=16, seed=1)  # data on which it re-orders
     with pytest.raises(ConversionError, match="output gate.*grouping='neighbour'"):
-        _converted(gated, _heads(gated) // 2, "similarity")
+        gqla_compile.convert(_source(gated), num_groups=_heads(gated) // 2, calibration=calibration,
+                             grouping="similarity", progress=False)
 
 
 # --- what makes each named family special ---------------------------------------------------------------------------
