@@ -149,3 +149,16 @@ def load_model(path_or_name: str | os.PathLike, *, dtype: torch.dtype | str | No
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
     return model.to(dtype or torch.float32).eval()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(folder: str | os.PathLike | None) -> Any:
+    """The tokenizer saved in ``folder``, or None when there is none (the commands' one tokenizer loader)."""
+    folder = Path(folder) if folder is not None else None
+    if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -17,9 +17,6 @@ from ..conversion.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, rando
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
@@ -71,15 +68,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_tokenizer(folder: Path | None) -> Any:
-    """The tokenizer saved in ``folder``, or None when there is none."""
-    if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def _calibration(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> list:
     """Token sequences from --calibration-file, or random token ids (with a warning)."""
     if args.num_samples <= 0 or args.seq_len <= 0:
@@ -111,7 +99,7 @@ def gqa_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..checkpoint import ModelNotFoundError, check_output_free, load_model, save_pretrained_atomic
+    from ..checkpoint import ModelNotFoundError, check_output_free, load_model, load_tokenizer, save_pretrained_atomic
     from ..conversion import convert
     from ..dims import is_latent_config, kv_cache_elements
     from ..errors import ConversionError
@@ -122,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     except (FileExistsError, ModelNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     src_folder = Path(args.src) if Path(args.src).is_dir() else None
-    tokenizer = _load_tokenizer(args.tokenizer or src_folder)
+    tokenizer = load_tokenizer(args.tokenizer or src_folder)
     calibration = _calibration(args, tokenizer, source.config.vocab_size)
     latent_options = {name: value for name, value in (("grouping", args.grouping), ("weighting", args.weighting),
                                                       ("score_aware", args.score_aware)) if value}

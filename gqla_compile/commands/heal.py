@@ -46,8 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..checkpoint import ModelNotFoundError, check_output_free, load_model, save_pretrained_atomic
-    from ..commands.convert import _load_tokenizer
+    from ..checkpoint import ModelNotFoundError, check_output_free, load_model, load_tokenizer, save_pretrained_atomic
     from ..heal import HealConfig, HealError, heal
 
     try:
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from exc
     if not args.text.is_file():
         raise UsageError(f"text file {str(args.text)!r} does not exist")
-    tokenizer = _load_tokenizer(Path(args.model)) or _load_tokenizer(Path(args.teacher))
+    tokenizer = load_tokenizer(Path(args.model)) or load_tokenizer(Path(args.teacher))
     if tokenizer is None:
         raise UsageError("neither MODEL_DIR nor TEACHER_DIR has a tokenizer to read TEXT_FILE with")
     config = HealConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
