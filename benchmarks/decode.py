@@ -87,7 +87,7 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
                 "model_type": pool.config(shape).model_type,
                 "parameters": common.parameter_count(base),
                 "cache": cache_sizes(pool, shape),
-                "plan_path": pool.get(shape, "absorbed", False).gqla_optimization.plan.path,
+                "plan_path": {context: _planned_path(pool, shape, context) for context in cfg["contexts"]},
                 "rope_key": pool.get(shape, "grouped", False).gqla_optimization.plan.rope_key,
                 "rows": rows, "rooflines": rooflines, "compile": {},
             }
@@ -114,6 +114,20 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
     payload["load_average_after"] = common.load_average()
     common.write_json(out, PART, payload)
     return payload
+
+
+def _planned_path(pool: common.ModelPool, shape: str, context: int) -> str:
+    """The path ``optimize(path="auto")`` would take for one sequence at this context on the pool's target
+    (the pool's rewritten models are forced to each path)."""
+    from gqla_compile.cost_model import plan
+
+    return plan(pool.config(shape), pool.target, context_len=context, dtype=pool.dtype).path
+
+
+def _picks(plan_path: dict[str, str] | str) -> str:
+    if isinstance(plan_path, str):
+        return f"**{plan_path}**"
+    return ", ".join(f"**{path}** at context {context}" for context, path in plan_path.items())
 
 
 def _measured_machine(quick: bool) -> dict[str, float]:
@@ -224,7 +238,7 @@ def summary(payload: dict[str, Any]) -> str:
         lines += ["**The run did not finish: only the points listed were measured.**", ""]
     for shape, data in payload["shapes"].items():
         lines += [f"Model `{shape}` ({data['model_type']}, {data['parameters'] / 1e6:.1f}M parameters, "
-                  f"{payload['dtype']}); the plan for `cpu` picks **{data['plan_path']}**, grouped cache with the "
+                  f"{payload['dtype']}); the plan for `cpu` at batch 1 picks {_picks(data['plan_path'])}, grouped cache with the "
                   f"RoPE key **{data['rope_key']}**. Ratios: the other's step time / this step time, same point, "
                   "same run. Roofline: every weight read once plus the path's attention over the cache, at the "
                   "bandwidth and matmul rate measured at that thread count. Attention per token: the step's growth "
