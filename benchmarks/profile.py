@@ -147,6 +147,8 @@ def summary(payload: dict[str, Any]) -> str:
              f"{payload['machine']['torch_threads']} thread(s)); read bandwidth measured in the same run: "
              f"{payload['read_bandwidth'] / 1e9:.1f} GB/s, float32 matmul rate {payload['matmul_rate'] / 1e9:.0f} "
              "GFLOP/s.", ""]
+    if payload.get("note"):
+        lines += [f"Note: {payload['note']}", ""]
     steps = {}
     for p in payload["profiles"]:
         steps.setdefault(f"{p['path']} {'compiled' if p['compiled'] else 'eager'}", {})[p["context"]] = p
