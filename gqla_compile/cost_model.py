@@ -237,7 +237,7 @@ def _attention_core(path: DecodePath, step: _Step) -> PartCost:
     rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
     rows = path.query_rows_per_cached_head(path.rank_dims(step.dims, step.tp)) * step.s_q
     return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token,
-                     kernel=(attention_kernel(path.name, step.rope_key), rows))
+                     kernel=(attention_kernel(path.name, step.rope_key, multi_token=step.s_q > 1), rows))
 
 
 def _all_reduce(step: _Step) -> PartCost:

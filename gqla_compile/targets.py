@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -54,10 +55,12 @@ _GB = 10**9  # datasheets quote decimal gigabytes
 KERNEL_GEMV = "gemv"
 
 
-def attention_kernel(path: str, rope_key: str = "copied") -> str:
+def attention_kernel(path: str, rope_key: str = "copied", *, multi_token: bool = False) -> str:
     """The kernel class of a decoding path's attention core (the grouped path's shared RoPE key is a layout
-    of its own: its keys are strided views)."""
-    return f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
+    of its own: its keys are strided views; several new tokens per sequence run another kernel than one,
+    see runtime.KEYS_MAJOR_ROWS)."""
+    name = f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
+    return f"{name}_multi_token" if multi_token else name
 
 
 #: The attention kernel classes measure_cpu measures: (path, RoPE-key layout).
@@ -289,6 +292,7 @@ def _physical_memory() -> float:
 #: the attention cores: n_h / cached heads x s_q).
 GEMV_ROWS: tuple[int, ...] = (1, 8, 32)
 ATTENTION_ROWS: tuple[int, ...] = (1, 2, 4, 8, 16, 64)
+MULTI_TOKEN_ROWS: tuple[int, ...] = (2, 4, 8, 16, 64)
 #: The shape classes measured: weights of a ~100M model's MLP ([2048, 768], rotated through more than a
 #: last-level cache's worth so each is read from memory) and a cache of CALIBRATION_CONTEXT tokens in each
 #: path's layout (absorbed: one head [c ; k_R] of 256 + 32, values its first 256; grouped: 4 groups of
@@ -321,11 +325,12 @@ def _gemv_efficiency(bandwidth: float, peak: float, budget_s: float) -> KernelEf
     return KernelEfficiency(GEMV_ROWS, tuple(efficiency))
 
 
-def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: float,
-                          budget_s: float) -> KernelEfficiency:
+def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
+                          multi_token: bool = False) -> KernelEfficiency:
     """The runtime's own decode attention (``attention_over_cache`` on the views the installed core reads)
     for one sequence over CALIBRATION_CONTEXT cached tokens in the layout of CLASS_DIMS, against its
-    roofline."""
+    roofline. The rows per cached head are query heads of one new token, or (``multi_token``) new tokens of
+    one head per cached head."""
     from .dims import LatentDims
     from .paths import PATHS
     from .runtime import LatentAttentionCore, attention_over_cache
@@ -343,13 +348,14 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
     cached_heads = values.shape[1]
     cached_bytes = s * decode.cache_elements(dims, rope_key=rope_key) * 4
     efficiency = []
-    for rows in ATTENTION_ROWS:
-        heads = cached_heads * rows
-        query = torch.randn(1, heads, 1, decode.query_head_dims(dims), generator=generator)
-        flops = 2 * heads * s * decode.attention_head_dims(dims)
+    all_rows = MULTI_TOKEN_ROWS if multi_token else ATTENTION_ROWS
+    for rows in all_rows:
+        heads, tokens = (cached_heads, rows) if multi_token else (cached_heads * rows, 1)
+        query = torch.randn(1, heads, tokens, decode.query_head_dims(dims), generator=generator)
+        flops = 2 * heads * tokens * s * decode.attention_head_dims(dims)
         seconds = _median_seconds(lambda: attention_over_cache(query, keys, values, None, 1.0), budget_s)
         efficiency.append(_roofline_seconds(cached_bytes, flops, bandwidth, peak) / seconds)
-    return KernelEfficiency(ATTENTION_ROWS, tuple(efficiency))
+    return KernelEfficiency(all_rows, tuple(efficiency))
 
 
 def _cache_file() -> Path:
@@ -384,7 +390,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def measure_cpu_now(budget_s: float = 0.3) -> Target:
-    """Measure this machine at the current torch thread count (about 10 s): float32 (and bfloat16) matmul
+    """Measure this machine at the current torch thread count (about 20 s): float32 (and bfloat16) matmul
     rate, streaming read bandwidth, and the efficiency of the weight GEMVs and of each path's attention
     core (``KernelEfficiency``). The interconnect is the copy bandwidth / CPU_INTERCONNECT_FACTOR."""
     peaks = {"float32": _matmul_flops(torch.float32)}
@@ -396,9 +402,9 @@ def measure_cpu_now(budget_s: float = 0.3) -> Target:
     copy = _copy_bandwidth()
     with torch.no_grad():
         kernels = {KERNEL_GEMV: _gemv_efficiency(bandwidth, peaks["float32"], budget_s)}
-        for path, rope_key in ATTENTION_CLASSES:
-            kernels[attention_kernel(path, rope_key)] = _attention_efficiency(path, rope_key, bandwidth,
-                                                                              peaks["float32"], budget_s)
+        for (path, rope_key), multi_token in itertools.product(ATTENTION_CLASSES, (False, True)):
+            kernels[attention_kernel(path, rope_key, multi_token=multi_token)] = _attention_efficiency(
+                path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
     target = Target("cpu", peaks, memory_bandwidth=bandwidth, memory_capacity=_physical_memory(),
                     interconnect_bandwidth=copy / CPU_INTERCONNECT_FACTOR, devices_per_node=1, kernels=kernels)
     logger.info("measured cpu (%d threads): %s, read bandwidth %.1f GB/s, kernel efficiencies %s",

@@ -76,8 +76,9 @@ def test_cost_model_figures(quick_suite):
     assert 0.0 <= acc["right_fraction"] <= 1.0
     assert _positive(acc["median_step_predicted_over_measured"])
     assert _positive(acc["median_attention_predicted_over_measured"])
+    attention = {"attention_absorbed", "attention_grouped", "attention_grouped_shared"}
     assert _positive(data["target"]["memory_bandwidth"]) and set(data["target"]["kernels"]) == {
-        "gemv", "attention_absorbed", "attention_grouped", "attention_grouped_shared"}
+        "gemv", *attention, *(f"{name}_multi_token" for name in attention)}
     for point in data["points"]:
         assert point["plan_path"] in ("absorbed", "grouped") and point["measured_faster"] in ("absorbed", "grouped")
         for path in ("absorbed", "grouped"):

@@ -105,7 +105,8 @@ def test_measure_cpu_is_measured_and_cached(cpu):
     assert cpu.peak_flops["float32"] > 1e8 and cpu.memory_bandwidth > 1e8 and cpu.interconnect_bandwidth > 1e8
     assert cpu.devices_per_node == 1
     # the kernels the rewritten graphs run, per shape class, measured against their roofline
-    assert set(cpu.kernels) == {targets.KERNEL_GEMV, *(targets.attention_kernel(p, k) for p, k in targets.ATTENTION_CLASSES)}
+    assert set(cpu.kernels) == {targets.KERNEL_GEMV, *(targets.attention_kernel(p, k, multi_token=m)
+                                                       for p, k in targets.ATTENTION_CLASSES for m in (False, True))}
     for kernel in cpu.kernels.values():
         assert all(0 < e < 10 for e in kernel.efficiency)
 
