@@ -14,7 +14,6 @@ batch 1 before batch 8), so a run cut short keeps whole comparisons.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
