@@ -6,11 +6,14 @@ it re-expands the whole cached latent at every step) against each rewritten path
 Tokens/s = batch / median step time; speed-ups are ratios to the unmodified model in the same run.
 
     python -m benchmarks.decode [--quick] [--no-compile] [--out benchmarks/results]
+                                [--grid-threads 1,2] [--grid-batches 1,8]
+
+The grid runs thread count by thread count and, within one, batch by batch (every variant and context of
+batch 1 before batch 8), so a run cut short keeps whole comparisons.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -50,10 +53,13 @@ def cache_sizes(pool: common.ModelPool, shape: str) -> dict[str, Any]:
 
 
 def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.ModelPool | None = None,
-        measurements: common.Measurements | None = None) -> dict[str, Any]:
-    """Every (variant, threads, batch, context) point; the JSON is rewritten after each point, so an
-    interrupted run leaves what it measured (``complete`` says whether it finished)."""
+        measurements: common.Measurements | None = None, threads: list[int] | None = None,
+        batches: list[int] | None = None) -> dict[str, Any]:
+    """Every (threads, batch, variant, context) point; the JSON is rewritten after each point, so an
+    interrupted run leaves what it measured (``complete`` says whether it finished). ``threads`` and
+    ``batches`` narrow the grid."""
     cfg = settings(quick)
+    cfg.update({k: v for k, v in (("threads", threads), ("batches", batches)) if v})
     pool = pool or common.ModelPool(quick=quick)
     runs = measurements or common.Measurements(pool, budget_s=cfg["budget_s"], max_cache_bytes=4e9)
     machine_before = common.machine_info(pool.device)
@@ -80,7 +86,7 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
                 "model_type": pool.config(shape).model_type,
                 "parameters": common.parameter_count(base),
                 "cache": cache_sizes(pool, shape),
-                "plan_path": pool.get(shape, "absorbed", False).gqla_optimization.plan.path,
+                "plan_path": {context: _planned_path(pool, shape, context) for context in cfg["contexts"]},
                 "rope_key": pool.get(shape, "grouped", False).gqla_optimization.plan.rope_key,
                 "rows": rows, "rooflines": rooflines, "compile": {},
             }
@@ -88,8 +94,8 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
                 common.apply_threads(threads)
                 machine = _measured_machine(quick)
                 rooflines[threads] = machine
-                for variant, compiled in variants:
-                    for batch in cfg["batches"]:
+                for batch in cfg["batches"]:
+                    for variant, compiled in variants:
                         for context in cfg["contexts"]:
                             result = runs.decode(shape, variant, compiled, batch=batch, context=context)
                             row = {"variant": variant, "compiled": compiled, "threads": threads, "batch": batch,
@@ -109,12 +115,26 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
     return payload
 
 
+def _planned_path(pool: common.ModelPool, shape: str, context: int) -> str:
+    """The path ``optimize(path="auto")`` would take for one sequence at this context on the pool's target
+    (the pool's rewritten models are forced to each path)."""
+    from gqla_compile.cost_model import plan
+
+    return plan(pool.config(shape), pool.target, context_len=context, dtype=pool.dtype).path
+
+
+def _picks(plan_path: dict[str, str] | str) -> str:
+    if isinstance(plan_path, str):
+        return f"**{plan_path}**"
+    return ", ".join(f"**{path}** at context {context}" for context, path in plan_path.items())
+
+
 def _measured_machine(quick: bool) -> dict[str, float]:
-    """Read bandwidth and float32 matmul rate at the current thread count (measured afresh: the cached
-    ``targets.measure_cpu()`` is for the thread count of its first call)."""
+    """Read bandwidth and float32 matmul rate at the current thread count, measured afresh in the run's
+    conditions (not read from ``targets.measure_cpu()``'s file)."""
     from gqla_compile import targets
 
-    target = targets.measure_cpu.__wrapped__()
+    target = targets.measure_cpu_now()
     return {"bandwidth": target.memory_bandwidth, "peak_float32": target.peak("float32")}
 
 
@@ -217,7 +237,7 @@ def summary(payload: dict[str, Any]) -> str:
         lines += ["**The run did not finish: only the points listed were measured.**", ""]
     for shape, data in payload["shapes"].items():
         lines += [f"Model `{shape}` ({data['model_type']}, {data['parameters'] / 1e6:.1f}M parameters, "
-                  f"{payload['dtype']}); the plan for `cpu` picks **{data['plan_path']}**, grouped cache with the "
+                  f"{payload['dtype']}); the plan for `cpu` at batch 1 picks {_picks(data['plan_path'])}, grouped cache with the "
                   f"RoPE key **{data['rope_key']}**. Ratios: the other's step time / this step time, same point, "
                   "same run. Roofline: every weight read once plus the path's attention over the cache, at the "
                   "bandwidth and matmul rate measured at that thread count. Attention per token: the step's growth "
@@ -257,7 +277,25 @@ def _spread(row: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    return common.part_main("benchmarks.decode", __doc__, run, summary, argv)
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser)
+    parser.add_argument("--grid-threads", type=_ints, default=None, help="thread counts of the grid (default 1,2)")
+    parser.add_argument("--grid-batches", type=_ints, default=None, help="batch sizes of the grid (default 1,8)")
+    args = parser.parse_args(argv)
+    common.apply_threads(args.threads)
+    payload = run(args.out, quick=args.quick, compile=not args.no_compile, threads=args.grid_threads,
+                  batches=args.grid_batches)
+    text = summary(payload)
+    (Path(args.out) / f"{PART}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ a latent-attention model on a target chip (DESIGN.md sections 1-2).
 Per layer and tensor-parallel rank, each path's step is split into parts that are kept apart so that the
 report can show where the time goes: reading the cache in the attention core, writing the new tokens'
 cache entries, the attention projections (weight bytes, read once per step, and their FLOPs) and the
-all-reduce after o_proj. Each part costs max(bytes / bandwidth, FLOPs / peak); the parts are summed (no
+all-reduce after o_proj. Each part costs max(bytes / bandwidth, FLOPs / peak), divided by the efficiency the
+target measured for the kernel that runs it (``Target.efficiency``: the weight GEMVs by new tokens, each
+path's attention core by query rows per cached head; 1 on datasheet targets); the parts are summed (no
 overlap assumed), and the path with the smaller sum wins.
 
 Not counted: activations of the projections (KB next to MB of weights at decode batch sizes), the
@@ -31,7 +33,7 @@ from .paths import (
     check_path_argument,
     feasible_paths,
 )
-from .targets import DTYPE_BYTES, Target, dtype_name
+from .targets import DTYPE_BYTES, KERNEL_GEMV, Target, attention_kernel, dtype_name
 from .units import duration, si
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class PartCost:
     flops: float
     time_s: float
     bound: str  # "memory", "compute" or "interconnect"
+    efficiency: float = 1.0  # measured fraction of the roofline its kernel reaches (time_s includes it)
 
     @property
     def arithmetic_intensity(self) -> float:
@@ -152,12 +155,14 @@ class Plan:
             for part in cost.parts:
                 rows.append([label, part.name, si(part.bytes, "B"), si(part.flops, "FLOP"),
                              f"{part.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", part.bound,
-                             duration(part.time_s)])
+                             f"{part.efficiency:.2f}", duration(part.time_s)])
             rows.append([label, "total / layer", si(cost.bytes, "B"), si(cost.flops, "FLOP"),
-                         f"{cost.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", cost.bound, duration(cost.time_s)])
-            rows.append([label, f"step ({self.num_layers} layers)", "", "", "", "", "", duration(cost.step_time_s)])
-        table = tabulate(rows, headers=["path", "part", "bytes", "FLOPs", "AI (FLOP/B)", "ridge", "bound", "time"],
-                         tablefmt="simple")
+                         f"{cost.arithmetic_intensity:.1f}", f"{self.ridge:.0f}", cost.bound, "",
+                         duration(cost.time_s)])
+            rows.append([label, f"step ({self.num_layers} layers)", "", "", "", "", "", "",
+                         duration(cost.step_time_s)])
+        table = tabulate(rows, headers=["path", "part", "bytes", "FLOPs", "AI (FLOP/B)", "ridge", "bound",
+                                        "kernel efficiency", "time"], tablefmt="simple")
         header = (f"plan on {self.target.name}: {self.dtype}, s_q={self.s_q}, batch {self.batch_size}, "
                   f"context {self.context_len}, tp={self.tp}, RoPE key {self.rope_key}; figures per layer and rank")
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
@@ -197,18 +202,23 @@ class _Step:
     peak: float
     bandwidth: float
     link_bandwidth: float
+    target: Target | None = None  # its kernel efficiencies; None: the plain roofline
 
     @property
     def tokens(self) -> int:
         """New tokens in the step: every sequence of the batch decodes s_q of them."""
         return self.batch_size * self.s_q
 
-    def part(self, name: str, elements: float, flops: float, *, over_link: bool = False) -> PartCost:
-        """The one place a part's time and bound are decided: max(bytes / bandwidth, FLOPs / peak)."""
+    def part(self, name: str, elements: float, flops: float, *, over_link: bool = False,
+             kernel: tuple[str, float] | None = None) -> PartCost:
+        """The one place a part's time and bound are decided: max(bytes / bandwidth, FLOPs / peak), over the
+        measured efficiency of ``kernel`` = (kernel class, rows) where the target has one."""
         n_bytes = elements * self.dtype_bytes
         bandwidth, medium = (self.link_bandwidth, "interconnect") if over_link else (self.bandwidth, "memory")
         transfer, compute = n_bytes / bandwidth, flops / self.peak
-        return PartCost(name, n_bytes, flops, max(transfer, compute), medium if transfer >= compute else "compute")
+        efficiency = self.target.efficiency(*kernel) if kernel and self.target is not None else 1.0
+        return PartCost(name, n_bytes, flops, max(transfer, compute) / efficiency,
+                        medium if transfer >= compute else "compute", efficiency)
 
 
 def _projections(step: _Step, matmuls: Iterable[Matmul]) -> PartCost:
@@ -217,7 +227,7 @@ def _projections(step: _Step, matmuls: Iterable[Matmul]) -> PartCost:
         share = step.tp if m.sharded else 1
         elements += m.weight_elements / share
         flops += step.tokens * m.flops_per_token / share
-    return step.part("projections", elements, flops)
+    return step.part("projections", elements, flops, kernel=(KERNEL_GEMV, step.tokens))
 
 
 def _attention_core(path: DecodePath, step: _Step) -> PartCost:
@@ -225,7 +235,9 @@ def _attention_core(path: DecodePath, step: _Step) -> PartCost:
     flops_per_token = 2 * (step.dims.n_h // step.tp) * step.s_q * path.attention_head_dims(step.dims)
     contexts = step.batch_size * step.context_len
     rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
-    return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token)
+    rows = path.query_rows_per_cached_head(path.rank_dims(step.dims, step.tp)) * step.s_q
+    return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token,
+                     kernel=(attention_kernel(path.name, step.rope_key, multi_token=step.s_q > 1), rows))
 
 
 def _all_reduce(step: _Step) -> PartCost:
@@ -248,9 +260,10 @@ def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> P
 
 
 def _fastest_rope_key(step: _Step, grouped_feasible: bool) -> str:
-    """The grouped cache layout whose step is faster: keeping k_R once reads fewer bytes, so it wins wherever
-    the attention core is bandwidth-bound; where nothing differs (compute-bound, or no grouped path) the
-    copied layout stays."""
+    """The grouped cache layout whose step is faster: keeping k_R once reads fewer bytes, so at the roofline
+    it wins wherever the attention core is bandwidth-bound; a measured target's kernel efficiencies can turn
+    that (strided views read slower); where nothing differs (compute-bound, or no grouped path) the copied
+    layout stays."""
     if not grouped_feasible:
         return "copied"
     times = {key: _path_cost(PATHS["grouped"], replace(step, rope_key=key), 1, "bmm").time_s for key in ROPE_KEYS}
@@ -353,7 +366,7 @@ def plan(
                        "the interconnect figure says", tp, chip.name, chip.devices_per_node)
     peak = chip.peak(dtype)
     step = _Step(dims, s_q, batch_size, context_len, tp, "copied", DTYPE_BYTES[dtype], peak,
-                 chip.memory_bandwidth, chip.interconnect_bandwidth)
+                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip)
     problems = feasible_paths(dims, tp)
     if rope_key == "auto":
         rope_key = _fastest_rope_key(step, problems["grouped"] is None)

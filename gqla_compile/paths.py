@@ -146,6 +146,11 @@ class DecodePath:
         """The weights this path's projections read per step and their FLOPs."""
         raise NotImplementedError
 
+    def query_rows_per_cached_head(self, dims: LatentDims) -> int:
+        """Query heads the attention core folds onto each cached head per new token: the rows of its matmuls
+        over the cache, which set how efficient they run (``Target.efficiency``)."""
+        raise NotImplementedError
+
     # ---- build
     def build(
         self,
@@ -228,6 +233,9 @@ class AbsorbedPath(DecodePath):
     def attention_head_dims(self, dims: LatentDims) -> int:
         return 2 * dims.d_c + dims.d_R  # scores over d_c + d_R, weighted sum over the d_c latent values
 
+    def query_rows_per_cached_head(self, dims: LatentDims) -> int:
+        return dims.n_h  # every head reads the one latent
+
     def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
         query = [*query_matmuls(dims), per_group("w_uk (bmm)", dims, dims.d_n)]
@@ -289,6 +297,9 @@ class GroupedPath(DecodePath):
 
     def attention_head_dims(self, dims: LatentDims) -> int:
         return dims.d_n + dims.d_R + dims.d_v
+
+    def query_rows_per_cached_head(self, dims: LatentDims) -> int:
+        return dims.n_h // dims.n_g  # the heads of a group read its keys and values
 
     def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
         expand = linear("kv_b_proj (new tokens only)", dims.n_g * (dims.d_n + dims.d_v), dims.d_c)

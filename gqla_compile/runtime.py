@@ -17,6 +17,13 @@ from .capture import CACHE_ARGUMENTS, argument_leaf
 
 #: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
 FOLD_QUERY_HEADS_UP_TO = 16
+#: One new token per sequence and up to this many query heads per cached head: a contiguous key part (the
+#: copied grouped layout, the absorbed latent; not the shared layout's strided views) is scored keys-major,
+#: K q^T. BLAS streams the thin product over the keys about twice as fast as q K^T at 1-8 rows, and no
+#: slower up to 16 (MKL, one thread, this project's CPU; GPUs keep q K^T, unmeasured there). Several new
+#: tokens keep q K^T: Inductor's fused mask-and-softmax kernel reads keys-major scores strided, which cost
+#: more than the matmul saved (DeepSeek-V3 shape, s_q 2: 28 ms a step keys-major, 21 ms without).
+KEYS_MAJOR_ROWS = 8
 
 
 def _top_left_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -42,7 +49,8 @@ def attention_over_cache(
 
     Each part folds the query heads that share a KV head into the query length ([B, h_i, n_h / h_i * T,
     d_i]), so every cached row is read once for all its heads, as MQA/GQA decode kernels do; plain PyTorch
-    (matmuls, softmax), which Inductor compiles. Returns [B, n_h, T, d_v].
+    (matmuls, softmax), which Inductor compiles. One token with few heads per cached head is scored
+    keys-major (``KEYS_MAJOR_ROWS``). Returns [B, n_h, T, d_v].
     """
     batch, heads, t, _ = query.shape
     s = value.shape[-2]
@@ -51,7 +59,11 @@ def attention_over_cache(
     for part in keys:
         dims, kv_heads = part.shape[-1], part.shape[1]
         folded = query[..., offset : offset + dims].unflatten(1, (kv_heads, -1)).flatten(2, 3)
-        part_scores = torch.matmul(folded, part.transpose(-1, -2)).view(batch, heads, t, s)
+        if t == 1 and folded.shape[-2] <= KEYS_MAJOR_ROWS and part.is_contiguous() and part.device.type == "cpu":
+            part_scores = torch.matmul(part, folded.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            part_scores = torch.matmul(folded, part.transpose(-1, -2))
+        part_scores = part_scores.reshape(batch, heads, t, s)
         scores = part_scores if scores is None else scores + part_scores
         offset += dims
     scores = scores * scale

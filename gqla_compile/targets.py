@@ -3,7 +3,9 @@ and the interconnect that tensor parallelism all-reduces over.
 
 The built-in figures are vendor datasheet figures (dense, i.e. without 2:4 sparsity) so that the roofline
 ridge (peak / bandwidth) is the one the paper reasons with. The ``cpu`` target is measured on this machine
-instead (``measure_cpu``): a datasheet says little about what torch achieves on a shared 2-core box.
+instead (``measure_cpu``): a datasheet says little about what torch achieves on a shared 2-core box. Besides
+the roofline figures, a measured target carries the efficiency of the kernels the rewritten graphs run, per
+shape class (``KernelEfficiency``): the cost model divides each part's roofline time by it.
 
 Conventions for the built-ins:
 - ``float32`` is the plain FP32 (CUDA-core / vector) figure: torch's default float32 matmul does not use
@@ -15,13 +17,20 @@ Conventions for the built-ins:
 
 from __future__ import annotations
 
-import functools
+import bisect
+import hashlib
+import itertools
+import json
 import logging
+import math
 import os
+import platform
 import re
+import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -41,9 +50,53 @@ _G = 1e9  # giga
 _GB = 10**9  # datasheets quote decimal gigabytes
 
 
+#: Kernel classes a measured target knows the efficiency of: the weight matmuls of a decode step (rows: the
+#: step's new tokens) and the attention core of each decoding path (rows: query rows per cached head).
+KERNEL_GEMV = "gemv"
+
+
+def attention_kernel(path: str, rope_key: str = "copied", *, multi_token: bool = False) -> str:
+    """The kernel class of a decoding path's attention core (the grouped path's shared RoPE key is a layout
+    of its own: its keys are strided views; several new tokens per sequence run another kernel than one,
+    see runtime.KEYS_MAJOR_ROWS)."""
+    name = f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
+    return f"{name}_multi_token" if multi_token else name
+
+
+#: The attention kernel classes measure_cpu measures: (path, RoPE-key layout).
+ATTENTION_CLASSES: tuple[tuple[str, str], ...] = (("absorbed", "copied"), ("grouped", "copied"), ("grouped", "shared"))
+
+
+@dataclass(frozen=True)
+class KernelEfficiency:
+    """The fraction of its roofline time a kernel class reaches, measured at a few row counts (the rows its
+    matmuls multiply: 1 for a GEMV); between them the fraction is interpolated in log(rows), outside them
+    the nearest measurement holds."""
+
+    rows: tuple[int, ...]
+    efficiency: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rows or len(self.rows) != len(self.efficiency) or list(self.rows) != sorted(set(self.rows)):
+            raise ValueError(f"KernelEfficiency needs increasing rows, one efficiency each; got {self}")
+        if not all(0 < e for e in self.efficiency):
+            raise ValueError(f"KernelEfficiency efficiencies must be positive; got {self.efficiency}")
+
+    def at(self, rows: float) -> float:
+        i = bisect.bisect_left(self.rows, rows)
+        if i == 0:
+            return self.efficiency[0]
+        if i == len(self.rows):
+            return self.efficiency[-1]
+        lo, hi = self.rows[i - 1], self.rows[i]
+        w = (math.log(rows) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return self.efficiency[i - 1] + w * (self.efficiency[i] - self.efficiency[i - 1])
+
+
 @dataclass(frozen=True)
 class Target:
-    """One chip as the roofline sees it. All figures are per device."""
+    """One chip as the roofline sees it. All figures are per device. ``kernels``: measured efficiencies per
+    kernel class (``KERNEL_GEMV``, ``attention_kernel(path)``); a class without one runs at the roofline."""
 
     name: str
     peak_flops: Mapping[str, float] = field(hash=False)  # dtype name -> dense matmul FLOP/s
@@ -51,6 +104,7 @@ class Target:
     memory_capacity: float  # bytes
     interconnect_bandwidth: float  # B/s per device and direction, for the TP all-reduce
     devices_per_node: int = 8
+    kernels: Mapping[str, KernelEfficiency] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -66,6 +120,12 @@ class Target:
             _check_positive(self.name, name, getattr(self, name))
         object.__setattr__(self, "name", self.name.lower())
         object.__setattr__(self, "peak_flops", dict(self.peak_flops))  # a private copy nobody mutates
+        object.__setattr__(self, "kernels", dict(self.kernels))
+
+    def efficiency(self, kernel: str, rows: float) -> float:
+        """Measured fraction of the roofline a kernel class reaches at ``rows``; 1.0 where none was measured."""
+        measured = self.kernels.get(kernel)
+        return measured.at(rows) if measured is not None else 1.0
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for a dtype; a dtype the chip has no figure for falls back to the nearest one."""
@@ -189,30 +249,36 @@ def target_for_device_name(device_name: str) -> Target:
                              f"{', '.join(names())}) or register this chip with gqla_compile.targets.register")
 
 
-def _best_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:
-    """Fastest of repeated runs of ``fn`` within a time budget (after one warm-up run)."""
+def _median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:
+    """Median of repeated runs of ``fn`` within a time budget (after one warm-up run): on a shared machine
+    the median is what a workload sees, the best run is not."""
     fn()
-    best = float("inf")
+    samples = []
     deadline = time.perf_counter() + budget_s
-    reps = 0
-    while reps < min_reps or time.perf_counter() < deadline:
+    while len(samples) < min_reps or time.perf_counter() < deadline:
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-        reps += 1
-    return best
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
 
 
 def _matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), budget_s)
+    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), budget_s)
+
+
+def _read_bandwidth(n_bytes: int = 256 * 2**20, budget_s: float = 0.5) -> float:
+    """One streaming read (a sum) of a buffer far larger than the last-level cache, as decode reads weights
+    and the cache."""
+    data = torch.ones(n_bytes // 4)
+    return n_bytes / _median_seconds(lambda: data.sum(), budget_s)
 
 
 def _copy_bandwidth(n_bytes: int = 64 * 2**20, budget_s: float = 0.5) -> float:
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
-    return 2 * n_bytes / _best_seconds(lambda: dst.copy_(src), budget_s)  # each byte read once, written once
+    return 2 * n_bytes / _median_seconds(lambda: dst.copy_(src), budget_s)  # each byte read once, written once
 
 
 def _physical_memory() -> float:
@@ -222,20 +288,155 @@ def _physical_memory() -> float:
         return 16.0 * 2**30
 
 
-@functools.cache
-def measure_cpu() -> Target:
-    """This machine's achievable matmul FLOP/s (float32, and bfloat16 where torch runs it) and copy
-    bandwidth, measured with torch in about 2 s and cached for the process."""
+#: Row counts the kernel efficiencies are measured at (tokens for the GEMV, query rows per cached head for
+#: the attention cores: n_h / cached heads x s_q).
+GEMV_ROWS: tuple[int, ...] = (1, 8, 32)
+ATTENTION_ROWS: tuple[int, ...] = (1, 2, 4, 8, 16, 64)
+MULTI_TOKEN_ROWS: tuple[int, ...] = (2, 4, 8, 16, 64)
+#: The shape classes measured: weights of a ~100M model's MLP ([2048, 768], rotated through more than a
+#: last-level cache's worth so each is read from memory) and a cache of CALIBRATION_CONTEXT tokens in each
+#: path's layout (absorbed: one head [c ; k_R] of 256 + 32, values its first 256; grouped: 4 groups of
+#: no-RoPE keys 64, RoPE key 32 (copied into each group or kept once) and values 64).
+GEMV_SHAPE = (2048, 768)
+GEMV_WEIGHTS_BYTES = 96 * 2**20
+CALIBRATION_CONTEXT = 16384
+CLASS_DIMS = {"d_c": 256, "d_R": 32, "n_g": 4, "d_n": 64, "d_v": 64}
+
+
+def _roofline_seconds(n_bytes: float, flops: float, bandwidth: float, peak: float) -> float:
+    return max(n_bytes / bandwidth, flops / peak)
+
+
+def _gemv_efficiency(bandwidth: float, peak: float, budget_s: float) -> KernelEfficiency:
+    out_features, in_features = GEMV_SHAPE
+    count = max(1, GEMV_WEIGHTS_BYTES // (out_features * in_features * 4))
+    weights = [torch.randn(out_features, in_features) for _ in range(count)]
+    efficiency = []
+    for rows in GEMV_ROWS:
+        x = torch.randn(rows, in_features)
+
+        def step():
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+
+        roof = _roofline_seconds(count * weights[0].numel() * 4, count * 2 * rows * weights[0].numel(), bandwidth,
+                                 peak)
+        efficiency.append(roof / _median_seconds(step, budget_s))
+    return KernelEfficiency(GEMV_ROWS, tuple(efficiency))
+
+
+def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
+                          multi_token: bool = False) -> KernelEfficiency:
+    """The runtime's own decode attention (``attention_over_cache`` on the views the installed core reads)
+    for one sequence over CALIBRATION_CONTEXT cached tokens in the layout of CLASS_DIMS, against its
+    roofline. The rows per cached head are query heads of one new token, or (``multi_token``) new tokens of
+    one head per cached head."""
+    from .dims import LatentDims
+    from .paths import PATHS
+    from .runtime import LatentAttentionCore, attention_over_cache
+
+    s, d = CALIBRATION_CONTEXT, CLASS_DIMS
+    dims = LatentDims(n_h=d["n_g"], n_g=d["n_g"], d_c=d["d_c"], d_R=d["d_R"], d_n=d["d_n"], d_v=d["d_v"],
+                      hidden_size=1, q_lora_rank=None)
+    decode = PATHS[path]
+    key_shape, value_shape = decode.cache_shapes(dims, 1, s, rope_key=rope_key)
+    generator = torch.Generator().manual_seed(0)
+    key, value = torch.randn(key_shape, generator=generator), torch.randn(value_shape, generator=generator)
+    reader = LatentAttentionCore(torch.empty(0), None, 1.0, latent_value_dims=d["d_c"] if path == "absorbed" else None,
+                                 shared_rope_key=(d["n_g"], d["d_R"]) if rope_key == "shared" else None)
+    keys, values = reader.cache_views(key, value)
+    cached_heads = values.shape[1]
+    cached_bytes = s * decode.cache_elements(dims, rope_key=rope_key) * 4
+    efficiency = []
+    all_rows = MULTI_TOKEN_ROWS if multi_token else ATTENTION_ROWS
+    for rows in all_rows:
+        heads, tokens = (cached_heads, rows) if multi_token else (cached_heads * rows, 1)
+        query = torch.randn(1, heads, tokens, decode.query_head_dims(dims), generator=generator)
+        flops = 2 * heads * tokens * s * decode.attention_head_dims(dims)
+        seconds = _median_seconds(lambda: attention_over_cache(query, keys, values, None, 1.0), budget_s)
+        efficiency.append(_roofline_seconds(cached_bytes, flops, bandwidth, peak) / seconds)
+    return KernelEfficiency(all_rows, tuple(efficiency))
+
+
+def _cache_file() -> Path:
+    """One JSON per CPU model, torch version and thread count under ~/.cache/gqla_compile (or
+    $GQLA_COMPILE_CACHE)."""
+    from . import runtime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    # the runtime's source is part of the key: a changed attention kernel is measured afresh
+    source = hashlib.sha256(Path(runtime.__file__).read_bytes()).hexdigest()
+    identity = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{source}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("GQLA_COMPILE_CACHE", Path.home() / ".cache" / "gqla_compile"))
+    return root / f"cpu-{torch.get_num_threads()}threads-{digest}.json"
+
+
+def _target_from_json(data: dict) -> Target:
+    kernels = {k: KernelEfficiency(tuple(v["rows"]), tuple(v["efficiency"])) for k, v in data.pop("kernels").items()}
+    return Target(**data, kernels=kernels)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def measure_cpu_now(budget_s: float = 0.3) -> Target:
+    """Measure this machine at the current torch thread count (about 20 s): float32 (and bfloat16) matmul
+    rate, streaming read bandwidth, and the efficiency of the weight GEMVs and of each path's attention
+    core (``KernelEfficiency``). The interconnect is the copy bandwidth / CPU_INTERCONNECT_FACTOR."""
     peaks = {"float32": _matmul_flops(torch.float32)}
     try:
         peaks["bfloat16"] = _matmul_flops(torch.bfloat16)
     except RuntimeError as exc:  # a CPU build without bfloat16 matmul
         logger.info("bfloat16 matmul not measured on this CPU: %s", exc)
-    bandwidth = _copy_bandwidth()
+    bandwidth = _read_bandwidth()
+    copy = _copy_bandwidth()
+    with torch.no_grad():
+        kernels = {KERNEL_GEMV: _gemv_efficiency(bandwidth, peaks["float32"], budget_s)}
+        for (path, rope_key), multi_token in itertools.product(ATTENTION_CLASSES, (False, True)):
+            kernels[attention_kernel(path, rope_key, multi_token=multi_token)] = _attention_efficiency(
+                path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
     target = Target("cpu", peaks, memory_bandwidth=bandwidth, memory_capacity=_physical_memory(),
-                    interconnect_bandwidth=bandwidth / CPU_INTERCONNECT_FACTOR, devices_per_node=1)
-    logger.info("measured cpu: %s, copy bandwidth %.1f GB/s",
-                ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in peaks.items()), bandwidth / 1e9)
+                    interconnect_bandwidth=copy / CPU_INTERCONNECT_FACTOR, devices_per_node=1, kernels=kernels)
+    logger.info("measured cpu (%d threads): %s, read bandwidth %.1f GB/s, kernel efficiencies %s",
+                torch.get_num_threads(), ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in peaks.items()),
+                bandwidth / 1e9, {k: [round(e, 2) for e in v.efficiency] for k, v in kernels.items()})
+    return target
+
+
+_MEASURED: dict[Path, Target] = {}
+
+
+def measure_cpu(*, refresh: bool = False) -> Target:
+    """This machine as a target, measured once (``measure_cpu_now``) per CPU, torch version, runtime source
+    and thread count, and kept in a JSON file under ~/.cache/gqla_compile (``GQLA_COMPILE_CACHE`` moves it);
+    ``refresh`` measures again and rewrites it. Same object for the whole process."""
+    path = _cache_file()
+    if not refresh and path in _MEASURED:
+        return _MEASURED[path]
+    target = None
+    if not refresh and path.exists():
+        try:
+            target = _target_from_json(json.loads(path.read_text()))
+            logger.info("cpu target read from %s", path)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring the unreadable cpu measurement %s (%s); measuring again", path, exc)
+    if target is None:
+        target = measure_cpu_now()
+        data = asdict(target)
+        data["kernels"] = {k: {"rows": list(v.rows), "efficiency": list(v.efficiency)}
+                           for k, v in target.kernels.items()}
+        _write_atomically(path, json.dumps(data, indent=1))
+    _MEASURED[path] = target
     return target
 
 

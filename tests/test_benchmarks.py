@@ -74,12 +74,18 @@ def test_cost_model_figures(quick_suite):
     acc = data["accuracy"]
     assert acc["points"] == len(data["points"]) == 2 * 1 * 2 * 2  # shapes x contexts x batches x s_q
     assert 0.0 <= acc["right_fraction"] <= 1.0
-    assert _positive(acc["median_predicted_over_measured"]) and _positive(acc["median_calibrated_predicted_over_measured"])
-    assert _positive(data["target"]["memory_bandwidth"])
+    assert _positive(acc["median_step_predicted_over_measured"])
+    assert _positive(acc["median_attention_predicted_over_measured"])
+    attention = {"attention_absorbed", "attention_grouped", "attention_grouped_shared"}
+    assert _positive(data["target"]["memory_bandwidth"]) and set(data["target"]["kernels"]) == {
+        "gemv", *attention, *(f"{name}_multi_token" for name in attention)}
     for point in data["points"]:
         assert point["plan_path"] in ("absorbed", "grouped") and point["measured_faster"] in ("absorbed", "grouped")
         for path in ("absorbed", "grouped"):
-            assert _positive(point["paths"][path]["measured_s"]) and _positive(point["paths"][path]["predicted_attention_s"])
+            figures = point["paths"][path]
+            assert _positive(figures["measured_s"]) and _positive(figures["predicted_attention_s"])
+            assert figures["predicted_step_s"] > figures["predicted_attention_s"]
+            assert 0 < figures["attention_core_efficiency"] < 10
 
 
 def test_sq_and_prompt_lookup_figures(quick_suite):

@@ -141,6 +141,31 @@ def test_shared_rope_key_reads_fewer_bytes():
     assert shared.part("attention_core").bytes < copied.part("attention_core").bytes
 
 
+def test_measured_kernel_efficiency_slows_its_parts():
+    """A target's measured efficiency divides the roofline time of the part its kernel runs: the attention
+    core by query rows per cached head (absorbed: n_h x s_q; grouped: n_h / n_g x s_q; one new token and
+    several are kernels of their own), the projections by new tokens."""
+    chip = targets.get("h20")
+    measured = Target("measured-h20", chip.peak_flops, memory_bandwidth=chip.memory_bandwidth,
+                      memory_capacity=chip.memory_capacity, interconnect_bandwidth=chip.interconnect_bandwidth,
+                      kernels={targets.KERNEL_GEMV: targets.KernelEfficiency((1, 64), (0.5, 0.5)),
+                               "attention_absorbed": targets.KernelEfficiency((1, 1024), (0.25, 0.25)),
+                               "attention_absorbed_multi_token": targets.KernelEfficiency((2, 1024), (0.3, 0.3)),
+                               "attention_grouped": targets.KernelEfficiency((1, 16), (0.05, 0.1)),
+                               "attention_grouped_multi_token": targets.KernelEfficiency((2, 16, 32),
+                                                                                         (0.05, 0.1, 0.2))})
+    # grouped: 16 rows per group at s_q 1; 32 at s_q 2 (the last measured), 64 at s_q 4 (beyond: the last holds)
+    for s_q, absorbed_efficiency, grouped_efficiency in ((1, 0.25, 0.1), (2, 0.3, 0.2), (4, 0.3, 0.2)):
+        base, slow = (plan(DSV3, t, s_q=s_q, rope_key="copied") for t in (chip, measured))
+        for path, efficiency in (("absorbed", absorbed_efficiency), ("grouped", grouped_efficiency)):
+            core, slow_core = base.costs[path].part("attention_core"), slow.costs[path].part("attention_core")
+            assert slow_core.efficiency == pytest.approx(efficiency)
+            assert slow_core.time_s == pytest.approx(core.time_s / efficiency)
+            assert slow.costs[path].part("projections").time_s == pytest.approx(
+                base.costs[path].part("projections").time_s / 0.5)
+    assert "kernel efficiency" in slow.explain()
+
+
 def test_auto_rope_key_takes_the_faster_layout():
     # bandwidth-bound grouped core: keeping k_R once reads fewer bytes, so the plan takes it
     assert plan(DSV3, "h100", batch_size=32, context_len=8192).rope_key == "shared"

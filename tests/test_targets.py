@@ -102,6 +102,37 @@ def test_auto_without_cuda_is_the_measured_cpu(cpu, monkeypatch):
 
 def test_measure_cpu_is_measured_and_cached(cpu):
     assert targets.measure_cpu() is cpu and targets.get("cpu") is cpu
-    assert cpu.peak_flops["float32"] > 1e8 and cpu.memory_bandwidth > 1e8
-    assert cpu.interconnect_bandwidth == pytest.approx(cpu.memory_bandwidth / targets.CPU_INTERCONNECT_FACTOR)
+    assert cpu.peak_flops["float32"] > 1e8 and cpu.memory_bandwidth > 1e8 and cpu.interconnect_bandwidth > 1e8
     assert cpu.devices_per_node == 1
+    # the kernels the rewritten graphs run, per shape class, measured against their roofline
+    assert set(cpu.kernels) == {targets.KERNEL_GEMV, *(targets.attention_kernel(p, k, multi_token=m)
+                                                       for p, k in targets.ATTENTION_CLASSES for m in (False, True))}
+    for kernel in cpu.kernels.values():
+        assert all(0 < e < 10 for e in kernel.efficiency)
+
+
+def test_measured_cpu_is_kept_in_a_json_file(tmp_path, monkeypatch):
+    """Measured once per machine, torch, runtime source and thread count: a second process reads the file."""
+    calls = []
+    fake = _chip(name="cpu", kernels={"gemv": targets.KernelEfficiency((1, 8), (0.5, 0.25))})
+    monkeypatch.setenv("GQLA_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(targets, "measure_cpu_now", lambda: calls.append(1) or fake)
+    monkeypatch.setattr(targets, "_MEASURED", {})
+    first = targets.measure_cpu()
+    (written,) = tmp_path.glob("cpu-*threads-*.json")
+    monkeypatch.setattr(targets, "_MEASURED", {})  # a new process
+    again = targets.measure_cpu()
+    assert calls == [1] and again == first and again.kernels == fake.kernels
+    targets.measure_cpu(refresh=True)
+    assert calls == [1, 1] and written.exists()
+
+
+def test_kernel_efficiency_interpolates_in_log_rows():
+    curve = targets.KernelEfficiency((1, 4, 16), (0.2, 0.4, 0.8))
+    assert curve.at(1) == 0.2 and curve.at(4) == 0.4 and curve.at(2) == pytest.approx(0.3)
+    assert curve.at(0.5) == 0.2 and curve.at(64) == 0.8  # the nearest measurement outside
+    assert _chip().efficiency("gemv", 1) == 1.0  # datasheet chips: the roofline
+    with pytest.raises(ValueError, match="increasing rows"):
+        targets.KernelEfficiency((4, 1), (0.5, 0.5))
+    with pytest.raises(ValueError, match="positive"):
+        targets.KernelEfficiency((1,), (0.0,))
