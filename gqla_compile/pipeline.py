@@ -33,10 +33,10 @@ from .passes.context import LayerContext
 from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
-from .passes.split import SplitLatentProjection
+from .passes.split import SplitLatentProjection, selection_feeds, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
-from .runtime import InstalledLatentAttention, install, uninstall
+from .runtime import InstalledLatentAttention, TokenSelection, install, uninstall
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,21 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         argument_names=capture.argument_names,
         user_inputs=capture.user_inputs,
         output_arity=capture.output_arity,
+        gates=int(match.output_gate is not None),
+        selection=_token_selection(context),
     )
+
+
+def _token_selection(context: LayerContext) -> TokenSelection | None:
+    """The block's token selection (sparse attention) as the runtime runs it, or None for dense attention."""
+    capture, match = context.capture, context.match
+    if match.selection is None:
+        return None
+    graph, argument_inputs = split_token_selection(capture, match, context.parameters)
+    return TokenSelection(graph, indexed=match.selection.index_key is not None,
+                          projection_inputs=len(selection_feeds(capture, match).projection),
+                          argument_inputs=argument_inputs, returned=list(match.selection.returned),
+                          top_k=match.selection.top_k)
 
 
 def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,
