@@ -251,7 +251,8 @@ def _check_shardable(model, path: str, tp: int) -> None:
 
 
 def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
-    """The cost model's plan (its path is the forced one when ``path`` is not "auto").
+    """The cost model's plan (its path is the forced one when ``path`` is not "auto"); a sparse model's
+    attention is priced at its largest top-k.
 
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
@@ -260,7 +261,9 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
 
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
-    return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype, **shape)
+    top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]
+    return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
+                     top_k=max(top_ks) if top_ks else None, **shape)
 
 
 def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,

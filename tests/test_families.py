@@ -88,6 +88,9 @@ def test_family_decodes_like_the_unmodified_model(name, path):
     if top_k is not None:  # a sparse family: the selection is carried onto the path, with the family's k
         selections = [modules[layer.module_path].gqla_runtime.selection for layer in state.layers]
         assert top_k in {s.top_k for s in selections if s is not None}
+        assert state.plan.top_k == top_k  # priced by k, and the report says so from the pass facts
+        report = gqla_compile.report(model)
+        assert f"sparse (indexer top-{top_k})" in report.to_text() and report.data["plan"]["top_k"] == top_k
     tokens, steps, cache = _greedy(model, prompt)
     assert tokens == expected_tokens
     for step, (got, want) in enumerate(zip(steps, expected_steps)):

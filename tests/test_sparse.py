@@ -1,0 +1,36 @@
+"""Sparse latent attention (DSA): the cost model prices a step by the index top-k, not the context.
+
+The families' decode equivalence with the selection, and the report's sparse column, are in test_families.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gqla_compile import plan
+from gqla_compile.dims import LatentDims
+
+DIMS = LatentDims(n_h=128, n_g=128, d_c=512, d_R=64, d_n=128, d_v=128, hidden_size=7168)  # DeepSeek-V3.2
+
+
+@pytest.mark.parametrize("path", ["absorbed", "grouped"])
+def test_a_sparse_step_costs_k_tokens_of_attention_whatever_the_context(path):
+    config = DIMS.as_config(2)
+    sparse = plan(config, "h100", path=path, context_len=8192, top_k=512)
+    dense_at_k = plan(config, "h100", path=path, context_len=512)
+    dense = plan(config, "h100", path=path, context_len=8192)
+    core = {name: p.costs[path].part("attention_core") for name, p in
+            (("sparse", sparse), ("dense_at_k", dense_at_k), ("dense", dense))}
+    assert core["sparse"].bytes == core["dense_at_k"].bytes and core["sparse"].flops == core["dense_at_k"].flops
+    assert core["dense"].bytes == 16 * core["sparse"].bytes
+    assert sparse.top_k == 512 and "top-512" in sparse.explain() and sparse.to_dict()["inputs"]["top_k"] == 512
+    # a k past the context reads the context
+    assert plan(config, "h100", path=path, context_len=256, top_k=512).costs[path].bytes == \
+        plan(config, "h100", path=path, context_len=256).costs[path].bytes
+
+
+def test_the_config_index_top_k_is_the_default():
+    config = DIMS.as_config(2)
+    config.index_topk = 2048
+    assert plan(config, "h100", context_len=8192).top_k == 2048
+    assert plan(DIMS.as_config(2), "h100").top_k is None
