@@ -309,7 +309,15 @@ def _token_selection(context: LayerContext) -> TokenSelection | None:
     return TokenSelection(graph, indexed=match.selection.index_key is not None,
                           projection_inputs=len(selection_feeds(capture, match).projection),
                           argument_inputs=argument_inputs, returned=list(match.selection.returned),
-                          top_k=match.selection.top_k)
+                          top_k=match.selection.top_k, mask_dtype=_traced_mask_dtype(capture))
+
+
+def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:
+    """The dtype of the attention mask the block was traced with (None: traced without one)."""
+    for placeholder, (name, _) in zip(capture.user_placeholders, capture.user_inputs):
+        if name == "attention_mask":
+            return tensor_meta(capture.placeholder(placeholder)).dtype
+    return None
 
 
 def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,

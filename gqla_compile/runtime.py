@@ -237,6 +237,17 @@ def all_reduce_output(partial: torch.Tensor, bias: torch.Tensor | None, group) -
     return funcol.wait_tensor(out) if bias is None else out + bias
 
 
+def mask_as(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An attention mask in the form a graph was traced with: boolean (True: attend) or additive float (0:
+    attend, the dtype's minimum: masked). The family's code branches on the form, and the traced graph kept
+    one branch; transformers passes either, depending on the attention implementation and the step."""
+    if dtype is None or mask.dtype == dtype:
+        return mask
+    if dtype == torch.bool:
+        return mask > torch.finfo(mask.dtype).min / 2
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 class TokenSelection(nn.Module):
     """The block's token selection at run time (passes/split.py cuts it out of the captured graph, unchanged).
 
@@ -247,9 +258,11 @@ class TokenSelection(nn.Module):
     """
 
     def __init__(self, graph: fx.GraphModule, *, indexed: bool, projection_inputs: int,
-                 argument_inputs: list[tuple[str, int | None]], returned: list[int], top_k: int | None):
+                 argument_inputs: list[tuple[str, int | None]], returned: list[int], top_k: int | None,
+                 mask_dtype: torch.dtype | None = None):
         super().__init__()
         self.graph = graph
+        self.mask_dtype = mask_dtype  # the attention mask's dtype in the traced graph (bool or additive float)
         self.indexed = indexed
         self.projection_inputs = projection_inputs
         self.argument_inputs = list(argument_inputs)
@@ -261,6 +274,8 @@ class TokenSelection(nn.Module):
         if self.indexed and cache is not None:
             projected[0] = getattr(cache, UPDATE_INDEXER)(projected[0], layer_idx)
         inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.argument_inputs]
+        inputs = [mask_as(value, self.mask_dtype) if name == "attention_mask" else value
+                  for (name, _), value in zip(self.argument_inputs, inputs)]
         indices, *returned = self.graph(*projected, *inputs)
         return indices, dict(zip(self.returned, returned))
 

@@ -34,3 +34,33 @@ def test_the_config_index_top_k_is_the_default():
     config.index_topk = 2048
     assert plan(config, "h100", context_len=8192).top_k == 2048
     assert plan(DIMS.as_config(2), "h100").top_k is None
+
+
+# --- Inductor on the sparse families (slow): one compiled model per family, shared ---------------------------------
+
+COMPILED = [("deepseek_v32", "absorbed"), ("glm_moe_dsa", "grouped")]  # GLM-5 is glm_moe_dsa
+
+
+@pytest.fixture(scope="session", params=COMPILED, ids=lambda fp: "-".join(fp))
+def compiled_sparse_model(request):
+    import copy
+
+    import gqla_compile
+    from test_families import _model
+
+    name, path = request.param
+    return name, gqla_compile.optimize(copy.deepcopy(_model(name)), path=path, target="h20", compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_sparse_models_decode_like_the_unmodified_model_with_no_graph_break(compiled_sparse_model):
+    from _models import relative_error
+    from test_families import _greedy, _reference
+
+    name, model = compiled_sparse_model
+    prompt, expected_tokens, expected_steps = _reference(name)
+    tokens, steps, _ = _greedy(model, prompt)
+    assert tokens == expected_tokens
+    assert all(relative_error(got, want) < 1e-4 for got, want in zip(steps, expected_steps))
+    stats = model.gqla_optimization.compile
+    assert stats.graphs >= 1 and stats.graph_breaks == 0 and not stats.fell_back_to_eager
