@@ -290,3 +290,9 @@ UNSUPPORTED: dict[str, str] = {
     "hy_v4_vl": _SINKS,
     "mistral_large4": "its NoPE layers have no RoPE key (d_R = 0), which LatentDims refuses",
 }
+#: Families ``convert`` cannot regroup (a superset of UNSUPPORTED; tests/test_regroup_families.py).
+UNSUPPORTED_REGROUP: dict[str, str] = {
+    **UNSUPPORTED,
+    "dots3_note": ("its DSA layers are rewritten by optimize, but regrouping cannot tell which dims their RoPE "
+                   "rotates together (conversion/mla.py's RoPE pair probe: ConversionError)"),
+}
