@@ -4,7 +4,7 @@
 
 A DeepSeek-V3.2-shaped model (the head dims of the released model: d_c 512, d_R 64, d_n 128, d_v 128, index
 head dim 128 with 64 index heads; fewer query heads and layers, so that the unmodified model's step fits a
-single CPU thread) decodes one token over a cache of ``context`` tokens, for each k in ``top_ks``: the
+single CPU thread) decodes one token over a cache of ``context`` tokens, for each (context, k) point: the
 unmodified transformers model against both rewritten paths, all eager (Inductor's first compile of this shape
 takes minutes per variant on a shared CPU; tests/test_sparse.py checks that the compiled DSA models run with
 no graph break). The cache is a DynamicCache filled with random keys (and the indexer's random index keys),
@@ -38,11 +38,11 @@ VARIANTS = ("original", "absorbed", "grouped")
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"context": 64, "top_ks": [4, 16], "repeats": 1,
+        return {"points": [(64, 4), (64, 16), (32, 16)], "repeats": 1,
                 "config": dict(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
                                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4,
                                index_head_dim=16, intermediate_size=64, vocab_size=256)}
-    return {"context": 8192, "top_ks": [64, 512, 2048], "repeats": 3,
+    return {"points": [(8192, 64), (8192, 512), (8192, 2048), (2048, 512)], "repeats": 3,
             "config": dict(hidden_size=2048, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512,
                            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, index_n_heads=64,
                            index_head_dim=128, intermediate_size=1024, vocab_size=2048)}
@@ -139,19 +139,20 @@ def _time_variant(model, variant: str, context: int, repeats: int) -> dict[str, 
 
 
 def run(out: str, *, quick: bool = False) -> dict[str, Any]:
-    """Every (k, variant) at the settings' context; writes ``<out>/dsa.json`` and returns the payload."""
+    """Every (context, k) point of the settings and variant; writes ``<out>/dsa.json`` and returns the payload.
+    The points vary k at one context (the attention part) and the context at one k (the indexer part)."""
     import gqla_compile
 
     conf = settings(quick)
     machine = common.machine_info()
     rows = []
-    base = common.build_model(model_config(quick, conf["top_ks"][0]))
-    for top_k in conf["top_ks"]:
+    base = common.build_model(model_config(quick, conf["points"][0][1]))
+    for context, top_k in conf["points"]:
         original = copy.deepcopy(base)
         for module in original.modules():
             if isinstance(getattr(module, "index_topk", None), int):
                 module.index_topk = top_k
-        row: dict[str, Any] = {"top_k": top_k, "context": conf["context"]}
+        row: dict[str, Any] = {"top_k": top_k, "context": context}
         for variant in VARIANTS:
             model = original
             if variant != "original":
@@ -159,7 +160,7 @@ def run(out: str, *, quick: bool = False) -> dict[str, Any]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     gqla_compile.optimize(model, path=variant, target="cpu", compile=False)
-            row[variant] = _time_variant(model, variant, conf["context"], conf["repeats"])
+            row[variant] = _time_variant(model, variant, context, conf["repeats"])
             del model
         for variant in ("absorbed", "grouped"):
             row[f"{variant}_speedup"] = common.ratio(row["original"]["step_s"], row[variant]["step_s"])
@@ -178,7 +179,7 @@ def summary(payload: dict[str, Any]) -> str:
              f"DeepSeek-V3.2-shaped, 2 layers, hidden {conf['hidden_size']}, {conf['num_attention_heads']} heads, "
              f"d_c {conf['kv_lora_rank']}, d_R {conf['qk_rope_head_dim']}, d_n {conf['qk_nope_head_dim']}, "
              f"d_v {conf['v_head_dim']}, indexer {conf['index_n_heads']} heads x {conf['index_head_dim']}; "
-             f"batch 1, one new token over {payload['rows'][0]['context'] if payload['rows'] else '-'} cached tokens; "
+             "batch 1, one new token over the context's cached tokens; "
              "every variant eager (not compiled), one thread. Parts are summed over the layers (forward hooks): "
              "indexer = the family's indexer or the kept selection graph with its cache update; attention = "
              "the rewritten paths' core (gather of the k selected rows, attention, W_UV, o_proj), for the "
@@ -188,9 +189,9 @@ def summary(payload: dict[str, Any]) -> str:
     for r in payload["rows"]:
         for variant in VARIANTS:
             v = r[variant]
-            rows.append([r["top_k"], variant, common.ms(v["step_s"]), common.ms(v["attention_s"]),
+            rows.append([r["context"], r["top_k"], variant, common.ms(v["step_s"]), common.ms(v["attention_s"]),
                          common.ms(v["indexer_s"]), r.get(f"{variant}_speedup", 1.0)])
-    lines += [common.markdown_table(["k", "variant", "step ms", "attention ms", "indexer ms", "speedup vs unmodified"],
+    lines += [common.markdown_table(["context", "k", "variant", "step ms", "attention ms", "indexer ms", "speedup vs unmodified"],
                                     rows), ""]
     return "\n".join(lines)
 

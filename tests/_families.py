@@ -288,7 +288,8 @@ UNSUPPORTED: dict[str, str] = {
                   "(detect.LEARNED_TOKEN_SELECTION)"),
     "hy_v4": _SINKS,
     "hy_v4_vl": _SINKS,
-    "mistral_large4": "its NoPE layers have no RoPE key (d_R = 0), which LatentDims refuses",
+    "mistral_large4": ("partly: its DSA layer with RoPE is rewritten; its NoPE layer (no RoPE key, d_R = 0) is not "
+                       "(detect: shapes do not fit latent attention), so not every latent block is"),
 }
 #: Families ``convert`` cannot regroup (a superset of UNSUPPORTED; tests/test_regroup_families.py).
 UNSUPPORTED_REGROUP: dict[str, str] = {

@@ -172,7 +172,7 @@ def test_quick_dsa(tmp_path):
     from benchmarks import dsa
 
     data = dsa.run(str(tmp_path), quick=True)
-    assert [r["top_k"] for r in data["rows"]] == dsa.settings(True)["top_ks"]
+    assert [(r["context"], r["top_k"]) for r in data["rows"]] == dsa.settings(True)["points"]
     for row in data["rows"]:
         for variant in dsa.VARIANTS:
             assert all(_positive(row[variant][k]) for k in ("step_s", "attention_s", "indexer_s"))

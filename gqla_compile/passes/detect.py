@@ -456,7 +456,10 @@ def _dims(capture, q, v, up, rope_key, o_proj) -> LatentDims | FailedMatch:
         return _shape_mismatch(f"{n_up} up-projected heads and an output projection of {o_weight[1]} inputs do "
                                f"not fit {n_h} query heads of {d_v} value dims")
     # n_g is settled by probing (identical per-head blocks form a group); start from the row count.
-    return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
+    try:
+        return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
+    except ValueError as exc:  # e.g. a RoPE key of no dims: a named failure, not a crash of detection
+        return _shape_mismatch(str(exc))
 
 
 def _placeholder_shape(capture: CapturedAttention, node: fx.Node) -> tuple[int, ...] | None:
