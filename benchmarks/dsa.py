@@ -53,7 +53,8 @@ def model_config(quick: bool, top_k: int):
 
     dims = settings(quick)["config"]
     return DeepseekV32Config(**dims, num_hidden_layers=2, num_key_value_heads=dims["num_attention_heads"],
-                             first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32,
                              n_shared_experts=1, n_group=1, topk_group=1, index_topk=top_k,
                              max_position_embeddings=16384, tie_word_embeddings=False)
 
@@ -166,7 +167,7 @@ def run(out: str, *, quick: bool = False) -> dict[str, Any]:
             row[f"{variant}_speedup"] = common.ratio(row["original"]["step_s"], row[variant]["step_s"])
         rows.append(row)
     payload = {"part": "dsa", "quick": quick, "machine": machine, "compiled": False,
-               "settings": {k: v for k, v in conf.items()}, "rows": rows,
+               "settings": dict(conf), "rows": rows,
                "load_average_after": common.load_average()}
     common.write_json(out, "dsa", payload)
     (Path(out) / "dsa.md").write_text(summary(payload))
@@ -191,8 +192,8 @@ def summary(payload: dict[str, Any]) -> str:
             v = r[variant]
             rows.append([r["context"], r["top_k"], variant, common.ms(v["step_s"]), common.ms(v["attention_s"]),
                          common.ms(v["indexer_s"]), r.get(f"{variant}_speedup", 1.0)])
-    lines += [common.markdown_table(["context", "k", "variant", "step ms", "attention ms", "indexer ms", "speedup vs unmodified"],
-                                    rows), ""]
+    headers = ["context", "k", "variant", "step ms", "attention ms", "indexer ms", "speedup vs unmodified"]
+    lines += [common.markdown_table(headers, rows), ""]
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ from .passes.context import LayerContext
 from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
-from .passes.split import SplitLatentProjection, selection_feeds, split_token_selection
+from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
 from .runtime import InstalledLatentAttention, TokenSelection, install, uninstall
@@ -306,9 +306,8 @@ def _token_selection(context: LayerContext) -> TokenSelection | None:
     if match.selection is None:
         return None
     graph, argument_inputs = split_token_selection(capture, match, context.parameters)
-    return TokenSelection(graph, indexed=match.selection.index_key is not None,
-                          projection_inputs=len(selection_feeds(capture, match).projection),
-                          argument_inputs=argument_inputs, returned=list(match.selection.returned),
+    return TokenSelection(graph, indexed=match.selection.index_key is not None, argument_inputs=argument_inputs,
+                          returned=list(match.selection.returned),
                           top_k=match.selection.top_k, mask_dtype=_traced_mask_dtype(capture))
 
 

@@ -96,7 +96,8 @@ def selected_attention(
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, t, s)  # [B, h_m, T, S]
     index = indices.long()
     if t > FOLD_QUERY_HEADS_UP_TO:
-        selected = torch.zeros(batch, 1, t, s, dtype=torch.bool, device=query.device).scatter(-1, index.unsqueeze(1), True)
+        selected = torch.zeros(batch, 1, t, s, dtype=torch.bool, device=query.device)
+        selected = selected.scatter(-1, index.unsqueeze(1), True)
         if mask.dtype == torch.bool:
             return dense(mask & selected)
         return dense(mask.masked_fill(~selected, torch.finfo(mask.dtype).min))
@@ -257,14 +258,12 @@ class TokenSelection(nn.Module):
     into the mask [B, T, k] and the indices the block returns, by output position.
     """
 
-    def __init__(self, graph: fx.GraphModule, *, indexed: bool, projection_inputs: int,
-                 argument_inputs: list[tuple[str, int | None]], returned: list[int], top_k: int | None,
-                 mask_dtype: torch.dtype | None = None):
+    def __init__(self, graph: fx.GraphModule, *, indexed: bool, argument_inputs: list[tuple[str, int | None]],
+                 returned: list[int], top_k: int | None, mask_dtype: torch.dtype | None = None):
         super().__init__()
         self.graph = graph
         self.mask_dtype = mask_dtype  # the attention mask's dtype in the traced graph (bool or additive float)
         self.indexed = indexed
-        self.projection_inputs = projection_inputs
         self.argument_inputs = list(argument_inputs)
         self.returned = list(returned)
         self.top_k = top_k

@@ -12,13 +12,15 @@ query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope key [B, T, d_R]; an optio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
 from ..capture import CapturedAttention
 from .context import LayerContext
 from .detect import LatentAttentionMatch, batch_and_seq_symbols
-from .graph import _backward_closure, ancestors, append_to_graph, extract_subgraph, tensor_meta
+from .graph import backward_closure, ancestors, append_to_graph, extract_subgraph, tensor_meta
 
 
 def split_latent_projection(
@@ -53,13 +55,14 @@ def _parameter_attributes(capture: CapturedAttention, parameters: dict[str, torc
     }
 
 
+@dataclass
 class SelectionFeeds:
-    """What the selection graph takes: the index keys (cached between the two graphs), the projection's
-    values it reads (``projection``, index keys first) and block inputs it reads directly (``arguments``:
-    placeholders such as the full attention mask, fed uncut by the runtime)."""
+    """What the selection graph takes: the projection's values it reads (``projection``; the index keys
+    first, which the runtime passes through the indexer cache) and block inputs it reads directly
+    (``arguments``: placeholders such as the full attention mask, fed uncut by the runtime)."""
 
-    def __init__(self, index_key: fx.Node | None, projection: list[fx.Node], arguments: list[fx.Node]):
-        self.index_key, self.projection, self.arguments = index_key, projection, arguments
+    projection: list[fx.Node]
+    arguments: list[fx.Node]
 
 
 def selection_feeds(capture: CapturedAttention, match: LatentAttentionMatch) -> SelectionFeeds:
@@ -67,7 +70,7 @@ def selection_feeds(capture: CapturedAttention, match: LatentAttentionMatch) -> 
     selection = match.selection
     outputs = [selection.indices, *selection.returned.values()]
     index_key = [selection.index_key] if selection.index_key is not None else []
-    needed = _backward_closure(outputs, stop=set(index_key))
+    needed = backward_closure(outputs, stop=set(index_key))
     gate = [match.output_gate] if match.output_gate is not None else []
     projected = set().union(*(ancestors(n) | {n} for n in (match.query, match.latent, match.rope_key, *gate)))
     computed = {n for n in needed if n.op != "placeholder" and n not in projected and n not in index_key}
@@ -77,7 +80,7 @@ def selection_feeds(capture: CapturedAttention, match: LatentAttentionMatch) -> 
              and (n in outputs or any(u in computed for u in n.users))]
     from_projection = [n for n in feeds if n.op != "placeholder"]
     from_arguments = [n for n in feeds if n.op == "placeholder"]
-    return SelectionFeeds(selection.index_key, index_key + from_projection, from_arguments)
+    return SelectionFeeds(index_key + from_projection, from_arguments)
 
 
 def split_token_selection(
@@ -92,7 +95,8 @@ def split_token_selection(
     feeds = selection_feeds(capture, match)
     selection = match.selection
     sub = extract_subgraph(capture.graph_module, [*feeds.projection, *feeds.arguments],
-                           [selection.indices, *selection.returned.values()], _parameter_attributes(capture, parameters))
+                           [selection.indices, *selection.returned.values()],
+                           _parameter_attributes(capture, parameters))
     if selection.topk is not None:
         topk = next(n for n in sub.graph.nodes if n.name == selection.topk.name)
         with sub.graph.inserting_before(topk):
