@@ -64,3 +64,28 @@ def test_compiled_sparse_models_decode_like_the_unmodified_model_with_no_graph_b
     assert all(relative_error(got, want) < 1e-4 for got, want in zip(steps, expected_steps))
     stats = model.gqla_optimization.compile
     assert stats.graphs >= 1 and stats.graph_breaks == 0 and not stats.fell_back_to_eager
+
+
+@pytest.mark.parametrize("queries", [3, 20])  # decode-sized steps gather the rows; longer ones mask the cache
+def test_selected_attention_equals_dense_attention_masked_to_the_selection(queries):
+    import torch
+
+    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention
+
+    generator = torch.Generator().manual_seed(0)
+    context, heads, top_k = 30, 4, 5
+    query = torch.randn(2, heads, queries, 8, generator=generator)
+    key = torch.randn(2, 1, context, 8, generator=generator)  # absorbed-like: one head, values a view of the key
+    value = key[..., :6]
+    positions = torch.arange(context - queries, context)
+    causal = torch.arange(context)[None, :] <= positions[:, None]  # [T, S]
+    mask = torch.zeros(2, 1, queries, context).masked_fill(~causal, torch.finfo(torch.float32).min)
+    index_scores = torch.randn(2, queries, context, generator=generator).masked_fill(~causal, float("-inf"))
+    indices = index_scores.topk(top_k, dim=-1).indices
+    selected = torch.zeros(2, 1, queries, context, dtype=torch.bool).scatter(-1, indices.unsqueeze(1), True)
+    scale = 0.3
+    expected = torch.softmax((query @ key.transpose(-1, -2)) * scale + mask.masked_fill(~selected, -1e30), -1) @ value
+    got = selected_attention(query, key, value, mask, indices,
+                             lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
+                             lambda m: causal_attention(query, [key], value, m, scale))
+    assert torch.allclose(got, expected, atol=1e-5)
