@@ -134,6 +134,7 @@ class Plan:
     costs: Mapping[str, PathCost] = field(hash=False)  # per feasible path
     output_absorption: str  # absorbed path: W_UV "folded" into o_proj or applied as a per-group "bmm"
     layers: tuple[LayerPlan, ...] = field(hash=False, repr=False)
+    top_k: int | None = None  # sparse attention (DSA): tokens each query attends to; None: dense
 
     @property
     def ridge(self) -> float:
@@ -165,6 +166,8 @@ class Plan:
                                         "kernel efficiency", "time"], tablefmt="simple")
         header = (f"plan on {self.target.name}: {self.dtype}, s_q={self.s_q}, batch {self.batch_size}, "
                   f"context {self.context_len}, tp={self.tp}, RoPE key {self.rope_key}; figures per layer and rank")
+        if self.top_k is not None:
+            header += f"; sparse: each query attends to its top-{self.top_k} tokens"
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
                           for p, c in self.costs.items())
         absorption = f"absorbed path applies W_UK as {QUERY_ABSORPTION}, W_UV as {self.output_absorption}"
@@ -177,7 +180,7 @@ class Plan:
             "reason": self.reason,
             "target": {**asdict(self.target), "ridge": self.ridge},
             "inputs": {"s_q": self.s_q, "batch_size": self.batch_size, "context_len": self.context_len,
-                       "tp": self.tp, "dtype": self.dtype, "rope_key": self.rope_key},
+                       "tp": self.tp, "dtype": self.dtype, "rope_key": self.rope_key, "top_k": self.top_k},
             "dims": self.dims.as_dict(),
             "num_layers": self.num_layers,
             "peak_flops": self.peak_flops,
@@ -203,6 +206,7 @@ class _Step:
     bandwidth: float
     link_bandwidth: float
     target: Target | None = None  # its kernel efficiencies; None: the plain roofline
+    top_k: int | None = None  # sparse attention: tokens each query attends to
 
     @property
     def tokens(self) -> int:
@@ -233,7 +237,7 @@ def _projections(step: _Step, matmuls: Iterable[Matmul]) -> PartCost:
 def _attention_core(path: DecodePath, step: _Step) -> PartCost:
     """Read the cache over the context; scores, softmax and values (DESIGN.md section 2 table)."""
     flops_per_token = 2 * (step.dims.n_h // step.tp) * step.s_q * path.attention_head_dims(step.dims)
-    contexts = step.batch_size * step.context_len
+    contexts = step.batch_size * path.attended_tokens(step.context_len, step.top_k)
     rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
     rows = path.query_rows_per_cached_head(path.rank_dims(step.dims, step.tp)) * step.s_q
     return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token,
@@ -346,6 +350,7 @@ def plan(
     dtype: Any = None,
     path: str = "auto",
     rope_key: str = "auto",
+    top_k: int | None = None,
 ) -> Plan:
     """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
 
@@ -354,11 +359,14 @@ def plan(
     sequence and step (2 for MTP or speculative verification). ``path`` forces a path; the plan still
     costs both. ``rope_key``: whether the grouped cache copies the RoPE key into every group ("copied",
     a stock GQA layout) or keeps it once ("shared", fewer bytes to hold and read); "auto" takes the layout
-    whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken.
+    whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken. ``top_k``: sparse
+    attention (DSA), each query attends to its top-k tokens, so the attention core costs k tokens instead of
+    the context (default: the config's ``index_topk``, None for dense attention).
     """
     _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
     config = _config_of(model_or_config)
     dims = _latent_dims(config)
+    top_k = top_k if top_k is not None else getattr(config, "index_topk", None)
     chip = _targets.resolve(target)
     dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
     if tp > chip.devices_per_node:
@@ -366,7 +374,7 @@ def plan(
                        "the interconnect figure says", tp, chip.name, chip.devices_per_node)
     peak = chip.peak(dtype)
     step = _Step(dims, s_q, batch_size, context_len, tp, "copied", DTYPE_BYTES[dtype], peak,
-                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip)
+                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip, top_k)
     problems = feasible_paths(dims, tp)
     if rope_key == "auto":
         rope_key = _fastest_rope_key(step, problems["grouped"] is None)
@@ -385,7 +393,7 @@ def plan(
     logger.debug("%s", reason)
     layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
     return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
-                costs, output, layers)
+                costs, output, layers, top_k)
 
 
 def reference_configs() -> dict[str, Any]:

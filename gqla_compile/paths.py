@@ -138,6 +138,11 @@ class DecodePath:
         return None
 
     # ---- cost terms (per layer, for the whole layer; the cost model divides sharded weights by tp)
+    def attended_tokens(self, context_len: int, top_k: int | None = None) -> int:
+        """Cached tokens one query reads: the whole context, or the k a token selection (sparse attention)
+        keeps; both paths gather only the selected rows of their own layout."""
+        return context_len if top_k is None else min(context_len, top_k)
+
     def attention_head_dims(self, dims: LatentDims) -> int:
         """Dims each query head's scores and weighted sum touch per cached token (FLOPs / 2 per head)."""
         raise NotImplementedError

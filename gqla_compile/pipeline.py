@@ -33,10 +33,10 @@ from .passes.context import LayerContext
 from .passes.detect import DetectLatentAttention
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
-from .passes.split import SplitLatentProjection
+from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
-from .runtime import InstalledLatentAttention, install, uninstall
+from .runtime import InstalledLatentAttention, TokenSelection, install, uninstall
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ def _check_shardable(model, path: str, tp: int) -> None:
 
 
 def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
-    """The cost model's plan (its path is the forced one when ``path`` is not "auto").
+    """The cost model's plan (its path is the forced one when ``path`` is not "auto"); a sparse model's
+    attention is priced at its largest top-k.
 
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
@@ -260,7 +261,9 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
 
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
-    return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype, **shape)
+    top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]
+    return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
+                     top_k=max(top_ks) if top_ks else None, **shape)
 
 
 def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,
@@ -292,7 +295,28 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         argument_names=capture.argument_names,
         user_inputs=capture.user_inputs,
         output_arity=capture.output_arity,
+        gates=int(match.output_gate is not None),
+        selection=_token_selection(context),
     )
+
+
+def _token_selection(context: LayerContext) -> TokenSelection | None:
+    """The block's token selection (sparse attention) as the runtime runs it, or None for dense attention."""
+    capture, match = context.capture, context.match
+    if match.selection is None:
+        return None
+    graph, argument_inputs = split_token_selection(capture, match, context.parameters)
+    return TokenSelection(graph, indexed=match.selection.index_key is not None, argument_inputs=argument_inputs,
+                          returned=list(match.selection.returned),
+                          top_k=match.selection.top_k, mask_dtype=_traced_mask_dtype(capture))
+
+
+def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:
+    """The dtype of the attention mask the block was traced with (None: traced without one)."""
+    for placeholder, (name, _) in zip(capture.user_placeholders, capture.user_inputs):
+        if name == "attention_mask":
+            return tensor_meta(capture.placeholder(placeholder)).dtype
+    return None
 
 
 def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,

@@ -249,6 +249,7 @@ def _plan_section(plan: Any) -> dict[str, Any]:
         "tp": plan.tp,
         "rope_key": plan.rope_key,
         "output_absorption": plan.output_absorption,
+        "top_k": getattr(plan, "top_k", None),
         "paths": paths,
     }
 
@@ -285,6 +286,7 @@ def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
         "path": layer.path,
         "traced_by": layer.traced_by,
         "attention": detect_summary.get("attention"),
+        "sparse": detect_summary.get("sparse"),  # the token selection (k, its source), None: dense
         "verification_error": None if error is None or math.isnan(error) else float(error),
         "projections": detect_summary.get("weights", {}),
         "ops_before": dict(detect.ops_before) if detect else {},
@@ -335,6 +337,15 @@ def _dims_text(d: dict) -> str:
     return f"n_h={d['n_h']} n_g={d['n_g']} d_c={d['d_c']} d_R={d['d_R']} d_n={d['d_n']} d_v={d['d_v']}{q}"
 
 
+def _sparse_text(sparse: dict | None) -> str:
+    """The layers table's sparse column: dense, an indexer's top-k, or a selection another block made."""
+    if not sparse:
+        return "dense"
+    if sparse.get("top_k") is None:
+        return "sparse (top-k from " + sparse["selection"].removeprefix("a ") + ")"
+    return f"sparse (indexer top-{sparse['top_k']})"
+
+
 def _modules_text(modules: list[str]) -> str:
     return modules[0] if len(modules) == 1 else f"{modules[0]} .. {modules[-1]}"
 
@@ -376,7 +387,8 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
         rows.append([f"{name} *" if name == data["path"] else name, duration(p["step_time_s"]),
                      duration(p["layer_time_s"]), f"{p['core']['arithmetic_intensity']:.1f}",
                      f"{p['arithmetic_intensity']:.1f}", p["bound"], f"{p['cache_bytes_per_token']} B"])
-    out.append(title(f"paths (s_q={plan['s_q']}, batch {plan['batch_size']}, context {plan['context_len']}, "
+    sparse = f", sparse: top-{plan['top_k']} tokens per query" if plan.get("top_k") else ""
+    out.append(title(f"paths (s_q={plan['s_q']}, batch {plan['batch_size']}, context {plan['context_len']}{sparse}, "
                      f"ridge {target['ridge']:.0f} FLOP/B)") + "\n"
                + table(rows, ["path", "step time", "per layer", "core AI", "total AI", "bound", "cache/token/layer"]))
 
@@ -384,8 +396,9 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
     for g in data["layers"]:
         err = g["verification_error"]
         rows.append([_modules_text(g["modules"]), g["count"], _dims_text(g["dims"]), g["attention"] or "-",
-                     g["path"], "-" if err is None else f"{err:.1e}"])
-    out.append(title("layers") + "\n" + table(rows, ["module(s)", "count", "dims", "attention", "path", "verify err"]))
+                     _sparse_text(g.get("sparse")), g["path"], "-" if err is None else f"{err:.1e}"])
+    out.append(title("layers") + "\n" + table(rows, ["module(s)", "count", "dims", "attention", "sparse", "path",
+                                                   "verify err"]))
 
     for index, g in enumerate(data["layers"]):
         label = f"graph diff: {_modules_text(g['modules'])} (x{g['count']})"
@@ -559,10 +572,12 @@ def render_html(data: dict) -> str:
                     f'tp={plan["tp"]}; ridge {target["ridge"]:.1f} FLOP/B</p>')
         body.append(roofline_svg(data))
         body.append("<h2>Layers</h2>")
-        rows = [[", ".join(g["modules"]), g["count"], _dims_text(g["dims"]), g["attention"] or "-", g["path"],
+        rows = [[", ".join(g["modules"]), g["count"], _dims_text(g["dims"]), g["attention"] or "-",
+                 _sparse_text(g.get("sparse")), g["path"],
                  "-" if g["verification_error"] is None else f"{g['verification_error']:.1e}", g["traced_by"]]
                 for g in data["layers"]]
-        body.append(_html_table(rows, ["module(s)", "count", "dims", "attention", "path", "verify err", "traced by"]))
+        body.append(_html_table(rows, ["module(s)", "count", "dims", "attention", "sparse", "path", "verify err",
+                                       "traced by"]))
         for g in data["layers"]:
             body.append(f"<h2>Graph diff: {html.escape(_modules_text(g['modules']))} (x{g['count']})</h2>")
             body.append(_html_table(_ops_rows(g["ops_before"], g["ops_after"], changed_only=False),

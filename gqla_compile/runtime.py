@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from collections.abc import Callable
+
 from .capture import CACHE_ARGUMENTS, argument_leaf
+
+#: The cache method transformers' DSA families keep their indexer's keys with (``DynamicIndexedLayer``).
+UPDATE_INDEXER = "update_indexer"
 
 
 #: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
@@ -76,6 +81,51 @@ def attention_over_cache(
     kv_heads = value.shape[1]
     out = torch.matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value)
     return out.view(batch, heads, t, value.shape[-1])
+
+
+def selected_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    indices: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    dense: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Sparse attention: each query reads only its selected cached rows (a top-k token selection, DSA).
+
+    ``key`` / ``value``: one layer's cached tensors [B, h, S, d] in the path's layout; ``indices`` [B, T, k]
+    the selected positions of each query. The selected rows are gathered ([B T, h, k, d]; for the absorbed
+    path that is k latents [c ; k_R], for the grouped one k per-group keys and values) together with the
+    mask's values there, and each query attends over its own k rows with ``attend(query, key, value, mask)``
+    (the dense core, one query per gathered batch row): the cost of a step grows with k, not with S.
+    """
+    batch, heads, t, _ = query.shape
+    s = key.shape[-2]
+    if attention_mask is None:  # transformers' rule for no mask, as in causal_attention
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(0 if t > 1 else s)
+    mask = attention_mask[..., :s]
+    mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, t, s)  # [B, h_m, T, S]
+    index = indices.long()
+    if t > FOLD_QUERY_HEADS_UP_TO:
+        selected = torch.zeros(batch, 1, t, s, dtype=torch.bool, device=query.device)
+        selected = selected.scatter(-1, index.unsqueeze(1), True)
+        if mask.dtype == torch.bool:
+            return dense(mask & selected)
+        return dense(mask.masked_fill(~selected, torch.finfo(mask.dtype).min))
+    rows = torch.arange(batch, device=key.device).view(batch, 1, 1)
+
+    def gather(cached: torch.Tensor) -> torch.Tensor:  # [B, h, S, d] -> [B T, h, k, d]
+        return cached[rows, :, index].transpose(2, 3).flatten(0, 1)
+
+    selected_mask = mask.gather(-1, index.unsqueeze(1).expand(-1, mask.shape[1], -1, -1))  # [B, h_m, T, k]
+    out = attend(
+        query.transpose(1, 2).flatten(0, 1).unsqueeze(2),  # [B T, n_h, 1, d]
+        gather(key),
+        gather(value),
+        selected_mask.transpose(1, 2).flatten(0, 1).unsqueeze(2),  # [B T, h_m, 1, k]
+    )
+    return out.squeeze(2).unflatten(0, (batch, t)).transpose(1, 2)
 
 
 def causal_attention(
@@ -153,6 +203,10 @@ class LatentAttentionCore(nn.Module):
         # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
         self.process_group = process_group
 
+    def _attend_selected(self, query, key, value, mask):
+        keys, value = self.cache_views(key, value)
+        return attention_over_cache(query, keys, value, mask, self.scale)
+
     def cache_views(self, key: torch.Tensor, value: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(key parts [B, h_i, S, d_i], values [B, h_v, S, d_v]) as views of one layer's cached tensors."""
         if self.latent_value_dims is not None:
@@ -164,11 +218,18 @@ class LatentAttentionCore(nn.Module):
         values = value[:, 0].unflatten(-1, (n_g, -1)).transpose(1, 2)
         return [nope, key[..., key.shape[-1] - d_r :]], values
 
-    def forward(self, query, key, value, attention_mask, gate=None):
+    def forward(self, query, key, value, attention_mask, gate=None, indices=None):
         """``gate``: the block's optional per-head output gate [B, T, n_h], applied to each head's output
-        before the output projection (per head, so before or after W_UV alike)."""
-        keys, value = self.cache_views(key, value)
-        out = causal_attention(query, keys, value, attention_mask, self.scale)
+        before the output projection (per head, so before or after W_UV alike). ``indices``: the block's
+        optional token selection [B, T, k] (sparse attention): each query reads only those cached rows."""
+        if indices is None:
+            keys, value = self.cache_views(key, value)
+            out = causal_attention(query, keys, value, attention_mask, self.scale)
+        else:
+            out = selected_attention(
+                query, key, value, attention_mask, indices, self._attend_selected,
+                lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale),
+            )
         if gate is not None:
             out = out * gate.transpose(1, 2).unsqueeze(-1)
         if self.value_up is not None:
@@ -189,6 +250,47 @@ def all_reduce_output(partial: torch.Tensor, bias: torch.Tensor | None, group) -
     return funcol.wait_tensor(out) if bias is None else out + bias
 
 
+def mask_as(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An attention mask in the form a graph was traced with: boolean (True: attend) or additive float (0:
+    attend, the dtype's minimum: masked). The family's code branches on the form, and the traced graph kept
+    one branch; transformers passes either, depending on the attention implementation and the step."""
+    if dtype is None or mask.dtype == dtype:
+        return mask
+    if dtype == torch.bool:
+        return mask > torch.finfo(mask.dtype).min / 2
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class TokenSelection(nn.Module):
+    """The block's token selection at run time (passes/split.py cuts it out of the captured graph, unchanged).
+
+    With an indexer, the new tokens' index keys go into the family's own indexer cache first
+    (``cache.update_indexer``, what the family calls), and the graph scores every cached index key; a shared
+    selection (another block's indices, a block input) is read as it is. Returns the indices as scattered
+    into the mask [B, T, k] and the indices the block returns, by output position.
+    """
+
+    def __init__(self, graph: fx.GraphModule, *, indexed: bool, argument_inputs: list[tuple[str, int | None]],
+                 returned: list[int], top_k: int | None, mask_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.graph = graph
+        self.mask_dtype = mask_dtype  # the attention mask's dtype in the traced graph (bool or additive float)
+        self.indexed = indexed
+        self.argument_inputs = list(argument_inputs)
+        self.returned = list(returned)
+        self.top_k = top_k
+
+    def forward(self, projected: list[torch.Tensor], arguments: dict, cache, layer_idx: int):
+        projected = list(projected)
+        if self.indexed and cache is not None:
+            projected[0] = getattr(cache, UPDATE_INDEXER)(projected[0], layer_idx)
+        inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.argument_inputs]
+        inputs = [mask_as(value, self.mask_dtype) if name == "attention_mask" else value
+                  for (name, _), value in zip(self.argument_inputs, inputs)]
+        indices, *returned = self.graph(*projected, *inputs)
+        return indices, dict(zip(self.returned, returned))
+
+
 class InstalledLatentAttention(nn.Module):
     """Replaces an attention module's forward: projection graph -> cache update -> attention core.
 
@@ -207,6 +309,8 @@ class InstalledLatentAttention(nn.Module):
         argument_names: list[str],
         user_inputs: list[tuple[str, int | None]],
         output_arity: int,
+        gates: int = 0,
+        selection: TokenSelection | None = None,
     ):
         super().__init__()
         self.projection = projection
@@ -216,20 +320,27 @@ class InstalledLatentAttention(nn.Module):
         self.argument_names = list(argument_names)
         self.user_inputs = list(user_inputs)
         self.output_arity = output_arity
+        self.gates = gates
+        self.selection = selection
 
     def forward(self, *args, **kwargs):
         arguments = dict(zip(self.argument_names, args))
         arguments.update(kwargs)
         inputs = [_as_traced(name, argument_leaf(arguments, name, leaf)) for name, leaf in self.user_inputs]
-        # every path's tail ends in (query, key, value), then the block's optional pieces (an output gate)
-        query, key, value, *gate = self.projection(*inputs)
+        # every path's tail ends in (query, key, value), then the block's optional pieces: an output gate, the
+        # token selection's inputs
+        query, key, value, *optional = self.projection(*inputs)
+        gate, projected = optional[: self.gates], optional[self.gates :]
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        out = self.core(query, key, value, arguments.get("attention_mask"), *gate)
+        indices, returned = None, {}
+        if self.selection is not None:
+            indices, returned = self.selection(projected, arguments, cache, self.layer_idx)
+        out = self.core(query, key, value, arguments.get("attention_mask"), *gate, indices=indices)
         if self.output_arity == 0:
             return out
-        return (out,) + (None,) * (self.output_arity - 1)
+        return (out,) + tuple(returned.get(i) for i in range(1, self.output_arity))
 
 
 def _as_traced(name: str, value):

@@ -276,18 +276,24 @@ def logits_in_stock_transformers(folders: list[str], tokens: torch.Tensor, cwd) 
 
 FAMILIES: dict[str, Family] = discover_families()
 
-_DSA = ("DeepSeek Sparse Attention: the indexer's top-k selection computes the attention mask "
-        "(detect.LEARNED_TOKEN_SELECTION); sparse latent attention is not rewritten yet (issue 11)")
-_SINKS = "learned attention sinks (a per-head logit joined to the scores before the softmax) are not in the skeleton"
+_SINKS = ("its sparse attention is the supported DSA piece, but it adds learned attention sinks (a per-head logit "
+          "joined to the scores before the softmax), which are not in the skeleton: detect.EAGER_ATTENTION_SHAPE")
 #: Families whose latent attention ``optimize`` and ``convert`` cannot rewrite completely today, with the cause
 #: (README.md's family table lists the same). Every other discovered family must be rewritten.
 UNSUPPORTED: dict[str, str] = {
-    "axk2": _DSA,
-    "deepseek_v32": _DSA,
-    "dots3_note": _DSA + " (in its DSA layers; its sliding-window layers, with their per-head output gate, match)",
-    "glm_moe_dsa": _DSA,
-    "glm5_next": _DSA + "; its indexer pools keys with a second softmax",
-    "hy_v4": _DSA + "; " + _SINKS,
-    "hy_v4_vl": _DSA + "; " + _SINKS,
-    "mistral_large4": _DSA + " (its shared-KV container traces)",
+    "axk2": ("its sparse attention matches, but its output gate is per channel (sigmoid of a [batch, seq, heads x "
+             "d_v] projection), not per head: detect.OUTPUT_GATE_SHAPE"),
+    "glm5_next": ("its DSA indexer pools the index keys (k-pool compression with a second softmax) and reads the "
+                  "cache's length itself: its selection is not a top-k over per-token index keys "
+                  "(detect.LEARNED_TOKEN_SELECTION)"),
+    "hy_v4": _SINKS,
+    "hy_v4_vl": _SINKS,
+    "mistral_large4": ("partly: its DSA layer with RoPE is rewritten; its NoPE layer (no RoPE key, d_R = 0) is not "
+                       "(detect: shapes do not fit latent attention), so not every latent block is"),
+}
+#: Families ``convert`` cannot regroup (a superset of UNSUPPORTED; tests/test_regroup_families.py).
+UNSUPPORTED_REGROUP: dict[str, str] = {
+    **UNSUPPORTED,
+    "dots3_note": ("its DSA layers are rewritten by optimize, but regrouping cannot tell which dims their RoPE "
+                   "rotates together (conversion/mla.py's RoPE pair probe: ConversionError)"),
 }

@@ -171,3 +171,16 @@ def test_summary_from_files(quick_suite):
     path = summary_from_files(out)
     text = path.read_text()
     assert "Decode speed" in text and "Prompt lookup" in text and "Part measured from" in text
+
+
+def test_quick_dsa(tmp_path):
+    """The sparse-attention benchmark in quick mode: every (k, variant) timed, with its parts, and written."""
+    from benchmarks import dsa
+
+    data = dsa.run(str(tmp_path), quick=True)
+    assert [(r["context"], r["top_k"]) for r in data["rows"]] == dsa.settings(True)["points"]
+    for row in data["rows"]:
+        for variant in dsa.VARIANTS:
+            assert all(_positive(row[variant][k]) for k in ("step_s", "attention_s", "indexer_s"))
+    assert json.loads((tmp_path / "dsa.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    assert "speedup vs unmodified" in (tmp_path / "dsa.md").read_text()

@@ -36,7 +36,8 @@ def test_plan_folder_json(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["path"] == "grouped" and data["target"]["name"] == "h100"
     assert data["inputs"] == {"s_q": 1, "batch_size": 4, "context_len": 128, "tp": 2, "dtype": "float16",
-                              "rope_key": "shared"}  # --rope-key auto: k_R kept once reads fewer bytes
+                              "rope_key": "shared",  # --rope-key auto: k_R kept once reads fewer bytes
+                              "top_k": None}  # dense attention (a DSA model's plan gives its index top-k)
 
 
 @pytest.mark.parametrize("args, message", [

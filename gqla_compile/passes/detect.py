@@ -9,6 +9,9 @@ The skeleton, described once with its optional pieces (instead of one pattern pe
       rope_key: the only tensor that flows into K from W_DKV's output without passing W_UKV
     out = linear(views(attention) [* gate], W_O)           the output projection
       gate: optional, one value per head and token computed without the attention (e.g. sigmoid(g_proj(x)))
+    mask <- [scatter(top-k indices) into the mask]          optional token selection (sparse attention, DSA)
+      indices <- topk(scores computed from the block's own projections and index keys)   an indexer, or
+      indices <- a block input                                 a selection another block made (shared)
 
 Dims come from shapes; the group structure of the up-projection (n_g) and its per-group matrices come
 from probing the graph with basis vectors fed where the latent was (so any row layout, GQA broadcast or
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,12 +72,14 @@ OUTPUT_NOT_PROJECTED = FailedMatch("the attention output does not flow into one 
 UP_PROJECTION_BIAS = FailedMatch("the latent up-projection has a bias; absorbing it is not supported")
 OUTPUT_GATE_SHAPE = FailedMatch("a product between the attention and the output projection that is not a per-head "
                                 "gate [batch, seq, heads, 1] computed without the attention")
-LEARNED_TOKEN_SELECTION = FailedMatch("the attention's mask is computed by its own projections (a learned token "
-                                      "selection such as a DeepSeek Sparse Attention indexer): sparse latent "
-                                      "attention is not rewritten yet")
+LEARNED_TOKEN_SELECTION = FailedMatch("the attention's mask is computed by its own projections in a form other than "
+                                      "top-k token indices scattered into the mask (a learned token selection the "
+                                      "sparse piece does not recognise)")
+INDEX_KEYS_UNCLEAR = FailedMatch("a top-k token selection whose index keys (the [batch, seq, dims] tensor an "
+                                 "indexer caches) are not one tensor")
 
 #: Failures that mean "latent attention, with a piece the paths do not rewrite", not "no latent attention".
-UNSUPPORTED_LATENT_PIECES = frozenset({LEARNED_TOKEN_SELECTION, UP_PROJECTION_BIAS})
+UNSUPPORTED_LATENT_PIECES = frozenset({LEARNED_TOKEN_SELECTION, INDEX_KEYS_UNCLEAR, UP_PROJECTION_BIAS})
 
 
 def _rope_key_count(count: int) -> FailedMatch:
@@ -110,6 +116,7 @@ class LatentAttentionMatch:
     matched_nodes: int = 0
     up_projections: UpProjections | None = None  # set by probing: W_UK, W_UV per group
     output_gate: fx.Node | None = None  # optional per-head gate [B, T, n_h, 1] multiplied before o_proj
+    selection: TokenSelection | None = None  # optional top-k token selection (sparse attention)
 
     def weight_name(self, capture: CapturedAttention, linear: fx.Node, index: int = 1) -> str | None:
         """Parameter name behind a linear's weight (index 1) or bias (index 2) placeholder."""
@@ -133,8 +140,9 @@ class Detection:
 
     @property
     def latent_but_unsupported(self) -> bool:
-        """Latent attention was recognised but holds a piece no path rewrites yet (not "no latent attention")."""
-        return self.match is None and bool(self.failures) and set(self.failures) <= UNSUPPORTED_LATENT_PIECES
+        """Latent attention was recognised (at one of the attention sites) but holds a piece no path rewrites yet
+        (not "no latent attention")."""
+        return self.match is None and bool(set(self.failures) & UNSUPPORTED_LATENT_PIECES)
 
     @property
     def reason(self) -> str:
@@ -240,8 +248,9 @@ def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
 
 
 def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | FailedMatch:
-    if _selection_projections(q, k, v, out):
-        return LEARNED_TOKEN_SELECTION
+    selection = find_token_selection(capture, q, k, v, out)
+    if isinstance(selection, FailedMatch):
+        return selection
     up = walk_back_through_layout(v)
     if not is_linear(up) or up.args[1].op != "placeholder":
         return VALUES_NOT_PROJECTED
@@ -295,6 +304,7 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
         q_lora=q_lora,
         matched_nodes=matched,
         output_gate=gate,
+        selection=selection,
     )
     logger.debug("latent attention in %s: %s", capture.module_path, dims)
     return match
@@ -318,11 +328,97 @@ def _output_projection_and_gate(capture, out: fx.Node) -> tuple[fx.Node | Failed
     return user, gate
 
 
-def _selection_projections(q: fx.Node, k: fx.Node, v: fx.Node, out: fx.Node) -> list[fx.Node]:
-    """Linears that reach the attention other than through its query, keys and values: they compute its mask
-    (the causal mask is a graph input; a top-k selection of the block's own scores is not)."""
+@dataclass
+class TokenSelection:
+    """The optional sparse piece: top-k token indices scattered into the attention's mask (DSA).
+
+    The indices come from a ``topk`` over scores the block computes with its own projections (an indexer,
+    kept unchanged: it stays a graph) or from a block input (a selection an earlier block made and passes on).
+    ``index_key`` is the indexer's per-token key [B, T, d_I]: what the family caches (transformers'
+    ``cache.update_indexer``), so that the selection scores every cached token.
+    """
+
+    indices: fx.Node  # the indices as scattered into the mask, [B, T, k]
+    source: fx.Node  # the topk's index output, or the block input they come from
+    top_k: int | None  # k of the topk (None: the indices are a block input)
+    topk: fx.Node | None
+    index_key: fx.Node | None
+    returned: dict[int, fx.Node] = field(default_factory=dict)  # block output position -> indices it returns
+
+    @property
+    def shared(self) -> bool:
+        """Whether the indices are a block input (another block's selection) rather than computed here."""
+        return self.topk is None
+
+
+#: Ops that write values at indices (a selection scattered into a mask).
+SCATTER_OPS = {aten.scatter.value, aten.scatter.src, aten.scatter_.value, aten.scatter_.src}
+
+
+def find_token_selection(capture, q, k, v, out) -> TokenSelection | FailedMatch | None:
+    """The top-k selection that masks the attention, if any; a mask computed any other way by the block's own
+    projections is a ``LEARNED_TOKEN_SELECTION`` failure (the causal mask itself is a graph input)."""
     through_qkv = ancestors(q) | ancestors(k) | ancestors(v) | {q, k, v}
-    return [n for n in ancestors(out) - through_qkv if is_linear(n)]
+    off_path = ancestors(out) - through_qkv
+    projections = [n for n in off_path if is_linear(n)]
+    scatters = [n for n in off_path if n.op == "call_function" and n.target in SCATTER_OPS]
+    if not scatters:
+        return LEARNED_TOKEN_SELECTION if projections else None
+    if len(scatters) != 1:
+        return LEARNED_TOKEN_SELECTION
+    indices = scatters[0].args[2]
+    source = walk_back_through_layout(indices)
+    if source.op == "call_function" and source.target is aten.topk.default:
+        source = next((u for u in source.users if u.target is operator.getitem and u.args[1] == 1), None)
+    topk = None
+    if source is not None and source.op == "call_function" and source.target is operator.getitem:
+        topk = source.args[0] if source.args[0].target is aten.topk.default and source.args[1] == 1 else None
+        if topk is None:
+            return LEARNED_TOKEN_SELECTION
+    elif source is None or source.op != "placeholder":
+        return LEARNED_TOKEN_SELECTION
+    if topk is not None and any(n not in ancestors(topk) for n in projections):
+        return LEARNED_TOKEN_SELECTION
+    index_key = None
+    if topk is not None:
+        keys = _index_keys(capture, topk)
+        if len(keys) != 1:
+            return INDEX_KEYS_UNCLEAR
+        (index_key,) = keys
+    output = next(n for n in capture.graph_module.graph.nodes if n.op == "output")
+    returned = {i: node for i, node in enumerate(output.args[0])
+                if isinstance(node, fx.Node) and walk_back_through_layout(node) is walk_back_through_layout(indices)}
+    return TokenSelection(indices, source, _top_k(topk) if topk is not None else None, topk, index_key, returned)
+
+
+def _index_keys(capture, topk: fx.Node) -> list[fx.Node]:
+    """The [batch, seq, dims] tensors that reach a score matmul of the selection as its right operand (keys)."""
+    batch_sym, seq_sym = batch_and_seq_symbols(capture)
+    found = []
+    for node in ancestors(topk):
+        if node.op != "call_function" or node.target not in MATMUL_OPS:
+            continue
+        operand = node.args[1]
+        while True:
+            meta = tensor_meta(operand)
+            if meta is not None and meta.dim() == 3 and [str(s) for s in meta.shape[:2]] == [batch_sym, seq_sym]:
+                found.append(operand)
+                break
+            if operand.op != "call_function" or operand.target not in LAYOUT_OPS:
+                break
+            operand = operand.args[0]
+    return list(dict.fromkeys(found))
+
+
+def _top_k(topk: fx.Node) -> int:
+    """The k of a topk node: a constant, or the constant of ``min(k, number of keys)``."""
+    k = topk.args[1]
+    if isinstance(k, int):
+        return k
+    constants = [a for a in k.args if isinstance(a, int)]
+    if len(constants) != 1:
+        raise ShapeMismatchError(f"a top-k whose k is neither a constant nor min(constant, length): {k}")
+    return constants[0]
 
 
 def _nearest_linear_ancestor(node: fx.Node) -> fx.Node | None:
@@ -360,7 +456,10 @@ def _dims(capture, q, v, up, rope_key, o_proj) -> LatentDims | FailedMatch:
         return _shape_mismatch(f"{n_up} up-projected heads and an output projection of {o_weight[1]} inputs do "
                                f"not fit {n_h} query heads of {d_v} value dims")
     # n_g is settled by probing (identical per-head blocks form a group); start from the row count.
-    return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
+    try:
+        return LatentDims(n_h=n_h, n_g=n_up, d_c=d_c, d_R=d_r, d_n=d_n, d_v=d_v, hidden_size=int(o_weight[0]))
+    except ValueError as exc:  # e.g. a RoPE key of no dims: a named failure, not a crash of detection
+        return _shape_mismatch(str(exc))
 
 
 def _placeholder_shape(capture: CapturedAttention, node: fx.Node) -> tuple[int, ...] | None:
@@ -494,7 +593,17 @@ def describe(match: LatentAttentionMatch, capture: CapturedAttention) -> dict:
             "output_projection": match.weight_name(capture, match.output_projection),
         },
         "ops": dict(op_histogram(capture.graph_module)),
+        "sparse": describe_selection(match.selection),
     }
+
+
+def describe_selection(selection: TokenSelection | None) -> dict | None:
+    """The sparse piece in plain data (None: dense attention): k and where the selection comes from."""
+    if selection is None:
+        return None
+    return {"top_k": selection.top_k,
+            "selection": "a block input (another block's top-k)" if selection.shared else "indexer top-k",
+            "index_key_dims": None if selection.index_key is None else int(tensor_meta(selection.index_key).shape[-1])}
 
 
 class DetectLatentAttention:

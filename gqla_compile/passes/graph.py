@@ -183,7 +183,7 @@ def extract_subgraph(
     non-persistent buffers, so that the new module adds nothing to a model's state_dict. Any other
     placeholder the outputs need is an error: the cut must be complete.
     """
-    needed = _backward_closure(outputs, stop=set(inputs))
+    needed = backward_closure(outputs, stop=set(inputs))
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     root = torch.nn.Module()
@@ -209,7 +209,7 @@ def extract_subgraph(
     return sub
 
 
-def _backward_closure(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+def backward_closure(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
     needed: set[fx.Node] = set()
     stack = list(outputs)
     while stack:
@@ -231,7 +231,7 @@ def evaluate_nodes(
 
     Used to probe a captured graph: feed basis vectors where the latent was, read the keys and values.
     """
-    needed = _backward_closure(outputs, stop=set(feeds))
+    needed = backward_closure(outputs, stop=set(feeds))
     env: dict[fx.Node, object] = dict(feeds)
     for node in gm.graph.nodes:
         if node in env or node not in needed:

@@ -200,8 +200,9 @@ class ShardAttention:
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         if optional_output_count(gm):
-            raise ShapeMismatchError("tensor parallel is not supported yet for a block with a per-head output gate "
-                                     "between attention and o_proj; optimize it with tp=None")
+            raise ShapeMismatchError("tensor parallel is not supported yet for a block with an optional piece (a "
+                                     "per-head output gate between attention and o_proj, or a sparse attention's "
+                                     "token selection); optimize it with tp=None")
         start, end = self.layout.heads
         sliced = slice_query_projection(gm, self.layout.dims, start, end)
         if sliced is not None and self._agrees(gm, sliced, start, end):

@@ -1,0 +1,91 @@
+"""Sparse latent attention (DSA): the cost model prices a step by the index top-k, not the context.
+
+The families' decode equivalence with the selection, and the report's sparse column, are in test_families.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gqla_compile import plan
+from gqla_compile.dims import LatentDims
+
+DIMS = LatentDims(n_h=128, n_g=128, d_c=512, d_R=64, d_n=128, d_v=128, hidden_size=7168)  # DeepSeek-V3.2
+
+
+@pytest.mark.parametrize("path", ["absorbed", "grouped"])
+def test_a_sparse_step_costs_k_tokens_of_attention_whatever_the_context(path):
+    config = DIMS.as_config(2)
+    sparse = plan(config, "h100", path=path, context_len=8192, top_k=512)
+    dense_at_k = plan(config, "h100", path=path, context_len=512)
+    dense = plan(config, "h100", path=path, context_len=8192)
+    core = {name: p.costs[path].part("attention_core") for name, p in
+            (("sparse", sparse), ("dense_at_k", dense_at_k), ("dense", dense))}
+    assert core["sparse"].bytes == core["dense_at_k"].bytes and core["sparse"].flops == core["dense_at_k"].flops
+    assert core["dense"].bytes == 16 * core["sparse"].bytes
+    assert sparse.top_k == 512 and "top-512" in sparse.explain() and sparse.to_dict()["inputs"]["top_k"] == 512
+    # a k past the context reads the context
+    assert plan(config, "h100", path=path, context_len=256, top_k=512).costs[path].bytes == \
+        plan(config, "h100", path=path, context_len=256).costs[path].bytes
+
+
+def test_the_config_index_top_k_is_the_default():
+    config = DIMS.as_config(2)
+    config.index_topk = 2048
+    assert plan(config, "h100", context_len=8192).top_k == 2048
+    assert plan(DIMS.as_config(2), "h100").top_k is None
+
+
+# --- Inductor on the sparse families (slow): one compiled model per family, shared ---------------------------------
+
+COMPILED = [("deepseek_v32", "absorbed"), ("glm_moe_dsa", "grouped")]  # GLM-5 is glm_moe_dsa
+
+
+@pytest.fixture(scope="session", params=COMPILED, ids=lambda fp: "-".join(fp))
+def compiled_sparse_model(request):
+    import copy
+
+    import gqla_compile
+    from test_families import _model
+
+    name, path = request.param
+    return name, gqla_compile.optimize(copy.deepcopy(_model(name)), path=path, target="h20", compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_sparse_models_decode_like_the_unmodified_model_with_no_graph_break(compiled_sparse_model):
+    from _models import relative_error
+    from test_families import _greedy, _reference
+
+    name, model = compiled_sparse_model
+    prompt, expected_tokens, expected_steps = _reference(name)
+    tokens, steps, _ = _greedy(model, prompt)
+    assert tokens == expected_tokens
+    assert all(relative_error(got, want) < 1e-4 for got, want in zip(steps, expected_steps))
+    stats = model.gqla_optimization.compile
+    assert stats.graphs >= 1 and stats.graph_breaks == 0 and not stats.fell_back_to_eager
+
+
+@pytest.mark.parametrize("queries", [3, 20])  # decode-sized steps gather the rows; longer ones mask the cache
+def test_selected_attention_equals_dense_attention_masked_to_the_selection(queries):
+    import torch
+
+    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention
+
+    generator = torch.Generator().manual_seed(0)
+    context, heads, top_k = 30, 4, 5
+    query = torch.randn(2, heads, queries, 8, generator=generator)
+    key = torch.randn(2, 1, context, 8, generator=generator)  # absorbed-like: one head, values a view of the key
+    value = key[..., :6]
+    positions = torch.arange(context - queries, context)
+    causal = torch.arange(context)[None, :] <= positions[:, None]  # [T, S]
+    mask = torch.zeros(2, 1, queries, context).masked_fill(~causal, torch.finfo(torch.float32).min)
+    index_scores = torch.randn(2, queries, context, generator=generator).masked_fill(~causal, float("-inf"))
+    indices = index_scores.topk(top_k, dim=-1).indices
+    selected = torch.zeros(2, 1, queries, context, dtype=torch.bool).scatter(-1, indices.unsqueeze(1), True)
+    scale = 0.3
+    expected = torch.softmax((query @ key.transpose(-1, -2)) * scale + mask.masked_fill(~selected, -1e30), -1) @ value
+    got = selected_attention(query, key, value, mask, indices,
+                             lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
+                             lambda m: causal_attention(query, [key], value, m, scale))
+    assert torch.allclose(got, expected, atol=1e-5)
