@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gqa = parser.add_argument_group("GQA sources (TransGQLA quality options)")
     gqa.add_argument("--rope-band-size", default="auto",
                      help="FreqFold band size, a power of two, or 'auto' (default: chosen per layer on calibration "
-                     "data when --qk-rope-head-dim is below the head dim, else 1)")
+                     "data; 1 when --qk-rope-head-dim is n_kv * head dim, where that is exact)")
     gqa.add_argument("--rope-allocation", choices=("freqfold", "energy"), default="freqfold",
                      help="'energy': rank rotated pairs by key energy across frequencies (the former method)")
     gqa.add_argument("--no-sequential", action="store_true",

@@ -47,7 +47,7 @@ def convert(
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
         **kwargs: for GQA sources: ``rope_band_size`` ("auto": per-layer FreqFold band chosen on calibration
-            data when qk_rope_head_dim < head_dim, 1 otherwise; or a power of two for every layer),
+            data, 1 at qk_rope_head_dim = n_kv * head_dim, where that is exact; or a power of two for every layer),
             ``rope_allocation`` ("freqfold", or "energy": the former ranking of pairs by key energy),
             ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),
             ``fit_output`` (True: least-squares o_proj against the source attention's output), ``fit_steps`` (0)

@@ -12,9 +12,11 @@ weight column) and C = E[x~ x~^T] its moment, per layer:
    component pairs of every band keep RoPE, rotated at a frequency of the band (pair j of band a at table
    frequency a b + floor(j b / m)); RoPE is dropped on the rest: the no-RoPE key of group g becomes
    k^n_g = P_g (I - R_S^T R_S) K, its query the original q_h (d_n = d_h), and the query's RoPE part is
-   R_S P_g^T q_h. b = 1 when d_R >= d_h (plain RoRoPE: one pair per frequency at d_R = d_h, everything, hence
-   exact, at d_R = n_kv d_h); for d_R < d_h every layer takes the b whose converted attention output is
-   closest to the source's on calibration data. Per-layer frequency tables go into the config.
+   R_S P_g^T q_h. b = 1 is plain RoRoPE (one pair per frequency at d_R = d_h; everything, hence exact, at
+   d_R = n_kv d_h, where b = 1 is the only choice); otherwise every layer takes the b whose converted attention
+   output is closest to the source's on calibration data (wider bands also win at d_R = d_h: they give the
+   leading directions of neighbouring frequencies the RoPE dims that weak ones would take). Per-layer
+   frequency tables go into the config.
    (``rope_allocation="energy"``, the former method, ranks pairs by key energy across frequencies instead; it
    drops RoPE on the fast frequencies and loses several times more.)
 2. Balance: alpha = sqrt(E||k^n||^2 / E||V||^2), so that keys and values weigh alike in the PCA.
@@ -518,8 +520,9 @@ FIT_RIDGE = 1e-6
 
 def rope_candidates(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape, qk_rope_head_dim: int,
                     band_size: int | Literal["auto"]) -> list[RopeChoice]:
-    """The RoPE steps to choose from for one layer: the given band size; or, with "auto", band 1 (RoRoPE) when
-    d_R >= d_h and every possible FreqFold band size when d_R < d_h."""
+    """The RoPE steps to choose from for one layer: the given band size; or, with "auto", every possible FreqFold
+    band size (band 1, plain RoRoPE, among them when d_R >= d_h), and only band 1 at d_R = n_kv d_h, where it
+    keeps every component and is exact."""
     if band_size != "auto":
         return [freqfold_rope(k_aug, moment, shape, qk_rope_head_dim, band_size)]
     sizes = freqfold_band_sizes(shape, qk_rope_head_dim)
@@ -529,7 +532,7 @@ def rope_candidates(k_aug: torch.Tensor, moment: torch.Tensor, shape: GqaShape, 
             f"(FreqFold needs (d_R/2) * b / {shape.n_freq} whole for a power-of-two band size b); use a "
             "divisor or multiple of head_dim, or rope_allocation='energy'"
         )
-    if qk_rope_head_dim >= shape.d_h and 1 in sizes:
+    if qk_rope_head_dim == shape.key_width:
         sizes = [1]
     return [freqfold_rope(k_aug, moment, shape, qk_rope_head_dim, size) for size in sizes]
 
