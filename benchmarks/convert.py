@@ -312,6 +312,8 @@ def run_setting(setting: Setting, earlier: list[dict[str, Any]] = ()) -> list[di
                "cache_original": kv_cache_elements(source.config),
                "cache_absorbed": kv_cache_elements(converted.config, "absorbed"), **log}
         row["cache_ratio"] = row["cache_absorbed"] / row["cache_original"]
+        if method != "transmla":
+            row["balance"] = converted.config.conversion["balance"]
         layers = (converted.config.conversion or {}).get("layers") or []
         if layers:
             row["band_sizes"] = [r["band_size"] for r in layers]
@@ -371,6 +373,12 @@ def _heal_cell(r: dict[str, Any]) -> str:
     return ", ".join(f"{c['step']}: {c['perplexity']:.2f}" for c in r["heal_curve"]) + f" ({r['heal_seconds']:.0f} s)"
 
 
+def _method_cell(r: dict[str, Any]) -> str:
+    """The method; library rows measured before the balance choice existed say so."""
+    stale = r["method"] != "transmla" and "balance" not in r
+    return r["method"] + (" (earlier converter: RMS balance only)" if stale else "")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| model | calibration | d_R | d_c | absorbed cache | method | perplexity (original) | ratio "
               "| logit rel. error | healing: steps: perplexity | convert s | peak RSS MB |")
@@ -378,7 +386,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['calibration']} | {r['qk_rope_head_dim']} | {r['kv_lora_rank']} "
-            f"| {r['cache_absorbed']} / {r['cache_original']} ({100 * r['cache_ratio']:.2f} %) | {r['method']} "
+            f"| {r['cache_absorbed']} / {r['cache_original']} ({100 * r['cache_ratio']:.2f} %) | {_method_cell(r)} "
             f"| {r['perplexity']:.2f} ({r['perplexity_original']:.2f}) | {r['perplexity_ratio']:.2f} "
             f"| {r['logit_rel_error']:.2e} | {_heal_cell(r)} | {r['convert_seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
@@ -450,12 +458,13 @@ def main(argv: list[str] | None = None) -> None:
         methods = args.methods.split(",")
         settings = [replace(s, methods=tuple(m for m in s.methods if m in methods)) for s in settings]
     mode = "quick" if args.quick else "full"
-    rows = [] if args.quick else read_rows(args.out, mode)  # a full run adds to (or replaces) earlier rows
+    rows: list[dict[str, Any]] = []
     for setting in settings:
-        new = run_setting(setting) if args.quick else run_isolated(setting, rows)
+        # a full run adds to (or replaces) the rows in the file, read again each time (another run may write it)
+        new = run_setting(setting) if args.quick else run_isolated(setting, read_rows(args.out, mode))
         measured = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
-        rows = merge_rows(rows, [{**row, "measured_utc": measured, "load_average_1m": os.getloadavg()[0]}
-                                 for row in new])
+        new = [{**row, "measured_utc": measured, "load_average_1m": os.getloadavg()[0]} for row in new]
+        rows = rows + new if args.quick else merge_rows(read_rows(args.out, mode), new)
         write_results(rows, args.out, mode)
     logger.info("wrote %s", args.out / "convert.json")
 
