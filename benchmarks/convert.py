@@ -376,7 +376,7 @@ def _heal_cell(r: dict[str, Any]) -> str:
 def _method_cell(r: dict[str, Any]) -> str:
     """The method; library rows measured before the balance choice existed say so."""
     stale = r["method"] != "transmla" and "balance" not in r
-    return r["method"] + (" (earlier converter: RMS balance only)" if stale else "")
+    return r["method"] + (" (balance rms: measured before balance='auto')" if stale else "")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
