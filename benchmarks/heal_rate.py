@@ -1,6 +1,6 @@
 """Healing rate: what distillation buys per step after a lossy TransGQLA conversion, on cheap CPU steps.
 
-    python -m benchmarks.heal_rate --minutes 20      # SmolLM2-135M at d_R 32 / d_c 76, about 30 min in all
+    python -m benchmarks.heal_rate --minutes 20      # SmolLM2-135M at d_R 32 / d_c 76: the conversion, then 20 min
     python -m benchmarks.heal_rate --quick           # the tiny random Llama, a few seconds
 
 The converter's default (FreqFold, sequential calibration, o_proj least squares) is healed with
