@@ -436,7 +436,10 @@ def write_results(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
              "'ratio' is perplexity / original. Healing: perplexity after each number of steps (of "
              "heal_batch_size x heal_seq_len tokens, see convert.json) and the healing wall time. 'convert s' and "
              "peak RSS: the conversion only (healing excluded), wall clock on the machine in convert.json, which "
-             "is shared with other jobs (see its load average).\n\n")
+             "is shared with other jobs (see its load average). Rows come from several runs (same calibration and "
+             "evaluation text, same seeds; convert.json has when each was measured); a TransMLA row whose band search "
+             "was measured in an earlier row of the same d_R reuses those perplexities, so its convert time leaves "
+             "the search out.\n\n")
     (out / "convert.md").write_text(f"# TransGQLA conversion benchmark ({mode})\n\n{notes}{markdown_table(rows)}")
 
 
