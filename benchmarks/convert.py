@@ -21,7 +21,9 @@ for calibration, band choices or healing, see ``real_text``):
   perplexity is also recorded at intermediate steps.
 
 Writes ``convert.json`` and ``convert.md`` into ``benchmarks/results`` (or ``--out``) after every setting, so an
-interrupted run keeps what it measured.
+interrupted run keeps what it measured. A full run merges its rows into the ones already there (a row of the same
+model, calibration, d_R, d_c and method is replaced), so settings and methods can be run separately
+(``--settings``, ``--methods``); every row records when it was measured and the load average then.
 """
 
 from __future__ import annotations
@@ -144,8 +146,13 @@ def transmla_balance(k_weight: torch.Tensor, v_weight: torch.Tensor, moment: tor
 
 
 def transmla_convert(source: Any, calibration: list[torch.Tensor], choice: list[torch.Tensor], d_r: int, d_c: int,
-                     log: dict[str, Any]) -> Any:
-    """TransMLA's recipe (see the module docstring) built from the library's linear-algebra pieces."""
+                     log: dict[str, Any], known_search: dict[str, float] | None = None) -> Any:
+    """TransMLA's recipe (see the module docstring) built from the library's linear-algebra pieces.
+
+    The band search depends on d_R and the calibration only (its latent is lossless), so ``known_search`` (band
+    -> perplexity, from an earlier row with the same d_R and calibration) supplies those perplexities instead of
+    measuring them again."""
+    known_search = known_search or {}
     from gqla_compile.conversion import gqa
     from gqla_compile.conversion.calibration import collect_attention_input_moments
 
@@ -170,18 +177,20 @@ def transmla_convert(source: Any, calibration: list[torch.Tensor], choice: list[
         ropes = [gqa.freqfold_rope(k, m, shape, d_r, band) for k, m in zip(k_weights, moments)]
         return ropes, assemble(ropes, moments, shape.max_kv_lora_rank, None)  # lossless latent: RoPE step only
 
-    band = shape.d_h // d_r  # TransMLA's collapse; its freqfold search starts there and doubles while it helps
-    ropes, model = partial_rope(band)
-    best = perplexity(model, torch.stack(choice))
-    log["band_search"] = {band: best}
+    def search_perplexity(band: int) -> float:
+        if str(band) not in known_search:
+            known_search[str(band)] = perplexity(partial_rope(band)[1], torch.stack(choice))
+        return known_search[str(band)]
+
+    band = max(1, shape.d_h // d_r)  # TransMLA's collapse; its freqfold search starts there, doubles while it helps
+    log["band_search"] = {str(band): search_perplexity(band)}
     while band * 2 in gqa.freqfold_band_sizes(shape, d_r):
-        candidate_ropes, candidate = partial_rope(band * 2)
-        ppl = perplexity(candidate, torch.stack(choice))
-        log["band_search"][band * 2] = ppl
-        if ppl >= best:
+        log["band_search"][str(band * 2)] = search_perplexity(band * 2)
+        if log["band_search"][str(band * 2)] >= log["band_search"][str(band)]:
             break
-        band, best, ropes, model = band * 2, ppl, candidate_ropes, candidate
+        band *= 2
     log["band_size"] = band
+    ropes, model = partial_rope(band)
     pca_moments, _ = collect_attention_input_moments(model, calibration, progress=False)  # after the RoPE step
     alphas = [transmla_balance(k, gqa.augmented_weight(layer.self_attn.v_proj), m, rope, shape)
               for k, layer, m, rope in zip(k_weights, layers, pca_moments, ropes)]
@@ -260,13 +269,23 @@ def heal_row(setting: Setting, source: Any, model: Any, tokenizer: Any, evaluati
             "heal_windows": len(texts)}
 
 
-def run_setting(setting: Setting) -> list[dict[str, Any]]:
-    """Every method of one setting on one loaded source model: one row each."""
+def known_band_search(setting: Setting, earlier: list[dict[str, Any]]) -> dict[str, float]:
+    """The TransMLA band-search perplexities of an earlier row with this setting's model, d_R and calibration."""
+    same = ("model", "qk_rope_head_dim", "calibration", "num_samples", "seq_len")
+    for row in earlier:
+        if row["method"] == "transmla" and all(row[name] == getattr(setting, name) for name in same):
+            return dict(row.get("band_search") or {})
+    return {}
+
+
+def run_setting(setting: Setting, earlier: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Every method of one setting on one loaded source model: one row each (``earlier``: rows already measured,
+    whose TransMLA band search is reused)."""
     from gqla_compile.conversion import convert
     from gqla_compile.dims import kv_cache_elements
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # also in a spawned child
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
     source, tokenizer = load_source(setting.model)
     calibration = calibration_sequences(setting, tokenizer, source.config.vocab_size)
     evaluation = evaluation_windows(setting, tokenizer)
@@ -278,7 +297,8 @@ def run_setting(setting: Setting) -> list[dict[str, Any]]:
             start = time.perf_counter()
             if method == "transmla":
                 converted = transmla_convert(source, calibration, calibration[: max(2, len(calibration) // 4)],
-                                             setting.qk_rope_head_dim, setting.kv_lora_rank, log)
+                                             setting.qk_rope_head_dim, setting.kv_lora_rank, log,
+                                             known_band_search(setting, earlier))
             elif method == "fit+heal" and fitted is not None:
                 converted = fitted  # healed from the "fit" row's model
             else:
@@ -292,6 +312,8 @@ def run_setting(setting: Setting) -> list[dict[str, Any]]:
                "cache_original": kv_cache_elements(source.config),
                "cache_absorbed": kv_cache_elements(converted.config, "absorbed"), **log}
         row["cache_ratio"] = row["cache_absorbed"] / row["cache_original"]
+        if method != "transmla":
+            row["balance"] = converted.config.conversion["balance"]
         layers = (converted.config.conversion or {}).get("layers") or []
         if layers:
             row["band_sizes"] = [r["band_size"] for r in layers]
@@ -335,11 +357,11 @@ def full_settings(heal_steps: int) -> list[Setting]:
     ]
 
 
-def run_isolated(setting: Setting) -> list[dict[str, Any]]:
+def run_isolated(setting: Setting, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One setting in a fresh spawned process, so that its peak memory and allocator state are its own."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes=1, maxtasksperchild=1) as pool:
-        return pool.apply(run_setting, (setting,))
+        return pool.apply(run_setting, (setting, earlier))
 
 
 # --- output -------------------------------------------------------------------------------------------------
@@ -351,6 +373,12 @@ def _heal_cell(r: dict[str, Any]) -> str:
     return ", ".join(f"{c['step']}: {c['perplexity']:.2f}" for c in r["heal_curve"]) + f" ({r['heal_seconds']:.0f} s)"
 
 
+def _method_cell(r: dict[str, Any]) -> str:
+    """The method; library rows measured before the balance choice existed say so."""
+    stale = r["method"] != "transmla" and "balance" not in r
+    return r["method"] + (" (balance rms: measured before balance='auto')" if stale else "")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ("| model | calibration | d_R | d_c | absorbed cache | method | perplexity (original) | ratio "
               "| logit rel. error | healing: steps: perplexity | convert s | peak RSS MB |")
@@ -358,7 +386,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['calibration']} | {r['qk_rope_head_dim']} | {r['kv_lora_rank']} "
-            f"| {r['cache_absorbed']} / {r['cache_original']} ({100 * r['cache_ratio']:.2f} %) | {r['method']} "
+            f"| {r['cache_absorbed']} / {r['cache_original']} ({100 * r['cache_ratio']:.2f} %) | {_method_cell(r)} "
             f"| {r['perplexity']:.2f} ({r['perplexity_original']:.2f}) | {r['perplexity_ratio']:.2f} "
             f"| {r['logit_rel_error']:.2e} | {_heal_cell(r)} | {r['convert_seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
@@ -373,6 +401,31 @@ def environment() -> dict[str, Any]:
             "load_average_1m_at_end": os.getloadavg()[0]}
 
 
+ROW_KEY = ("model", "calibration", "qk_rope_head_dim", "kv_lora_rank", "method")
+
+
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[name] for name in ROW_KEY)
+
+
+def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` with each row of the same (model, calibration, d_R, d_c, method) as a new row replaced by it,
+    and the other new rows added; settings in the order they first appear, methods in METHODS order."""
+    merged = {row_key(row): row for row in earlier}
+    merged.update({row_key(row): row for row in new})
+    settings = list(dict.fromkeys(key[:-1] for key in merged))
+    return sorted(merged.values(), key=lambda r: (settings.index(row_key(r)[:-1]), METHODS.index(r["method"])))
+
+
+def read_rows(out: Path, mode: str) -> list[dict[str, Any]]:
+    """The rows of an earlier run of the same mode in ``out`` (none if there is no such file)."""
+    path = out / "convert.json"
+    if not path.is_file():
+        return []
+    payload = json.loads(path.read_text())
+    return payload["results"] if payload.get("mode", "").split(" ")[0] == mode else []
+
+
 def write_results(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "convert", "mode": mode, "environment": environment(), "results": rows}
@@ -383,7 +436,10 @@ def write_results(rows: list[dict[str, Any]], out: Path, mode: str) -> None:
              "'ratio' is perplexity / original. Healing: perplexity after each number of steps (of "
              "heal_batch_size x heal_seq_len tokens, see convert.json) and the healing wall time. 'convert s' and "
              "peak RSS: the conversion only (healing excluded), wall clock on the machine in convert.json, which "
-             "is shared with other jobs (see its load average).\n\n")
+             "is shared with other jobs (see its load average). Rows come from several runs (same calibration and "
+             "evaluation text, same seeds; convert.json has when each was measured); a TransMLA row whose band search "
+             "was measured in an earlier row of the same d_R reuses those perplexities, so its convert time leaves "
+             "the search out.\n\n")
     (out / "convert.md").write_text(f"# TransGQLA conversion benchmark ({mode})\n\n{notes}{markdown_table(rows)}")
 
 
@@ -404,10 +460,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.methods:
         methods = args.methods.split(",")
         settings = [replace(s, methods=tuple(m for m in s.methods if m in methods)) for s in settings]
+    mode = "quick" if args.quick else "full"
     rows: list[dict[str, Any]] = []
-    for done, setting in enumerate(settings, 1):
-        rows += run_setting(setting) if args.quick else run_isolated(setting)
-        mode = "quick" if args.quick else "full" if done == len(settings) else f"full (partial: {done} of {len(settings)} settings)"
+    for setting in settings:
+        # a full run adds to (or replaces) the rows in the file, read again each time (another run may write it)
+        new = run_setting(setting) if args.quick else run_isolated(setting, read_rows(args.out, mode))
+        measured = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+        new = [{**row, "measured_utc": measured, "load_average_1m": os.getloadavg()[0]} for row in new]
+        rows = rows + new if args.quick else merge_rows(read_rows(args.out, mode), new)
         write_results(rows, args.out, mode)
     logger.info("wrote %s", args.out / "convert.json")
 

@@ -369,11 +369,21 @@ def test_freqfold_keeps_the_leading_pair_of_every_band():
         gqa.freqfold_rope(k_weight, moment, shape, 8, 16)
 
 
-def test_one_rotated_pair_per_frequency_by_default_at_d_r_equal_head_dim():
+def test_band_choice_at_d_r_equal_head_dim_includes_one_pair_per_frequency():
     source = make_source()
     converted = convert(source, kv_lora_rank=48, qk_rope_head_dim=16, calibration=CALIBRATION, progress=False)
-    assert [r["band_size"] for r in converted.config.conversion["layers"]] == [1, 1]
-    assert converted.config.rope_frequency_indices == list(range(8))
+    for layer in converted.config.conversion["layers"]:  # every possible band tried, the lowest output error kept
+        assert set(layer["band_errors"]) == {"1", "2", "4", "8"}
+        assert layer["band_errors"][str(layer["band_size"])] == min(layer["band_errors"].values())
+        # then that band's key/value balance scaled by 1/2 and 2: never worse than the default balance
+        assert set(layer["balance_errors"]) == {"1", "0.5", "2.0"}
+        assert layer["balance_errors"]["1"] == min(layer["band_errors"].values())
+        assert min(layer["balance_errors"].values()) <= layer["balance_errors"]["1"]
+    with pytest.raises(ConversionError, match="unknown balance"):
+        convert(source, kv_lora_rank=48, qk_rope_head_dim=16, calibration=CALIBRATION, progress=False, balance="max")
+    rorope = convert(source, kv_lora_rank=48, qk_rope_head_dim=16, calibration=CALIBRATION, progress=False,
+                     rope_band_size=1)
+    assert rorope.config.rope_frequency_indices == list(range(8))
 
 
 def test_per_layer_frequency_tables_survive_save_and_load(tmp_path):

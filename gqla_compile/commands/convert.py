@@ -41,9 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gqa = parser.add_argument_group("GQA sources (TransGQLA quality options)")
     gqa.add_argument("--rope-band-size", default="auto",
                      help="FreqFold band size, a power of two, or 'auto' (default: chosen per layer on calibration "
-                     "data when --qk-rope-head-dim is below the head dim, else 1)")
+                     "data; 1 when --qk-rope-head-dim is n_kv * head dim, where that is exact)")
     gqa.add_argument("--rope-allocation", choices=("freqfold", "energy"), default="freqfold",
                      help="'energy': rank rotated pairs by key energy across frequencies (the former method)")
+    gqa.add_argument("--balance", choices=("auto", "rms"), default="auto",
+                     help="key/value weighting in the joint PCA: 'auto' (default) picks per layer, on calibration "
+                     "data, the RMS-norm ratio or half or twice it; 'rms': the RMS-norm ratio")
     gqa.add_argument("--no-sequential", action="store_true",
                      help="calibrate every layer on the source model's activations (default: on the outputs of the "
                      "layers converted before it)")
@@ -92,9 +95,9 @@ def gqa_options(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise UsageError(f"--rope-band-size must be a power of two or 'auto', got {band!r}") from exc
     options = {"rope_band_size": band, "rope_allocation": args.rope_allocation, "sequential": not args.no_sequential,
-               "fit_output": not args.no_fit_output, "fit_steps": args.fit_steps}
+               "fit_output": not args.no_fit_output, "fit_steps": args.fit_steps, "balance": args.balance}
     defaults = {"rope_band_size": "auto", "rope_allocation": "freqfold", "sequential": True, "fit_output": True,
-                "fit_steps": 0}
+                "fit_steps": 0, "balance": "auto"}
     return {name: value for name, value in options.items() if value != defaults[name]}
 
 

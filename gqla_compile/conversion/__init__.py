@@ -15,7 +15,7 @@ from .gqa import SUPPORTED_ARCHITECTURES, convert_gqa
 __all__ = ["convert", "SUPPORTED_ARCHITECTURES"]
 
 # convert() keywords that only the GQA converter takes
-GQA_OPTIONS = ("rope_band_size", "rope_allocation", "sequential", "fit_output", "fit_steps", "fit_lr")
+GQA_OPTIONS = ("rope_band_size", "rope_allocation", "sequential", "fit_output", "fit_steps", "fit_lr", "balance")
 
 
 def convert(
@@ -47,9 +47,11 @@ def convert(
         progress: tqdm bars over calibration batches and layers.
         seed: seed of the default random calibration (and of the random-basis baseline).
         **kwargs: for GQA sources: ``rope_band_size`` ("auto": per-layer FreqFold band chosen on calibration
-            data when qk_rope_head_dim < head_dim, 1 otherwise; or a power of two for every layer),
+            data, 1 at qk_rope_head_dim = n_kv * head_dim, where that is exact; or a power of two for every layer),
             ``rope_allocation`` ("freqfold", or "energy": the former ranking of pairs by key energy),
-            ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),
+            ``balance`` ("auto": per layer, the key/value weighting of the joint PCA whose attention output is
+            closest to the source's on calibration data, of the RMS-norm ratio and half and twice it; "rms": that
+            ratio), ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),
             ``fit_output`` (True: least-squares o_proj against the source attention's output), ``fit_steps`` (0)
             and ``fit_lr`` (1e-4): Adam refinement steps of each layer's attention weights (see
             ``conversion/gqa.py``). ``batch_size`` of calibration (8); for latent models ``grouping`` ("neighbour" or
