@@ -27,10 +27,11 @@ from .errors import (
     NoLatentAttentionError,
     NoLatentAttentionWarning,
     PartialRewriteWarning,
+    ShapeMismatchError,
     VerificationError,
 )
 from .passes.context import LayerContext
-from .passes.detect import DetectLatentAttention
+from .passes.detect import DetectLatentAttention, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
@@ -276,6 +277,9 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
     o_bias = context.parameters[o_bias_name] if o_bias_name else None
     passes: list = [SplitLatentProjection(context)]
     local, group = match.dims, None
+    if parallel is not None and match.attention_sink is not None:
+        raise ShapeMismatchError(f"{capture.module_path}: tensor parallel is not supported yet for a block with "
+                                 "learned attention sinks; optimize it with tp=None")
     if parallel is not None:
         # Tensor parallel: this rank's heads, groups and o_proj columns; the path is built from them.
         layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
@@ -283,8 +287,11 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         up, o_weight = shard.shard_weights(up, o_weight)
         passes.append(shard)
         local, group = layout.local_dims, parallel.group
-    built = decode_path.build(up, o_weight, o_bias, match.scaling, local, output_absorption=plan.output_absorption,
-                              rope_key=plan.rope_key, process_group=group, module_path=capture.module_path)
+    sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
+    built = decode_path.build(up, o_weight, o_bias, match.scaling, local,
+                              output_absorption=_output_absorption(match, plan.output_absorption),
+                              rope_key=plan.rope_key, attention_sink=sink, process_group=group,
+                              module_path=capture.module_path)
     passes.append(built.tail)
     projection = manager.run(passes, capture.graph_module, capture.module_path)
     return InstalledLatentAttention(
@@ -298,6 +305,14 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         gates=int(match.output_gate is not None),
         selection=_token_selection(context),
     )
+
+
+def _output_absorption(match, planned: str) -> str:
+    """How the absorbed path applies W_UV: as planned, except that a per-channel output gate multiplies each
+    head's d_v values, which W_UV folded into o_proj no longer has apart (then the per-group bmm)."""
+    if match.output_gate is not None and gate_width(match.output_gate, match.dims) != 1:
+        return "bmm"
+    return planned
 
 
 def _token_selection(context: LayerContext) -> TokenSelection | None:
