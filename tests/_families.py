@@ -282,8 +282,6 @@ UNSUPPORTED: dict[str, str] = {
     "glm5_next": ("its DSA indexer pools the index keys (k-pool compression with a second softmax) and reads the "
                   "cache's length itself: its selection is not a top-k over per-token index keys "
                   "(detect.LEARNED_TOKEN_SELECTION)"),
-    "mistral_large4": ("partly: its DSA layer with RoPE is rewritten; its NoPE layer (no RoPE key, d_R = 0) is not "
-                       "(detect: shapes do not fit latent attention), so not every latent block is"),
 }
 _PER_CHANNEL_GATE = ("regrouping rewrites each head's values in a new basis (compensated in o_proj), which a per-channel "
                      "output gate (one sigmoid per value dim, from its own projection) does not follow: the regrouped "
@@ -293,6 +291,7 @@ UNSUPPORTED_REGROUP: dict[str, str] = {
     **UNSUPPORTED,
     "axk2": ("its query and output gate come from one fused projection (q_gate_proj), no q_b_proj: conversion/mla.py "
              "looks for q_b_proj (AttributeError); also " + _PER_CHANNEL_GATE),
+    "mistral_large4": ("conversion reads config.vocab_size, which this config keeps in its text_config (AttributeError)"),
     "hy_v4_vl": ("conversion reads config.vocab_size, which this vision-language config keeps in its text_config "
                  "(AttributeError); also " + _PER_CHANNEL_GATE),
     "dots3_note": ("its DSA layers are rewritten by optimize, but regrouping cannot tell which dims their RoPE "
