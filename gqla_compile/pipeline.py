@@ -263,8 +263,12 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
     top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]
+    # a per-channel output gate multiplies each head's d_v values, which W_UV folded into o_proj has no more
+    per_channel_gate = any(c.match.output_gate is not None and gate_width(c.match.output_gate, c.match.dims) != 1
+                           for c in matched)
     return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
-                     top_k=max(top_ks) if top_ks else None, **shape)
+                     top_k=max(top_ks) if top_ks else None, output_absorption="bmm" if per_channel_gate else "auto",
+                     **shape)
 
 
 def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,
@@ -289,7 +293,7 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         local, group = layout.local_dims, parallel.group
     sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
     built = decode_path.build(up, o_weight, o_bias, match.scaling, local,
-                              output_absorption=_output_absorption(match, plan.output_absorption),
+                              output_absorption=plan.output_absorption,
                               rope_key=plan.rope_key, attention_sink=sink, process_group=group,
                               module_path=capture.module_path)
     passes.append(built.tail)
@@ -305,14 +309,6 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         gates=int(match.output_gate is not None),
         selection=_token_selection(context),
     )
-
-
-def _output_absorption(match, planned: str) -> str:
-    """How the absorbed path applies W_UV: as planned, except that a per-channel output gate multiplies each
-    head's d_v values, which W_UV folded into o_proj no longer has apart (then the per-group bmm)."""
-    if match.output_gate is not None and gate_width(match.output_gate, match.dims) != 1:
-        return "bmm"
-    return planned
 
 
 def _token_selection(context: LayerContext) -> TokenSelection | None:
