@@ -351,6 +351,7 @@ def plan(
     path: str = "auto",
     rope_key: str = "auto",
     top_k: int | None = None,
+    output_absorption: str = "auto",
 ) -> Plan:
     """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
 
@@ -361,7 +362,8 @@ def plan(
     a stock GQA layout) or keeps it once ("shared", fewer bytes to hold and read); "auto" takes the layout
     whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken. ``top_k``: sparse
     attention (DSA), each query attends to its top-k tokens, so the attention core costs k tokens instead of
-    the context (default: the config's ``index_topk``, None for dense attention).
+    the context (default: the config's ``index_topk``, None for dense attention). ``output_absorption``: how
+    the absorbed path applies W_UV ("bmm" or "folded" into o_proj); "auto" takes the cheaper.
     """
     _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
     config = _config_of(model_or_config)
@@ -384,7 +386,10 @@ def plan(
         raise ValueError(problems[path])
     if not feasible:
         raise ValueError(problems["absorbed"])  # n_g divides n_h: tp not dividing n_h fails both
-    output = _cheapest_output_absorption(step)
+    if output_absorption not in ("auto", *OUTPUT_ABSORPTIONS):
+        raise ValueError(f"output_absorption must be 'auto', {', '.join(map(repr, OUTPUT_ABSORPTIONS))}, got "
+                         f"{output_absorption!r}")
+    output = _cheapest_output_absorption(step) if output_absorption == "auto" else output_absorption
     num_layers = getattr(config, "num_hidden_layers", 1)
     costs = {p: _path_cost(PATHS[p], step, num_layers, output) for p in feasible}
     auto = min(costs, key=lambda p: costs[p].time_s)  # ties go to absorbed: the smaller cache

@@ -27,11 +27,12 @@ class LatentDims:
     q_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_h", "n_g", "d_c", "d_R", "d_v", "hidden_size"):
+        for name in ("n_h", "n_g", "d_c", "d_v", "hidden_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LatentDims.{name} must be positive, got {getattr(self, name)}")
-        if self.d_n < 0:
-            raise ValueError(f"LatentDims.d_n must be >= 0, got {self.d_n}")
+        for name in ("d_n", "d_R"):  # a block may have no RoPE dims (a NoPE layer) or only RoPE dims
+            if getattr(self, name) < 0:
+                raise ValueError(f"LatentDims.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_h % self.n_g:
             raise ValueError(f"{self.n_h} query heads do not split into {self.n_g} equal groups")
 

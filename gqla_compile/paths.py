@@ -168,10 +168,12 @@ class DecodePath:
         output_absorption: str = "bmm",
         rope_key: str = "copied",
         query_absorption: str = QUERY_ABSORPTION,
+        attention_sink: torch.Tensor | None = None,
         process_group: Any = None,
         module_path: str = "",
     ) -> BuiltPath:
-        """The tail pass and the attention core of one layer (``dims``: what this rank computes)."""
+        """The tail pass and the attention core of one layer (``dims``: what this rank computes;
+        ``attention_sink``: the block's learned sink logits [n_h], or None)."""
         raise NotImplementedError
 
     def trace_core(self, core: torch.nn.Module, dims: LatentDims, *, rope_key: str = "copied",
@@ -251,7 +253,7 @@ class AbsorbedPath(DecodePath):
         return [*query, down_projection(dims), *output]
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
-              query_absorption=QUERY_ABSORPTION, process_group=None, module_path=""):
+              query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
         from .passes.absorb import AbsorbQuery
         from .passes.fold import fold_value_up_projection
         from .runtime import LatentAttentionCore
@@ -261,11 +263,11 @@ class AbsorbedPath(DecodePath):
         if output_absorption == "folded":
             folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=module_path)
             core = LatentAttentionCore(folded, o_bias, scaling, latent_value_dims=dims.d_c,
-                                       process_group=process_group)
+                                       attention_sink=attention_sink, process_group=process_group)
             value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
         else:
             core = LatentAttentionCore(o_weight, o_bias, scaling, latent_value_dims=dims.d_c, value_up=up.value,
-                                       process_group=process_group)
+                                       attention_sink=attention_sink, process_group=process_group)
             value_side = {"value_up (W_UV^g per group, after attention)": up.value}
         return BuiltPath(AbsorbQuery(up.key, output_absorption, value_side), core)
 
@@ -312,7 +314,7 @@ class GroupedPath(DecodePath):
                 linear("o_proj", dims.hidden_size, dims.n_h * dims.d_v)]
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
-              query_absorption=QUERY_ABSORPTION, process_group=None, module_path=""):
+              query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
         from .passes.expand import ExpandNewTokens
         from .passes.fold import stack_group_up_projections
         from .runtime import LatentAttentionCore
@@ -322,7 +324,7 @@ class GroupedPath(DecodePath):
                                rope_key=rope_key)
         shared = (dims.n_g, dims.d_R) if rope_key == "shared" else None
         return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, shared_rope_key=shared,
-                                                   process_group=process_group))
+                                                   attention_sink=attention_sink, process_group=process_group))
 
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.

@@ -27,10 +27,11 @@ from .errors import (
     NoLatentAttentionError,
     NoLatentAttentionWarning,
     PartialRewriteWarning,
+    ShapeMismatchError,
     VerificationError,
 )
 from .passes.context import LayerContext
-from .passes.detect import DetectLatentAttention
+from .passes.detect import DetectLatentAttention, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
@@ -262,8 +263,12 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
     top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]
+    # a per-channel output gate multiplies each head's d_v values, which W_UV folded into o_proj has no more
+    per_channel_gate = any(c.match.output_gate is not None and gate_width(c.match.output_gate, c.match.dims) != 1
+                           for c in matched)
     return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
-                     top_k=max(top_ks) if top_ks else None, **shape)
+                     top_k=max(top_ks) if top_ks else None, output_absorption="bmm" if per_channel_gate else "auto",
+                     **shape)
 
 
 def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,
@@ -276,6 +281,9 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
     o_bias = context.parameters[o_bias_name] if o_bias_name else None
     passes: list = [SplitLatentProjection(context)]
     local, group = match.dims, None
+    if parallel is not None and match.attention_sink is not None:
+        raise ShapeMismatchError(f"{capture.module_path}: tensor parallel is not supported yet for a block with "
+                                 "learned attention sinks; optimize it with tp=None")
     if parallel is not None:
         # Tensor parallel: this rank's heads, groups and o_proj columns; the path is built from them.
         layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
@@ -283,8 +291,11 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         up, o_weight = shard.shard_weights(up, o_weight)
         passes.append(shard)
         local, group = layout.local_dims, parallel.group
-    built = decode_path.build(up, o_weight, o_bias, match.scaling, local, output_absorption=plan.output_absorption,
-                              rope_key=plan.rope_key, process_group=group, module_path=capture.module_path)
+    sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
+    built = decode_path.build(up, o_weight, o_bias, match.scaling, local,
+                              output_absorption=plan.output_absorption,
+                              rope_key=plan.rope_key, attention_sink=sink, process_group=group,
+                              module_path=capture.module_path)
     passes.append(built.tail)
     projection = manager.run(passes, capture.graph_module, capture.module_path)
     return InstalledLatentAttention(

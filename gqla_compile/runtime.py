@@ -42,6 +42,7 @@ def attention_over_cache(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention core of a decode step: T queries over S cached tokens, reading the cache as it lies.
 
@@ -50,7 +51,9 @@ def attention_over_cache(
     q[..., part] . k_part, so a RoPE key kept once ([B, 1, S, d_R]) is scored against every group without
     being copied. value [B, h_v, S, d_v] (any strides with a unit last stride: a slice of the key is read
     as a view). ``mask``: None (every key), a boolean [.., T, S] (True: attend) or an additive float mask,
-    broadcastable to [B, n_h, T, S]; a token selection (sparse attention) is one more such mask.
+    broadcastable to [B, n_h, T, S]; a token selection (sparse attention) is one more such mask. ``sink``:
+    optional learned attention sinks [n_h], one logit per query head in the softmax's denominator (probability
+    mass that reads no value), as :func:`softmax_with_sink` applies them.
 
     Each part folds the query heads that share a KV head into the query length ([B, h_i, n_h / h_i * T,
     d_i]), so every cached row is read once for all its heads, as MQA/GQA decode kernels do; plain PyTorch
@@ -77,10 +80,19 @@ def attention_over_cache(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = softmax_with_sink(scores, sink).to(value.dtype)
     kv_heads = value.shape[1]
     out = torch.matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value)
     return out.view(batch, heads, t, value.shape[-1])
+
+
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of scores [B, n_h, T, S] in float32; with learned sinks [n_h], each head's
+    sink logit joins the row as one more column that is dropped after the softmax (as the families do)."""
+    if sink is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    column = sink.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
 
 
 def selected_attention(
@@ -134,6 +146,7 @@ def causal_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scale: float,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
 
@@ -146,7 +159,8 @@ def causal_attention(
 
     Decoding (T up to FOLD_QUERY_HEADS_UP_TO) runs :func:`attention_over_cache` on the cache's own views.
     Prefill joins the key parts into one key per KV head and lets sdpa broadcast it: there the cost is the
-    T x S scores, not the cache read, and sdpa never materialises them.
+    T x S scores, not the cache read, and sdpa never materialises them. sdpa has no sinks: with ``sink`` a
+    prefill runs :func:`attention_over_cache` too.
     """
     t, s = query.shape[-2], value.shape[-2]
     if attention_mask is not None:
@@ -155,7 +169,7 @@ def causal_attention(
         mask = None
     else:
         mask = _top_left_causal(t, s, query.device)
-    if t > FOLD_QUERY_HEADS_UP_TO:
+    if t > FOLD_QUERY_HEADS_UP_TO and sink is None:
         kv_heads = max(part.shape[1] for part in keys)
         key = torch.cat([part.expand(-1, kv_heads, -1, -1) for part in keys], dim=-1) if len(keys) > 1 else keys[0]
         return F.scaled_dot_product_attention(
@@ -164,7 +178,7 @@ def causal_attention(
         )
     if mask is None and t > 1:
         mask = _top_left_causal(t, s, query.device)
-    return attention_over_cache(query, keys, value, mask, scale)
+    return attention_over_cache(query, keys, value, mask, scale, sink)
 
 
 class LatentAttentionCore(nn.Module):
@@ -190,12 +204,14 @@ class LatentAttentionCore(nn.Module):
         latent_value_dims: int | None = None,
         value_up: torch.Tensor | None = None,
         shared_rope_key: tuple[int, int] | None = None,
+        attention_sink: torch.Tensor | None = None,
         process_group=None,
     ):
         super().__init__()
         self.register_buffer("o_weight", o_weight, persistent=False)
         self.register_buffer("o_bias", o_bias, persistent=False)
         self.register_buffer("value_up", value_up, persistent=False)
+        self.register_buffer("attention_sink", attention_sink, persistent=False)  # learned sinks [n_h] or None
         self.scale = scale
         self.latent_value_dims = latent_value_dims
         self.shared_rope_key = shared_rope_key
@@ -205,7 +221,7 @@ class LatentAttentionCore(nn.Module):
 
     def _attend_selected(self, query, key, value, mask):
         keys, value = self.cache_views(key, value)
-        return attention_over_cache(query, keys, value, mask, self.scale)
+        return attention_over_cache(query, keys, value, mask, self.scale, self.attention_sink)
 
     def cache_views(self, key: torch.Tensor, value: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(key parts [B, h_i, S, d_i], values [B, h_v, S, d_v]) as views of one layer's cached tensors."""
@@ -219,22 +235,24 @@ class LatentAttentionCore(nn.Module):
         return [nope, key[..., key.shape[-1] - d_r :]], values
 
     def forward(self, query, key, value, attention_mask, gate=None, indices=None):
-        """``gate``: the block's optional per-head output gate [B, T, n_h], applied to each head's output
-        before the output projection (per head, so before or after W_UV alike). ``indices``: the block's
-        optional token selection [B, T, k] (sparse attention): each query reads only those cached rows."""
+        """``gate``: the block's optional output gate [B, T, n_h, 1 or d_v], multiplied on each head's value
+        output (d_v, after W_UV on the absorbed path; a per-head gate may also meet W_UV folded into o_proj).
+        ``indices``: the block's optional token selection [B, T, k] (sparse attention): each query reads only
+        those cached rows."""
         if indices is None:
             keys, value = self.cache_views(key, value)
-            out = causal_attention(query, keys, value, attention_mask, self.scale)
+            out = causal_attention(query, keys, value, attention_mask, self.scale, self.attention_sink)
         else:
             out = selected_attention(
                 query, key, value, attention_mask, indices, self._attend_selected,
-                lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale),
+                lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale,
+                                              self.attention_sink),
             )
-        if gate is not None:
-            out = out * gate.transpose(1, 2).unsqueeze(-1)
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
             out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
+        if gate is not None:
+            out = out * gate.transpose(1, 2)
         out = out.transpose(1, 2).flatten(2)
         if self.process_group is None:
             return F.linear(out, self.o_weight, self.o_bias)

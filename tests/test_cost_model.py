@@ -106,6 +106,13 @@ def test_folding_wins_when_the_latent_is_smaller_than_the_heads():
     small_latent = copy.deepcopy(DSV3)
     small_latent.kv_lora_rank, small_latent.q_lora_rank = 32, None
     assert plan(small_latent, "h100").output_absorption == "folded"
+    # a block with a per-channel output gate needs the heads' d_v values apart: optimize forces the bmm
+    forced = plan(small_latent, "h100", output_absorption="bmm")
+    assert forced.output_absorption == "bmm"
+    assert forced.costs["absorbed"].part("projections").bytes > plan(small_latent, "h100").costs["absorbed"].part(
+        "projections").bytes
+    with pytest.raises(ValueError, match="output_absorption"):
+        plan(small_latent, "h100", output_absorption="fused")
 
 
 def test_tensor_parallel_shards_groups_and_replicates_the_latent():

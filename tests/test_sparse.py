@@ -67,7 +67,8 @@ def test_compiled_sparse_models_decode_like_the_unmodified_model_with_no_graph_b
 
 
 @pytest.mark.parametrize("queries", [3, 20])  # decode-sized steps gather the rows; longer ones mask the cache
-def test_selected_attention_equals_dense_attention_masked_to_the_selection(queries):
+@pytest.mark.parametrize("with_sink", [False, True])  # learned sinks (hy_v4): one more logit per head, no value
+def test_selected_attention_equals_dense_attention_masked_to_the_selection(queries, with_sink):
     import torch
 
     from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention
@@ -77,6 +78,7 @@ def test_selected_attention_equals_dense_attention_masked_to_the_selection(queri
     query = torch.randn(2, heads, queries, 8, generator=generator)
     key = torch.randn(2, 1, context, 8, generator=generator)  # absorbed-like: one head, values a view of the key
     value = key[..., :6]
+    sink = torch.randn(heads, generator=generator) if with_sink else None
     positions = torch.arange(context - queries, context)
     causal = torch.arange(context)[None, :] <= positions[:, None]  # [T, S]
     mask = torch.zeros(2, 1, queries, context).masked_fill(~causal, torch.finfo(torch.float32).min)
@@ -84,8 +86,11 @@ def test_selected_attention_equals_dense_attention_masked_to_the_selection(queri
     indices = index_scores.topk(top_k, dim=-1).indices
     selected = torch.zeros(2, 1, queries, context, dtype=torch.bool).scatter(-1, indices.unsqueeze(1), True)
     scale = 0.3
-    expected = torch.softmax((query @ key.transpose(-1, -2)) * scale + mask.masked_fill(~selected, -1e30), -1) @ value
+    scores = (query @ key.transpose(-1, -2)) * scale + mask.masked_fill(~selected, -1e30)
+    if with_sink:  # the families' own form: a sink column joined to the scores, dropped after the softmax
+        scores = torch.cat([scores, sink.view(1, heads, 1, 1).expand(2, heads, queries, 1)], dim=-1)
+    expected = torch.softmax(scores, -1)[..., :context] @ value
     got = selected_attention(query, key, value, mask, indices,
-                             lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
-                             lambda m: causal_attention(query, [key], value, m, scale))
+                             lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale, sink),
+                             lambda m: causal_attention(query, [key], value, m, scale, sink))
     assert torch.allclose(got, expected, atol=1e-5)

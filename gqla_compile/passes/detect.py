@@ -2,13 +2,16 @@
 
 The skeleton, described once with its optional pieces (instead of one pattern per variant):
 
-    attention(q, K, V)                  sdpa, or eager matmul -> [scale] -> [mask] -> softmax -> matmul
+    attention(q, K, V)                  sdpa, or eager matmul -> [scale] -> [mask] [-> sink] -> softmax -> matmul
+      sink: optional learned attention sink, a parameter [n_h] joined as one more score column before the
+      softmax (minus its max, optionally) and dropped after it: it takes probability mass, adds no value
       V <- views <- linear(latent, W_UKV)                  the up-projection (grouped or per head)
       latent <- [norm] <- split/slice <- linear(x, W_DKV)   the down-projection
       K = merge(views of the same linear(latent, W_UKV), rope_key)
       rope_key: the only tensor that flows into K from W_DKV's output without passing W_UKV
     out = linear(views(attention) [* gate], W_O)           the output projection
-      gate: optional, one value per head and token computed without the attention (e.g. sigmoid(g_proj(x)))
+      gate: optional, computed without the attention (e.g. sigmoid(g_proj(x))), one value per head and token
+      [B, T, n_h, 1] or one per value channel [B, T, n_h, d_v] (or [B, T, n_h d_v], heads flattened)
     mask <- [scatter(top-k indices) into the mask]          optional token selection (sparse attention, DSA)
       indices <- topk(scores computed from the block's own projections and index keys)   an indexer, or
       indices <- a block input                                 a selection another block made (shared)
@@ -70,8 +73,10 @@ NO_DOWN_PROJECTION = FailedMatch("no linear above the up-projection's input (no 
 KEYS_NOT_FROM_LATENT = FailedMatch("keys are not expanded from the same latent as the values")
 OUTPUT_NOT_PROJECTED = FailedMatch("the attention output does not flow into one linear (no output projection)")
 UP_PROJECTION_BIAS = FailedMatch("the latent up-projection has a bias; absorbing it is not supported")
-OUTPUT_GATE_SHAPE = FailedMatch("a product between the attention and the output projection that is not a per-head "
-                                "gate [batch, seq, heads, 1] computed without the attention")
+OUTPUT_GATE_SHAPE = FailedMatch("a product between the attention and the output projection that is not a gate "
+                                "[batch, seq, heads, 1 or d_v] computed without the attention")
+ATTENTION_SINK_SHAPE = FailedMatch("a score column joined before the softmax that is not a learned attention sink (a "
+                                   "parameter of one logit per query head, dropped after the softmax)")
 LEARNED_TOKEN_SELECTION = FailedMatch("the attention's mask is computed by its own projections in a form other than "
                                       "top-k token indices scattered into the mask (a learned token selection the "
                                       "sparse piece does not recognise)")
@@ -115,7 +120,8 @@ class LatentAttentionMatch:
     q_lora: bool
     matched_nodes: int = 0
     up_projections: UpProjections | None = None  # set by probing: W_UK, W_UV per group
-    output_gate: fx.Node | None = None  # optional per-head gate [B, T, n_h, 1] multiplied before o_proj
+    output_gate: fx.Node | None = None  # optional gate (see gate_width) multiplied before o_proj
+    attention_sink: fx.Node | None = None  # optional learned sink logits [n_h] (a parameter placeholder)
     selection: TokenSelection | None = None  # optional top-k token selection (sparse attention)
 
     def weight_name(self, capture: CapturedAttention, linear: fx.Node, index: int = 1) -> str | None:
@@ -192,8 +198,8 @@ def detect_layer(capture: CapturedAttention, parameters: dict[str, torch.Tensor]
 
 
 def _attention_sites(gm: fx.GraphModule):
-    """(kind, q, k, v, output, scale) for each attention in the graph, or a FailedMatch for a softmax that
-    is not one."""
+    """(kind, q, k, v, output, scale, sink) for each attention in the graph, or a FailedMatch for a softmax
+    that is not one (``sink``: the learned sink's parameter placeholder, or None)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -202,18 +208,28 @@ def _attention_sites(gm: fx.GraphModule):
             scale = node.kwargs.get("scale")
             if scale is None:
                 scale = 1.0 / math.sqrt(tensor_meta(q).shape[-1])
-            yield "sdpa", q, k, v, node, float(scale)
+            yield "sdpa", q, k, v, node, float(scale), None
         elif node.target in SOFTMAX_OPS:
             site = _eager_site(node)
             yield site if isinstance(site, FailedMatch) else ("eager", *site)
 
 
 def _eager_site(softmax: fx.Node):
-    """matmul(q, k^T) [* scale | / d] [+ mask] -> softmax -> [cast/dropout] -> matmul(p, v)."""
+    """matmul(q, k^T) [* scale | / d] [+ mask] [-> cat(., sink) [- max]] -> softmax -> [cast/dropout/drop the
+    sink column] -> matmul(p, v)."""
     scale = 1.0
+    sink = None
     node = softmax.args[0]
     while node.op == "call_function" and node.target not in MATMUL_OPS:
-        if node.target in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(node.args[1], (int, float)):
+        if node.target is aten.sub.Tensor and _is_row_max(node.args[1], node.args[0]):
+            pass  # the softmax's own stabilisation (x - max x): the softmax is unchanged by it
+        elif node.target is aten.cat.default and sink is None and scale == 1.0:
+            sink = _sink_column(node)
+            if sink is None:
+                return ATTENTION_SINK_SHAPE
+            node = node.args[0][0]  # the scores
+            continue
+        elif node.target in (aten.mul.Tensor, aten.mul.Scalar) and isinstance(node.args[1], (int, float)):
             scale *= float(node.args[1])
         elif node.target in (aten.div.Tensor, aten.div.Scalar) and isinstance(node.args[1], (int, float)):
             scale /= float(node.args[1])
@@ -228,7 +244,50 @@ def _eager_site(softmax: fx.Node):
     consumer = _probability_consumer(softmax)
     if consumer is None:
         return EAGER_ATTENTION_SHAPE
-    return q, key_t.args[0], consumer.args[1], consumer, scale
+    if sink is not None and not _drops_last_column(consumer.args[0], softmax):
+        return ATTENTION_SINK_SHAPE
+    return q, key_t.args[0], consumer.args[1], consumer, scale, sink
+
+
+def _is_row_max(node, of: fx.Node) -> bool:
+    """Whether ``node`` is the max of ``of`` over its last dim, kept (max.dim's values or amax)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is operator.getitem and node.args[1] == 0:
+        node = node.args[0]
+        return node.target is aten.max.dim and node.args[0] is of and node.args[1] in (-1, _last_dim(of))
+    return node.target is aten.amax.default and node.args[0] is of
+
+
+def _last_dim(node: fx.Node) -> int | None:
+    meta = tensor_meta(node)
+    return None if meta is None else meta.dim() - 1
+
+
+def _sink_column(cat: fx.Node) -> fx.Node | None:
+    """The learned sink behind ``cat([scores, sink expanded], -1)``: a 1-D placeholder (a parameter, one logit
+    per head; _match_site checks it), or None when the join is anything else."""
+    tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    if len(tensors) != 2 or dim not in (-1, _last_dim(cat)):
+        return None
+    column = walk_back_through_layout(tensors[1])
+    meta = tensor_meta(column)
+    if column.op != "placeholder" or meta is None or meta.dim() != 1:
+        return None
+    return column
+
+
+def _drops_last_column(probabilities: fx.Node, softmax: fx.Node) -> bool:
+    """Whether the probabilities reach the value matmul with the softmax's last column (the sink) sliced off."""
+    node = probabilities
+    dropped = False
+    while node is not softmax:
+        if node.op != "call_function" or node.target not in LAYOUT_OPS:
+            return False
+        if node.target is aten.slice.Tensor and node.args[1] in (-1, _last_dim(node)):
+            dropped = dropped or (len(node.args) > 3 and node.args[2] == 0 and node.args[3] == -1)
+        node = node.args[0]
+    return dropped
 
 
 def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
@@ -247,7 +306,7 @@ def _probability_consumer(softmax: fx.Node) -> fx.Node | None:
     return None
 
 
-def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | FailedMatch:
+def _match_site(capture, kind, q, k, v, out, scale, sink) -> LatentAttentionMatch | FailedMatch:
     selection = find_token_selection(capture, q, k, v, out)
     if isinstance(selection, FailedMatch):
         return selection
@@ -280,8 +339,11 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
     dims = _dims(capture, q, v, up, rope_key, o_proj)
     if isinstance(dims, FailedMatch):
         return dims
-    if gate is not None and int(tensor_meta(gate).shape[2]) != dims.n_h:
+    if gate is not None and gate_width(gate, dims) is None:
         return OUTPUT_GATE_SHAPE
+    if sink is not None and (sink.name not in capture.parameter_inputs
+                             or int(tensor_meta(sink).shape[0]) != dims.n_h):
+        return ATTENTION_SINK_SHAPE
     q_linear = _nearest_linear_ancestor(q)
     q_lora = q_linear is not None and any(is_linear(n) for n in ancestors(q_linear))
     if q_lora:
@@ -304,6 +366,7 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
         q_lora=q_lora,
         matched_nodes=matched,
         output_gate=gate,
+        attention_sink=sink,
         selection=selection,
     )
     logger.debug("latent attention in %s: %s", capture.module_path, dims)
@@ -311,7 +374,8 @@ def _match_site(capture, kind, q, k, v, out, scale) -> LatentAttentionMatch | Fa
 
 
 def _output_projection_and_gate(capture, out: fx.Node) -> tuple[fx.Node | FailedMatch, fx.Node | None]:
-    """The output projection after the attention, and the optional per-head gate multiplied in between."""
+    """The output projection after the attention, and the optional gate multiplied in between (per head or
+    per value channel: the last dim, 1 or d_v, is checked against the dims by the caller)."""
     user = walk_forward_through_layout(out)
     gate = None
     if user is not None and user.target is aten.mul.Tensor:
@@ -319,13 +383,22 @@ def _output_projection_and_gate(capture, out: fx.Node) -> tuple[fx.Node | Failed
         others = [a for a in user.args if isinstance(a, fx.Node) and a not in attention_side]
         meta = tensor_meta(others[0]) if len(others) == 1 else None
         batch_sym, seq_sym = batch_and_seq_symbols(capture)
-        if (len(attention_side) != 1 or meta is None or meta.dim() != 4 or int(meta.shape[-1]) != 1
+        if (len(attention_side) != 1 or meta is None or meta.dim() not in (3, 4)
                 or [str(s) for s in meta.shape[:2]] != [batch_sym, seq_sym]):
             return OUTPUT_GATE_SHAPE, None
         gate, user = others[0], walk_forward_through_layout(user)
     if user is None or not is_linear(user):
         return OUTPUT_NOT_PROJECTED, None
     return user, gate
+
+
+def gate_width(gate: fx.Node, dims: LatentDims) -> int | None:
+    """Values an output gate holds per head and token: 1 (per head) or d_v (per value channel), for a gate
+    [B, T, n_h, 1 or d_v] or one with the heads flattened, [B, T, n_h d_v]; None for any other shape."""
+    shape = [int(s) for s in tensor_meta(gate).shape[2:]]
+    if len(shape) == 2 and shape[0] == dims.n_h and shape[1] in (1, dims.d_v):
+        return shape[1]
+    return dims.d_v if shape == [dims.n_h * dims.d_v] else None
 
 
 @dataclass

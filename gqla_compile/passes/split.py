@@ -6,8 +6,9 @@ selection graph (the indexer's scoring and top-k, unchanged) runs after the inde
 
 Everything after that point (the per-step up-projection of the whole cache, the attention, o_proj) is what
 the paths replace. The outputs are put into one canonical layout so both paths' tails are plain code:
-query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope key [B, T, d_R]; an optional per-head output gate
-(detect.py) is a fourth output [B, T, n_h], which the paths' tails pass through to the attention core.
+query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope key [B, T, d_R]; an optional output gate (detect.py)
+is a fourth output [B, T, n_h, 1 (per head) or d_v (per channel)], which the paths' tails pass through to the
+attention core.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def split_latent_projection(
     latent_dims = _token_layout(tensor_meta(match.latent), batch_sym, seq_sym)
     rope_dims = _token_layout(tensor_meta(match.rope_key), batch_sym, seq_sym)
 
+    heads = match.dims.n_h
+
     def canonical(query, latent, rope_key, *optional):
-        pieces = tuple(g.flatten(2) for g in optional[: len(gate)])  # [B, T, n_h, 1] -> [B, T, n_h]
+        pieces = tuple(g.reshape(g.shape[0], g.shape[1], heads, -1) for g in optional[: len(gate)])  # [B, T, n_h, g]
         pieces += tuple(optional[len(gate):])  # the selection's inputs, as they are
         return query, to_token_layout(latent, *latent_dims), to_token_layout(rope_key, *rope_dims), *pieces
 
