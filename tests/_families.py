@@ -283,21 +283,15 @@ UNSUPPORTED: dict[str, str] = {
                   "cache's length itself: its selection is not a top-k over per-token index keys "
                   "(detect.LEARNED_TOKEN_SELECTION)"),
 }
-_PER_CHANNEL_GATE = ("regrouping rewrites each head's values in a new basis (compensated in o_proj), which a per-channel "
-                     "output gate (one sigmoid per value dim, from its own projection) does not follow: the regrouped "
-                     "model is not the family's, even with as many groups as heads")
+PER_CHANNEL_GATE = ("its output gate multiplies each value channel (one sigmoid per value dim), which the per-group "
+                     "value basis regrouping writes does not follow: convert refuses it (ConversionError naming the "
+                     "block; test_regrouping_refuses_a_per_channel_output_gate)")
 #: Families ``convert`` cannot regroup (a superset of UNSUPPORTED; tests/test_regroup_families.py).
 UNSUPPORTED_REGROUP: dict[str, str] = {
     **UNSUPPORTED,
-    "axk2": ("its query and output gate come from one fused projection (q_gate_proj), no q_b_proj: conversion/mla.py "
-             "looks for q_b_proj (AttributeError); also " + _PER_CHANNEL_GATE),
-    "mistral_large4": ("conversion reads config.vocab_size, which this config keeps in its text_config (AttributeError)"),
-    "hy_v4_vl": ("conversion reads config.vocab_size, which this vision-language config keeps in its text_config "
-                 "(AttributeError); also " + _PER_CHANNEL_GATE),
+    "axk2": PER_CHANNEL_GATE,
+    "hy_v4": PER_CHANNEL_GATE,
+    "hy_v4_vl": PER_CHANNEL_GATE,
     "dots3_note": ("its DSA layers are rewritten by optimize, but regrouping cannot tell which dims their RoPE "
                    "rotates together (conversion/mla.py's RoPE pair probe: ConversionError)"),
 }
-#: Families ``convert`` regroups (neighbour grouping) but not into the family's model: tests/test_regroup_families.py
-#: xfails their G = n_h test and leaves them out of the saved-checkpoint test (similarity grouping refuses their
-#: gate); optimize on the regrouped model still equals the regrouped model.
-REGROUP_NOT_EXACT: dict[str, str] = {"hy_v4": _PER_CHANNEL_GATE}

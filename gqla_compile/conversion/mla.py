@@ -106,7 +106,8 @@ class LatentBlock:
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
     rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
     rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
-    has_output_gate: bool = False  # a per-head gate before o_proj (bailing_hybrid): its rows follow the heads
+    has_output_gate: bool = False  # a gate before o_proj (bailing_hybrid per head; hy_v4, axk2 per channel)
+    output_gate_width: int = 0  # values the gate holds per head and token: 0 (no gate), 1 or d_v (detect.gate_width)
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -141,7 +142,7 @@ def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
 
 def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
     from ..capture import capture_attention_candidates
-    from ..passes.detect import detect_latent_attention, probe_up_projections
+    from ..passes.detect import detect_latent_attention, gate_width, probe_up_projections
 
     captures = capture_attention_candidates(model)
     modules = dict(model.named_modules())
@@ -162,6 +163,7 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
             rope_order=order, rope_layout=layout, has_output_gate=match.output_gate is not None,
+            output_gate_width=0 if match.output_gate is None else gate_width(match.output_gate, dims) or 0,
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.path]), len(captures)
@@ -571,6 +573,20 @@ def _compact_layout(block: LatentBlock, tensors: dict[str, torch.Tensor], num_gr
 # --- the model --------------------------------------------------------------------------------------------------
 
 
+def _check_gates(blocks: Sequence[LatentBlock]) -> None:
+    """Regrouping writes each group's values in a new basis and undoes it in o_proj; a gate that multiplies
+    every value channel (rather than a whole head) sits between the two and does not follow the basis, so
+    the result would compute something else: refused before any work."""
+    for block in blocks:
+        if block.output_gate_width > 1:
+            raise ConversionError(
+                f"{block.path}: its output gate multiplies each of the {block.dims.d_v} value channels of a head "
+                "separately; regrouping rewrites the values in a new basis per group, which such a gate does not "
+                "follow, so the regrouped model would not be this one. Regrouping supports blocks without a gate or "
+                "with one gate value per head; optimize still rewrites this model as it is"
+            )
+
+
 def _check_options(num_groups: int, n_h: int, grouping: str, weighting: str | None) -> None:
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or n_h % num_groups:
         divisors = [g for g in range(1, n_h + 1) if n_h % g == 0]
@@ -697,7 +713,8 @@ def _compact_model(source: nn.Module, blocks: Sequence[LatentBlock], layer_tenso
 def _check_compact_reproduces(family: nn.Module, compact: nn.Module) -> None:
     """ConversionError naming the source's config fields GqlaConfig lacks when the compact model computes
     something else than the family's (e.g. MiniCPM3's embedding, residual and logit scales)."""
-    ids = torch.randint(0, family.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    vocab_size = family.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     device = next(family.parameters()).device
     with torch.no_grad():
         expected = family(input_ids=ids.to(device), use_cache=False).logits.double()
@@ -757,6 +774,7 @@ def convert_mla(
             "models. A GQA model (Llama, Qwen2, Mistral) converts with TransGQLA (kv_lora_rank=, qk_rope_head_dim=) "
             f"to n_g = num_key_value_heads = {n_kv} groups"
         )
+    _check_gates(blocks)
     dims = blocks[0].dims
     num_groups = dims.n_g if num_groups is None else num_groups  # default: the source's own groups (exact)
     for n_h in sorted({b.dims.n_h for b in blocks}):
@@ -769,7 +787,8 @@ def convert_mla(
     source_dtype = next(model.parameters()).dtype
     out_dtype = source_dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
-    sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
+    sequences = prepare_calibration(calibration, vocab_size=model.config.get_text_config().vocab_size,
+                                    tokenizer=tokenizer, seed=seed)
     stats = collect_latent_statistics(model, blocks, sequences, weighting=weighting, queries=score_aware,
                                       batch_size=batch_size, progress=progress)
     layer_tensors, records = [], []
