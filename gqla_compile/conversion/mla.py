@@ -106,8 +106,12 @@ class LatentBlock:
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
     rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
     rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
-    has_output_gate: bool = False  # a gate before o_proj (bailing_hybrid per head; hy_v4, axk2 per channel)
-    output_gate_width: int = 0  # values the gate holds per head and token: 0 (no gate), 1 or d_v (detect.gate_width)
+    output_gate_width: int = 0  # values the gate before o_proj holds per head and token: 0 (no gate), 1 (per head,
+    # bailing_hybrid) or d_v (per channel, hy_v4, axk2); detect.gate_width
+
+    @property
+    def has_output_gate(self) -> bool:
+        return self.output_gate_width > 0
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -162,8 +166,8 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             path=capture.module_path, layer_index=index, module=module,
             dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
-            rope_order=order, rope_layout=layout, has_output_gate=match.output_gate is not None,
-            output_gate_width=0 if match.output_gate is None else gate_width(match.output_gate, dims) or 0,
+            rope_order=order, rope_layout=layout,
+            output_gate_width=0 if match.output_gate is None else gate_width(match.output_gate, dims),
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.path]), len(captures)
