@@ -12,6 +12,12 @@ attention owns it, as it owns the mask.
 Candidates are found by structure: the smallest modules holding at least four ``nn.Linear`` layers and
 called with a [batch, seq, hidden] tensor. Layers with the same structure (class and parameter shapes)
 are traced once; their graphs differ only in the weights fed to them.
+
+A child module that reads the cache itself (a sparse-attention indexer that keeps its own keys and its own
+idea of the cache length) cannot be traced without one. :func:`capture_with_stateful_children` traces such a
+block again with each of those children as one opaque op (``gqla_compile::stateful_child``: its tensor
+arguments in, its recorded output's shape out), which the installed runtime replaces by a call of the child
+itself, with the real cache: the family's own code, unchanged.
 """
 
 from __future__ import annotations
@@ -188,6 +194,135 @@ def capture_module(path: str, module: nn.Module, record: CallRecord) -> Captured
     )
 
 
+#: In a stateful child's recorded output shape: this dim is the batch (or sequence) dim of its first input.
+BATCH_OF_FIRST_INPUT, SEQ_OF_FIRST_INPUT = -1, -2
+
+
+@torch.library.custom_op("gqla_compile::stateful_child", mutates_args=())
+def stateful_child(inputs: list[torch.Tensor], child: str, arguments: str, shape: list[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Stands for the call of a child module that reads the cache (``child``, its path in the block), with
+    the tensors ``inputs`` passed as the comma-separated ``arguments``. Only traced, never run: the runtime
+    calls the child itself."""
+    raise RuntimeError(f"gqla_compile::stateful_child stands for {child} in a traced graph and cannot run; "
+                       "the installed runtime calls the module itself")
+
+
+@stateful_child.register_fake
+def _stateful_child_shape(inputs, child, arguments, shape, dtype):
+    first = inputs[0]
+    sizes = {BATCH_OF_FIRST_INPUT: first.shape[0], SEQ_OF_FIRST_INPUT: first.shape[1]}
+    return first.new_empty([sizes.get(d, d) for d in shape], dtype=dtype)
+
+
+def stateful_children(module: nn.Module) -> dict[str, nn.Module]:
+    """The block's child modules whose forward takes a cache argument (an indexer with a cache of its own)."""
+    return {name: child for name, child in module.named_modules()
+            if name and any(arg in inspect.signature(child.forward).parameters for arg in CACHE_ARGUMENTS)}
+
+
+@dataclass
+class StatefulChildCall:
+    """How a block called one stateful child during its recorded call: tensor arguments by name (the first
+    one [batch, seq, ...]), and its output's shape and dtype (batch and seq dims as the markers above)."""
+
+    arguments: list[str]
+    shape: list[int]
+    dtype: torch.dtype
+
+
+def _record_stateful_calls(module: nn.Module, children: dict[str, nn.Module],
+                           record: CallRecord) -> dict[str, StatefulChildCall]:
+    """Run the block once on its recorded call and note how it calls each stateful child."""
+    calls: dict[str, StatefulChildCall] = {}
+    handles = []
+
+    def hook(name: str, child: nn.Module):
+        signature = inspect.signature(child.forward)
+
+        def record_call(_child, args, kwargs, output):
+            bound = bind_arguments(signature, args, kwargs)
+            tensors = {k: v for k, v in bound.items() if k not in CACHE_ARGUMENTS and v is not None}
+            if any(not isinstance(v, torch.Tensor) for v in tensors.values()) or not isinstance(output, torch.Tensor):
+                raise TypeError(f"{name} reads the cache and takes or returns something other than tensors; "
+                                "only tensor arguments and one tensor output can be kept as an opaque call")
+            first = next((k for k, v in tensors.items() if v.dim() >= 2 and tuple(v.shape[:2]) == (_BATCH, _SEQ)),
+                         None)
+            if first is None:
+                raise TypeError(f"{name} reads the cache but takes no [batch, seq, ...] tensor")
+            order = [first, *(k for k in tensors if k != first)]
+            marks = {0: BATCH_OF_FIRST_INPUT, 1: SEQ_OF_FIRST_INPUT}
+            shape = [marks[i] if i < 2 and size == (_BATCH, _SEQ)[i] else int(size)
+                     for i, size in enumerate(output.shape)]
+            calls[name] = StatefulChildCall(order, shape, output.dtype)
+
+        return record_call
+
+    for name, child in children.items():
+        handles.append(child.register_forward_hook(hook(name, child), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            module(**{k: v for k, v in record.arguments.items() if k not in CACHE_ARGUMENTS})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+class _OpaqueChildren:
+    """While tracing, each stateful child's forward is the opaque op (restored on exit)."""
+
+    def __init__(self, children: dict[str, nn.Module], calls: dict[str, StatefulChildCall]):
+        self.children, self.calls = children, calls
+
+    def __enter__(self):
+        for name, child in self.children.items():
+            child.forward = self._opaque(name, inspect.signature(child.forward), self.calls[name])
+        return self
+
+    def __exit__(self, *exc):
+        for child in self.children.values():
+            del child.forward
+
+    @staticmethod
+    def _opaque(name: str, signature: inspect.Signature, call: StatefulChildCall):
+        def forward(*args, **kwargs):
+            bound = bind_arguments(signature, args, kwargs)
+            inputs = [bound[argument] for argument in call.arguments]
+            return stateful_child(inputs, name, ",".join(call.arguments), call.shape, call.dtype)
+
+        return forward
+
+
+def capture_with_stateful_children(path: str, module: nn.Module, record: CallRecord) -> CapturedAttention:
+    """Trace a block with each child that reads the cache as one opaque op (see the module docstring)."""
+    children = stateful_children(module)
+    if not children:
+        raise ValueError(f"{path} has no child module that reads the cache")
+    calls = _record_stateful_calls(module, children, record)
+    with _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls):
+        return capture_module(path, module, record)
+
+
+def retrace_with_stateful_children(capture: CapturedAttention, module: nn.Module,
+                                   traced: dict[tuple, CapturedAttention | None]) -> CapturedAttention | None:
+    """``capture``'s block traced again with its cache-reading children as opaque calls; None when it has
+    none or that trace failed (logged). ``traced`` holds one trace per block structure, for the caller to
+    share between layers."""
+    if not stateful_children(module):
+        return None
+    key, record = capture.structure_key, recorded_call(capture)
+    if key not in traced:
+        try:
+            traced[key] = capture_with_stateful_children(capture.module_path, module, record)
+        except Exception as exc:  # noqa: BLE001 - the caller keeps the first trace's result
+            logger.warning("%s: tracing its cache-reading child modules as opaque calls failed: %s",
+                           capture.module_path, _first_line(exc))
+            traced[key] = None
+    first = traced[key]
+    return None if first is None else reuse_capture(first, capture.module_path, record)
+
+
 def _traceable_argument(name: str, value: Any) -> Any:
     """What export is given for one recorded argument: no cache (the installed runtime owns it); a dict-like
     container the model shares between blocks (``collections.UserDict``, e.g. ``KVSharingDict``) as a plain
@@ -266,7 +401,7 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
         first = by_structure.get(key)
         if isinstance(first, CapturedAttention):
             first.shared_with.append(path)
-            captures.append(_reuse(first, path, records[path]))
+            captures.append(reuse_capture(first, path, records[path]))
             continue
         if first is None:
             try:
@@ -306,6 +441,11 @@ def recorded_inputs(capture: CapturedAttention) -> list[Any]:
     return [argument_leaf(capture.example_arguments, name, leaf) for name, leaf in capture.user_inputs]
 
 
-def _reuse(first: CapturedAttention, path: str, record: CallRecord) -> CapturedAttention:
+def recorded_call(capture: CapturedAttention) -> CallRecord:
+    """The call a capture was traced from (to trace the same block again)."""
+    return CallRecord(capture.example_arguments, capture.output_arity)
+
+
+def reuse_capture(first: CapturedAttention, path: str, record: CallRecord) -> CapturedAttention:
     """Another layer of the same structure: the first one's graph, this layer's own recorded call."""
     return replace(first, module_path=path, seconds=0.0, example_arguments=record.arguments, shared_with=[])

@@ -9,6 +9,7 @@ is built from.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
+from .capture import (CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates,
+                      retrace_with_stateful_children)
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
 from .errors import (
@@ -31,13 +33,13 @@ from .errors import (
     VerificationError,
 )
 from .passes.context import LayerContext
-from .passes.detect import DetectLatentAttention, gate_width
+from .passes.detect import LEARNED_TOKEN_SELECTION, DetectLatentAttention, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
-from .runtime import InstalledLatentAttention, TokenSelection, install, uninstall
+from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     modules = dict(model.named_modules())
     captured = capture_candidates(model)
     contexts = [_detect(manager, LayerContext.of(modules[c.module_path], c)) for c in captured.captures]
+    contexts = _detect_stateful_selections(manager, modules, contexts)
     matched = [c for c in contexts if c.detection.match is not None]
     skipped = ([(f.module_path, f.reason) for f in captured.failures]
                + [(c.module_path, c.detection.reason) for c in contexts if c.detection.match is None])
@@ -163,7 +166,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     try:
         for ordinal, context in enumerate(matched):
             module = modules[context.module_path]
-            runtime = _build(manager, context, decode_path, plan, parallel, getattr(module, "layer_idx", ordinal))
+            runtime = _build(manager, module, context, decode_path, plan, parallel, getattr(module, "layer_idx", ordinal))
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
             layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
@@ -189,6 +192,23 @@ def _detect(manager: PassManager, context: LayerContext) -> LayerContext:
     """Detection, probing included, as the first pass of the layer: fills ``context.detection``."""
     manager.run([DetectLatentAttention(context)], context.capture.graph_module, context.module_path)
     return context
+
+
+def _detect_stateful_selections(manager: PassManager, modules: dict[str, nn.Module],
+                                contexts: list[LayerContext]) -> list[LayerContext]:
+    """Blocks whose token selection was not recognised and that hold a child module reading the cache (an
+    indexer with state of its own: its keys, the cache length) are traced again with that child as one
+    opaque call and detected again; layers of one structure share the new trace."""
+    traced: dict[tuple, CapturedAttention | None] = {}
+    result = []
+    for context in contexts:
+        module = modules[context.module_path]
+        if context.detection.match is None and LEARNED_TOKEN_SELECTION in context.detection.failures:
+            capture = retrace_with_stateful_children(context.capture, module, traced)
+            if capture is not None:
+                context = _detect(manager, LayerContext.of(module, capture))
+        result.append(context)
+    return result
 
 
 def _nothing_matched_message(model: nn.Module, captured: CaptureResult, contexts: list[LayerContext]) -> str:
@@ -271,8 +291,8 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
                      **shape)
 
 
-def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath, plan, parallel: TensorParallel | None,
-           layer_idx: int) -> InstalledLatentAttention:
+def _build(manager: PassManager, module: nn.Module, context: LayerContext, decode_path: DecodePath, plan,
+           parallel: TensorParallel | None, layer_idx: int) -> InstalledLatentAttention:
     """The chosen path for one layer: split -> [shard] -> the path's tail, and its attention core."""
     capture, match = context.capture, context.match
     up = match.up_projections
@@ -307,19 +327,26 @@ def _build(manager: PassManager, context: LayerContext, decode_path: DecodePath,
         user_inputs=capture.user_inputs,
         output_arity=capture.output_arity,
         gates=int(match.output_gate is not None),
-        selection=_token_selection(context),
+        selection=_token_selection(module, context),
     )
 
 
-def _token_selection(context: LayerContext) -> TokenSelection | None:
+def _token_selection(module: nn.Module, context: LayerContext) -> TokenSelection | None:
     """The block's token selection (sparse attention) as the runtime runs it, or None for dense attention."""
     capture, match = context.capture, context.match
     if match.selection is None:
         return None
     graph, argument_inputs = split_token_selection(capture, match, context.parameters)
-    return TokenSelection(graph, indexed=match.selection.index_key is not None, argument_inputs=argument_inputs,
-                          returned=list(match.selection.returned),
-                          top_k=match.selection.top_k, mask_dtype=_traced_mask_dtype(capture))
+    selection, child = match.selection, None
+    if selection.stateful:
+        _, name, arguments, *_ = selection.source.args
+        indexer = module.get_submodule(name)
+        cache_argument = next(a for a in CACHE_ARGUMENTS if a in inspect.signature(indexer.forward).parameters)
+        child = StatefulChild(indexer, arguments.split(","), cache_argument)
+    return TokenSelection(graph, indexed=selection.index_key is not None, argument_inputs=argument_inputs,
+                          returned=list(selection.returned), top_k=selection.top_k,
+                          mask_dtype=None if child else _traced_mask_dtype(capture),
+                          replaces_mask=selection.replaces_mask, stateful_child=child)
 
 
 def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:
@@ -366,9 +393,10 @@ def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture
     arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
     hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
     seq = hidden.shape[1]
-    # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
-    causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)
-    arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
+    if not isinstance(arguments.get("attention_mask"), torch.Tensor):
+        # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
+        causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)
+        arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
     with torch.no_grad():
         expected = _first(module(**arguments))
         got = _first(runtime(**arguments))

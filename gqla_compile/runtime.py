@@ -103,6 +103,7 @@ def selected_attention(
     indices: torch.Tensor,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     dense: Callable[[torch.Tensor], torch.Tensor],
+    distinct: bool = True,
 ) -> torch.Tensor:
     """Sparse attention: each query reads only its selected cached rows (a top-k token selection, DSA).
 
@@ -111,6 +112,8 @@ def selected_attention(
     path that is k latents [c ; k_R], for the grouped one k per-group keys and values) together with the
     mask's values there, and each query attends over its own k rows with ``attend(query, key, value, mask)``
     (the dense core, one query per gathered batch row): the cost of a step grows with k, not with S.
+    Indices outside the cache select nothing; ``distinct``: whether the indices of a query never repeat
+    (a top-k's do; for any other selection a repeated position is read once).
     """
     batch, heads, t, _ = query.shape
     s = key.shape[-2]
@@ -118,19 +121,18 @@ def selected_attention(
         attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(0 if t > 1 else s)
     mask = attention_mask[..., :s]
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, t, s)  # [B, h_m, T, S]
-    index = indices.long()
+    index, counted = _selected_positions(indices.long(), s, distinct)
     if t > FOLD_QUERY_HEADS_UP_TO:
-        selected = torch.zeros(batch, 1, t, s, dtype=torch.bool, device=query.device)
-        selected = selected.scatter(-1, index.unsqueeze(1), True)
-        if mask.dtype == torch.bool:
-            return dense(mask & selected)
-        return dense(mask.masked_fill(~selected, torch.finfo(mask.dtype).min))
+        selected = torch.zeros(batch, 1, t, s, dtype=torch.int32, device=query.device)
+        selected = selected.scatter_add(-1, index.unsqueeze(1), counted.unsqueeze(1).int()) > 0
+        return dense(_restricted(mask, selected))
     rows = torch.arange(batch, device=key.device).view(batch, 1, 1)
 
     def gather(cached: torch.Tensor) -> torch.Tensor:  # [B, h, S, d] -> [B T, h, k, d]
         return cached[rows, :, index].transpose(2, 3).flatten(0, 1)
 
     selected_mask = mask.gather(-1, index.unsqueeze(1).expand(-1, mask.shape[1], -1, -1))  # [B, h_m, T, k]
+    selected_mask = _restricted(selected_mask, counted.unsqueeze(1))
     out = attend(
         query.transpose(1, 2).flatten(0, 1).unsqueeze(2),  # [B T, n_h, 1, d]
         gather(key),
@@ -138,6 +140,26 @@ def selected_attention(
         selected_mask.transpose(1, 2).flatten(0, 1).unsqueeze(2),  # [B T, h_m, 1, k]
     )
     return out.squeeze(2).unflatten(0, (batch, t)).transpose(1, 2)
+
+
+def _selected_positions(index: torch.Tensor, s: int, distinct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions clamped into the cache, whether each one counts): an index outside the cache selects
+    nothing (transformers' -1), and with ``distinct`` False a position listed twice counts once (a mask
+    holds a token or not), as the scatter into the family's mask has it."""
+    counted = (index >= 0) & (index < s)
+    if not distinct:
+        index, order = index.sort(-1)
+        counted = counted.gather(-1, order)
+        repeated = torch.cat([torch.zeros_like(counted[..., :1]), index[..., 1:] == index[..., :-1]], dim=-1)
+        counted = counted & ~repeated
+    return index.clamp(0, s - 1), counted
+
+
+def _restricted(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A boolean or additive mask with the positions where ``keep`` is False masked too."""
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
 
 
 def causal_attention(
@@ -234,11 +256,11 @@ class LatentAttentionCore(nn.Module):
         values = value[:, 0].unflatten(-1, (n_g, -1)).transpose(1, 2)
         return [nope, key[..., key.shape[-1] - d_r :]], values
 
-    def forward(self, query, key, value, attention_mask, gate=None, indices=None):
+    def forward(self, query, key, value, attention_mask, gate=None, indices=None, distinct=True):
         """``gate``: the block's optional output gate [B, T, n_h, 1 or d_v], multiplied on each head's value
         output (d_v, after W_UV on the absorbed path; a per-head gate may also meet W_UV folded into o_proj).
         ``indices``: the block's optional token selection [B, T, k] (sparse attention): each query reads only
-        those cached rows."""
+        those cached rows (``distinct``: whether a query's indices never repeat)."""
         if indices is None:
             keys, value = self.cache_views(key, value)
             out = causal_attention(query, keys, value, attention_mask, self.scale, self.attention_sink)
@@ -247,6 +269,7 @@ class LatentAttentionCore(nn.Module):
                 query, key, value, attention_mask, indices, self._attend_selected,
                 lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale,
                                               self.attention_sink),
+                distinct,
             )
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
@@ -279,17 +302,32 @@ def mask_as(mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+class StatefulChild:
+    """A child module of the block that reads the cache (an indexer with state of its own), called by name
+    with its tensor arguments and the cache. Held outside the module tree: its parameters stay the
+    block's own, once in ``state_dict``."""
+
+    def __init__(self, module: nn.Module, arguments: list[str], cache_argument: str):
+        self.module, self.arguments, self.cache_argument = module, list(arguments), cache_argument
+
+    def __call__(self, inputs: list[torch.Tensor], cache) -> torch.Tensor:
+        return self.module(**dict(zip(self.arguments, inputs)), **{self.cache_argument: cache})
+
+
 class TokenSelection(nn.Module):
     """The block's token selection at run time (passes/split.py cuts it out of the captured graph, unchanged).
 
     With an indexer, the new tokens' index keys go into the family's own indexer cache first
     (``cache.update_indexer``, what the family calls), and the graph scores every cached index key; a shared
-    selection (another block's indices, a block input) is read as it is. Returns the indices as scattered
-    into the mask [B, T, k] and the indices the block returns, by output position.
+    selection (another block's indices, a block input) is read as it is; an indexer that reads the cache
+    itself (``stateful_child``) is called with the cache on the inputs the graph computes. Returns the
+    indices as scattered into the mask [B, T, k] and the indices the block returns, by output position.
+    ``replaces_mask``: the block's own mask reaches its attention only through the selection.
     """
 
     def __init__(self, graph: fx.GraphModule, *, indexed: bool, argument_inputs: list[tuple[str, int | None]],
-                 returned: list[int], top_k: int | None, mask_dtype: torch.dtype | None = None):
+                 returned: list[int], top_k: int | None, mask_dtype: torch.dtype | None = None,
+                 replaces_mask: bool = False, stateful_child: StatefulChild | None = None):
         super().__init__()
         self.graph = graph
         self.mask_dtype = mask_dtype  # the attention mask's dtype in the traced graph (bool or additive float)
@@ -297,6 +335,13 @@ class TokenSelection(nn.Module):
         self.argument_inputs = list(argument_inputs)
         self.returned = list(returned)
         self.top_k = top_k
+        self.replaces_mask = replaces_mask
+        self.stateful_child = stateful_child
+
+    @property
+    def distinct(self) -> bool:
+        """Whether a query's indices never repeat (a top-k's); a stateful child's may."""
+        return self.stateful_child is None
 
     def forward(self, projected: list[torch.Tensor], arguments: dict, cache, layer_idx: int):
         projected = list(projected)
@@ -305,7 +350,11 @@ class TokenSelection(nn.Module):
         inputs = [argument_leaf(arguments, name, leaf) for name, leaf in self.argument_inputs]
         inputs = [mask_as(value, self.mask_dtype) if name == "attention_mask" else value
                   for (name, _), value in zip(self.argument_inputs, inputs)]
-        indices, *returned = self.graph(*projected, *inputs)
+        outputs = self.graph(*projected, *inputs)
+        if self.stateful_child is not None:
+            indices = self.stateful_child(list(outputs), cache)
+            return indices, {position: indices for position in self.returned}
+        indices, *returned = outputs
         return indices, dict(zip(self.returned, returned))
 
 
@@ -352,10 +401,13 @@ class InstalledLatentAttention(nn.Module):
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        indices, returned = None, {}
+        indices, returned, mask, distinct = None, {}, arguments.get("attention_mask"), True
         if self.selection is not None:
             indices, returned = self.selection(projected, arguments, cache, self.layer_idx)
-        out = self.core(query, key, value, arguments.get("attention_mask"), *gate, indices=indices)
+            distinct = self.selection.distinct
+            if self.selection.replaces_mask:  # the selection is the whole mask: every cached key, then selected
+                mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=query.device)
+        out = self.core(query, key, value, mask, *gate, indices=indices, distinct=distinct)
         if self.output_arity == 0:
             return out
         return (out,) + tuple(returned.get(i) for i in range(1, self.output_arity))

@@ -278,11 +278,7 @@ FAMILIES: dict[str, Family] = discover_families()
 
 #: Families whose latent attention ``optimize`` and ``convert`` cannot rewrite completely today, with the cause
 #: (README.md's family table lists the same). Every other discovered family must be rewritten.
-UNSUPPORTED: dict[str, str] = {
-    "glm5_next": ("its DSA indexer pools the index keys (k-pool compression with a second softmax) and reads the "
-                  "cache's length itself: its selection is not a top-k over per-token index keys "
-                  "(detect.LEARNED_TOKEN_SELECTION)"),
-}
+UNSUPPORTED: dict[str, str] = {}
 PER_CHANNEL_GATE = ("its output gate multiplies each value channel (one sigmoid per value dim), which the per-group "
                      "value basis regrouping writes does not follow: convert refuses it (ConversionError naming the "
                      "block; test_regrouping_refuses_a_per_channel_output_gate)")

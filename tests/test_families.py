@@ -15,8 +15,11 @@ import functools
 
 import pytest
 import torch
-from _families import FAMILIES, TEXT_VOCAB, UNSUPPORTED, shared_tiny_model
-from _models import relative_error
+import torch.nn.functional as F
+from _families import (FAMILIES, TEXT_VOCAB, UNSUPPORTED, randomize_norms_and_biases, shared_tiny_model,
+                       tiny_config)
+from _models import HandWrittenLatentBlock, HandWrittenLatentLM, relative_error
+from torch import nn
 
 import gqla_compile
 from gqla_compile.paths import PATHS
@@ -103,9 +106,14 @@ def test_family_decodes_like_the_unmodified_model(name, path):
 
 
 def _index_top_k(model) -> int | None:
-    """The family's DSA index top-k from its config (None: a dense family), independently of the compiler."""
+    """The most tokens the family's DSA indexer selects per query, from its config (None: a dense family),
+    independently of the compiler: the index top-k, plus the incomplete last pool's tokens for an indexer
+    that pools its keys and always keeps that tail (glm5_next)."""
     config = model.config.get_text_config()
-    return getattr(config, "index_topk", None)
+    top_k = getattr(config, "index_topk", None)
+    if top_k is not None and getattr(config, "index_kpool_always_select_tail", False):
+        top_k += config.index_kpool - 1
+    return top_k
 
 
 SPARSE_FAMILIES = [name for name in FAMILIES if name not in UNSUPPORTED and _index_top_k(shared_tiny_model(name))]
@@ -129,16 +137,71 @@ def test_the_index_selection_matters_in_the_tiny_sparse_families(name):
 # --- what optimize says about the blocks it cannot rewrite ----------------------------------------------------------
 
 
+class LearnedKeyBiasBlock(HandWrittenLatentBlock):
+    """A latent block whose attention mask is computed by a projection of its own (a learned per-key bias),
+    not a top-k selection: a token selection no path carries yet."""
+
+    def __init__(self, **sizes):
+        super().__init__(**sizes)
+        self.key_bias = nn.Linear(self.wq.in_features, 1)
+
+    def forward(self, hidden_states, positions, attention_mask=None, cache=None):
+        bias = F.logsigmoid(self.key_bias(hidden_states)).transpose(1, 2).unsqueeze(1)  # [B, 1, 1, T]
+        mask = bias if attention_mask is None else attention_mask + bias
+        return super().forward(hidden_states, positions, attention_mask=mask, cache=cache)
+
+
 def test_an_unrecognised_token_selection_is_named_as_latent_attention_that_cannot_be_rewritten_yet():
-    """glm5_next's pooled indexer is not a top-k over per-token index keys: the error names the selection,
-    not "no latent attention"."""
-    model = copy.deepcopy(_model("glm5_next"))
+    """A mask computed by the block's own projection in a form other than top-k indices: the error names the
+    selection, not "no latent attention"."""
+    torch.manual_seed(0)
+    model = HandWrittenLatentLM(layers=1)
+    model.blocks[0] = LearnedKeyBiasBlock(hidden=48, heads=6, groups=3, latent=20, rope=8, nope=12, value=10)
     with pytest.raises(gqla_compile.NoLatentAttentionError) as caught:
         gqla_compile.optimize(model, path="absorbed", target="h20", compile=False)
     message = str(caught.value)
     assert "holds latent attention that cannot be rewritten yet" in message
     assert "learned token selection" in message and "converting will not help" in message
     assert "could not be traced" not in message and "convert a GQA model" not in message
+
+
+def _glm5_next_with_a_shared_indexer_layer():
+    """glm5_next with two latent layers, the second reusing the first's selection (``indexer_types`` "shared"):
+    the indices it reads are a block input holding -1 for "no token" (the pooled indexer pads with them)."""
+    config = tiny_config(FAMILIES["glm5_next"])
+    text = config.get_text_config()
+    text.layer_types = ["linear_attention", "indexed_attention", "indexed_attention"]
+    text.indexer_types = ["full", "full", "shared"]
+    text.mlp_layer_types = ["dense", "sparse", "sparse"]
+    text.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = randomize_norms_and_biases(FAMILIES["glm5_next"].model_class(config).float().eval())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_stateful_indexer_and_a_layer_sharing_its_selection_decode_like_the_unmodified_model(path):
+    """glm5_next's indexer reads the cache itself (its pooled keys and the cache length): it is kept as the
+    family's own module, called with the real cache; the shared layer reads its -1 padded indices."""
+    model = _glm5_next_with_a_shared_indexer_layer()
+    prompt = torch.randint(0, TEXT_VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    expected_tokens, expected_steps, _ = _greedy(model, prompt)
+    assert len(set(expected_tokens)) > 1
+    optimized = gqla_compile.optimize(copy.deepcopy(model), path=path, target="h20", compile=False)
+    modules = dict(optimized.named_modules())
+    selections = [modules[layer.module_path].gqla_runtime.selection for layer in optimized.gqla_optimization.layers]
+    assert len(selections) == 2 and selections[0].stateful_child is not None
+    assert selections[1].stateful_child is None and selections[1].replaces_mask  # the shared layer's block input
+    tokens, steps, _ = _greedy(optimized, prompt)
+    assert tokens == expected_tokens
+    assert all(relative_error(got, want) < 1e-4 for got, want in zip(steps, expected_steps))
+    assert not any("indexer" in name for name in modules[optimized.gqla_optimization.layers[0].module_path]
+                   .gqla_runtime.state_dict())  # the indexer's weights stay the block's own, once
 
 
 def test_a_shared_kv_container_argument_traces():

@@ -94,3 +94,32 @@ def test_selected_attention_equals_dense_attention_masked_to_the_selection(queri
                              lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale, sink),
                              lambda m: causal_attention(query, [key], value, m, scale, sink))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [3, 20])
+def test_indices_outside_the_cache_select_nothing_and_a_repeated_one_counts_once(queries):
+    """A selection with transformers' -1 for "no token" (and any index past the cache) and, from an indexer
+    that is not a top-k, a position listed twice: the same as the family's scatter into its mask."""
+    import torch
+
+    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention
+
+    generator = torch.Generator().manual_seed(1)
+    context, heads = 30, 4
+    query = torch.randn(2, heads, queries, 8, generator=generator)
+    key = torch.randn(2, 1, context, 8, generator=generator)
+    value = key[..., :6]
+    indices = torch.randint(0, context, (2, queries, 6), generator=generator)
+    indices[..., 1] = indices[..., 0]  # repeated
+    indices[..., 2] = -1
+    indices[..., 3] = context + 4  # past the cache
+    selected = torch.zeros(2, queries, context, dtype=torch.int32).scatter_add(
+        -1, indices.clamp(0, context - 1), ((indices >= 0) & (indices < context)).int()) > 0
+    every_key = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    scale = 0.3
+    scores = (query @ key.transpose(-1, -2)) * scale
+    expected = torch.softmax(scores.masked_fill(~selected.unsqueeze(1), float("-inf")), -1) @ value
+    got = selected_attention(query, key, value, every_key, indices,
+                             lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
+                             lambda m: causal_attention(query, [key], value, m, scale), distinct=False)
+    assert torch.allclose(got, expected, atol=1e-5)

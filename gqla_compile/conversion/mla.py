@@ -145,17 +145,21 @@ def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
 
 
 def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
-    from ..capture import capture_attention_candidates
-    from ..passes.detect import detect_latent_attention, gate_width, probe_up_projections
+    from ..capture import capture_attention_candidates, retrace_with_stateful_children
+    from ..passes.detect import LEARNED_TOKEN_SELECTION, find_latent_attention, gate_width, probe_up_projections
 
     captures = capture_attention_candidates(model)
     modules = dict(model.named_modules())
-    blocks = []
+    blocks, traced = [], {}
     for capture in captures:
-        match = detect_latent_attention(capture)
+        module = modules[capture.module_path]
+        detection = find_latent_attention(capture)
+        if detection.match is None and LEARNED_TOKEN_SELECTION in detection.failures:  # as optimize does
+            capture = retrace_with_stateful_children(capture, module, traced) or capture
+            detection = find_latent_attention(capture)
+        match = detection.match
         if match is None:
             continue
-        module = modules[capture.module_path]
         parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
         up = probe_up_projections(capture, match, parameters)
         dims = match.dims

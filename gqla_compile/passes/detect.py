@@ -14,7 +14,10 @@ The skeleton, described once with its optional pieces (instead of one pattern pe
       [B, T, n_h, 1] or one per value channel [B, T, n_h, d_v] (or [B, T, n_h d_v], heads flattened)
     mask <- [scatter(top-k indices) into the mask]          optional token selection (sparse attention, DSA)
       indices <- topk(scores computed from the block's own projections and index keys)   an indexer, or
+      indices <- stateful_child(...)   an indexer that reads the cache itself, kept as one opaque call
+                                       (capture.capture_with_stateful_children), or
       indices <- a block input                                 a selection another block made (shared)
+      [clamped into the traced key length: indices outside the cache select nothing, transformers' -1]
 
 Dims come from shapes; the group structure of the up-projection (n_g) and its per-group matrices come
 from probing the graph with basis vectors fed where the latent was (so any row layout, GQA broadcast or
@@ -31,12 +34,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx
 
-from ..capture import CapturedAttention
+from ..capture import CapturedAttention  # importing capture registers STATEFUL_CHILD's op
 from .context import LayerContext
 from ..dims import LatentDims
 from ..errors import ShapeMismatchError
 from .graph import (
     LAYOUT_OPS,
+    backward_closure,
     MATMUL_OPS,
     SDPA_OPS,
     SOFTMAX_OPS,
@@ -411,21 +415,31 @@ class TokenSelection:
     ``cache.update_indexer``), so that the selection scores every cached token.
     """
 
-    indices: fx.Node  # the indices as scattered into the mask, [B, T, k]
-    source: fx.Node  # the topk's index output, or the block input they come from
-    top_k: int | None  # k of the topk (None: the indices are a block input)
+    indices: fx.Node  # the indices as scattered into the mask (before any clamp), [B, T, k]
+    source: fx.Node  # the topk's index output, the stateful child's call, or the block input they come from
+    top_k: int | None  # k of the topk, or the stateful child's output width (None: unknown, a block input)
     topk: fx.Node | None
     index_key: fx.Node | None
     returned: dict[int, fx.Node] = field(default_factory=dict)  # block output position -> indices it returns
+    replaces_mask: bool = False  # the block's attention mask reaches the attention only through the selection
 
     @property
     def shared(self) -> bool:
         """Whether the indices are a block input (another block's selection) rather than computed here."""
-        return self.topk is None
+        return self.source.op == "placeholder"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the indices come from a child module that reads the cache (run as the family wrote it)."""
+        return self.source.op == "call_function" and self.source.target is STATEFUL_CHILD
 
 
 #: Ops that write values at indices (a selection scattered into a mask).
-SCATTER_OPS = {aten.scatter.value, aten.scatter.src, aten.scatter_.value, aten.scatter_.src}
+SCATTER_OPS = {aten.scatter.value, aten.scatter.src, aten.scatter_.value, aten.scatter_.src,
+               aten.scatter_add.default, aten.scatter_add_.default}
+#: Ops that clamp indices into the traced key length before they are scattered.
+CLAMP_OPS = {aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_max.default}
+STATEFUL_CHILD = torch.ops.gqla_compile.stateful_child.default
 
 
 def find_token_selection(capture, q, k, v, out) -> TokenSelection | FailedMatch | None:
@@ -439,7 +453,8 @@ def find_token_selection(capture, q, k, v, out) -> TokenSelection | FailedMatch 
         return LEARNED_TOKEN_SELECTION if projections else None
     if len(scatters) != 1:
         return LEARNED_TOKEN_SELECTION
-    indices = scatters[0].args[2]
+    (scatter,) = scatters
+    indices = _unclamped(scatter.args[2])
     source = walk_back_through_layout(indices)
     if source.op == "call_function" and source.target is aten.topk.default:
         source = next((u for u in source.users if u.target is operator.getitem and u.args[1] == 1), None)
@@ -448,10 +463,14 @@ def find_token_selection(capture, q, k, v, out) -> TokenSelection | FailedMatch 
         topk = source.args[0] if source.args[0].target is aten.topk.default and source.args[1] == 1 else None
         if topk is None:
             return LEARNED_TOKEN_SELECTION
-    elif source is None or source.op != "placeholder":
+    elif source is None or not (source.op == "placeholder" or source.target is STATEFUL_CHILD):
         return LEARNED_TOKEN_SELECTION
-    if topk is not None and any(n not in ancestors(topk) for n in projections):
+    selector = topk if topk is not None else source
+    if source.op != "placeholder" and any(n not in ancestors(selector) for n in projections):
         return LEARNED_TOKEN_SELECTION
+    written = scatter.args[3] if len(scatter.args) > 3 else None
+    if isinstance(written, fx.Node) and source not in ancestors(written):
+        return LEARNED_TOKEN_SELECTION  # the values scattered say more than "selected" (or whether in range)
     index_key = None
     if topk is not None:
         keys = _index_keys(capture, topk)
@@ -461,7 +480,32 @@ def find_token_selection(capture, q, k, v, out) -> TokenSelection | FailedMatch 
     output = next(n for n in capture.graph_module.graph.nodes if n.op == "output")
     returned = {i: node for i, node in enumerate(output.args[0])
                 if isinstance(node, fx.Node) and walk_back_through_layout(node) is walk_back_through_layout(indices)}
-    return TokenSelection(indices, source, _top_k(topk) if topk is not None else None, topk, index_key, returned)
+    top_k = _top_k(topk) if topk is not None else _fixed_width(source) if source.op != "placeholder" else None
+    return TokenSelection(indices, source, top_k, topk, index_key, returned,
+                          replaces_mask=not (_mask_inputs(capture) & backward_closure([out], stop={source})))
+
+
+def _unclamped(node: fx.Node) -> fx.Node:
+    """The indices a scatter writes at, before any clamp into the traced key length: the runtime reads
+    indices outside the cache as selecting nothing (transformers' -1 for "no token")."""
+    chain = node
+    while chain.op == "call_function" and (chain.target in LAYOUT_OPS or chain.target in CLAMP_OPS) and chain.args:
+        if chain.target in CLAMP_OPS:
+            node = chain.args[0]
+        chain = chain.args[0]
+    return node
+
+
+def _fixed_width(source: fx.Node) -> int | None:
+    """The last dim of a stateful child's indices when it is a constant (tokens selected per query)."""
+    width = tensor_meta(source).shape[-1]
+    return width if isinstance(width, int) else None
+
+
+def _mask_inputs(capture: CapturedAttention) -> set[fx.Node]:
+    """The block's attention-mask placeholders."""
+    return {capture.placeholder(p) for p, (name, _) in zip(capture.user_placeholders, capture.user_inputs)
+            if name == "attention_mask"}
 
 
 def _index_keys(capture, topk: fx.Node) -> list[fx.Node]:
@@ -675,7 +719,9 @@ def describe_selection(selection: TokenSelection | None) -> dict | None:
     if selection is None:
         return None
     return {"top_k": selection.top_k,
-            "selection": "a block input (another block's top-k)" if selection.shared else "indexer top-k",
+            "selection": ("a block input (another block's top-k)" if selection.shared
+                          else "an indexer module that reads the cache, called as the family wrote it"
+                          if selection.stateful else "indexer top-k"),
             "index_key_dims": None if selection.index_key is None else int(tensor_meta(selection.index_key).shape[-1])}
 
 

@@ -91,14 +91,17 @@ def split_token_selection(
 ) -> tuple[fx.GraphModule, list[tuple[str, int | None]]]:
     """The selection graph: (index keys of every cached token, projection values, block inputs) -> (indices
     [B, T, k] as scattered into the mask, the indices the block returns...), and the block inputs it reads.
+    For a stateful child's selection the graph ends in the child's tensor arguments instead.
 
     The top-k's width becomes ``min(k, number of index keys)``: the captured graph, traced without a cache,
     took the number of new tokens for the number of keys.
     """
     feeds = selection_feeds(capture, match)
     selection = match.selection
-    sub = extract_subgraph(capture.graph_module, [*feeds.projection, *feeds.arguments],
-                           [selection.indices, *selection.returned.values()],
+    # a stateful child (an indexer that reads the cache) is called by the runtime: the graph computes its inputs
+    outputs = list(selection.source.args[0]) if selection.stateful else [selection.indices,
+                                                                          *selection.returned.values()]
+    sub = extract_subgraph(capture.graph_module, [*feeds.projection, *feeds.arguments], outputs,
                            _parameter_attributes(capture, parameters))
     if selection.topk is not None:
         topk = next(n for n in sub.graph.nodes if n.name == selection.topk.name)
