@@ -9,7 +9,9 @@ Tokens/s = batch / median step time; speed-ups are ratios to the unmodified mode
                                 [--grid-threads 1,2] [--grid-batches 1,8]
 
 The grid runs thread count by thread count and, within one, batch by batch (every variant and context of
-batch 1 before batch 8), so a run cut short keeps whole comparisons.
+batch 1 before batch 8), so a run cut short keeps whole comparisons. A full run narrowed with
+``--grid-threads`` / ``--grid-batches`` keeps the earlier file's rows (and rooflines) of the points it does
+not measure, so the grid can be filled in a piece at a time.
 """
 
 from __future__ import annotations
@@ -74,11 +76,15 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
                "cache_class": "StaticCache (context + 1 slots, filled with random entries; write position reset "
                               "per step): preallocated and written in place, for every variant",
                "machine": machine_before, "shapes": shapes}
+    earlier = {} if quick else _earlier_shapes(out)
     try:
         for shape in pool.shapes or cfg["shapes"]:
             base = pool.get(shape, "original")
-            rows: list[dict[str, Any]] = []
-            rooflines = {}
+            kept = earlier.get(shape, {})
+            rows: list[dict[str, Any]] = [r for r in kept.get("rows", []) if
+                                          (r["threads"], r["batch"]) not in {(t, b) for t in cfg["threads"]
+                                                                              for b in cfg["batches"]}]
+            rooflines = {int(t): m for t, m in kept.get("rooflines", {}).items() if int(t) not in cfg["threads"]}
             shapes[shape] = {
                 "config": {k: getattr(pool.config(shape), k, None) for k in (
                     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "kv_lora_rank",
@@ -113,6 +119,18 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
     payload["load_average_after"] = common.load_average()
     common.write_json(out, PART, payload)
     return payload
+
+
+def _earlier_shapes(out: str) -> dict[str, Any]:
+    """The shapes of the decode results already in ``out`` (a full run's), or nothing."""
+    import json
+    from pathlib import Path
+
+    path = Path(out) / f"{PART}.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    return {} if earlier.get("quick") else earlier.get("shapes", {})
 
 
 def _planned_path(pool: common.ModelPool, shape: str, context: int) -> str:
