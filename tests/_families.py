@@ -288,6 +288,4 @@ UNSUPPORTED_REGROUP: dict[str, str] = {
     "axk2": PER_CHANNEL_GATE,
     "hy_v4": PER_CHANNEL_GATE,
     "hy_v4_vl": PER_CHANNEL_GATE,
-    "dots3_note": ("its DSA layers are rewritten by optimize, but regrouping cannot tell which dims their RoPE "
-                   "rotates together (conversion/mla.py's RoPE pair probe: ConversionError)"),
 }

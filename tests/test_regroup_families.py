@@ -149,15 +149,28 @@ def test_half_the_groups_both_paths_reproduce_the_converted_model(name):
             assert per_token * _heads(name) == len(blocks) * source_per_block * groups
 
 
-def test_similarity_grouping_refuses_a_gated_block_it_would_reorder():
-    """bailing_hybrid's per-head output gate comes from its own projection, which regrouping does not
-    re-index: re-ordering the heads would silently misalign it, so it is an error."""
-    gated = next((name for name in SUPPORTED if _gated(name)), None)
+def test_similarity_grouping_moves_a_per_head_gate_with_its_heads():
+    """Each gated family (bailing_hybrid, dots3_note) with its heads paired out of neighbour order: in every latent
+    block head h + n_h / 2 gets head h's up-projection. Similarity grouping pairs them, so regrouping to n_h / 2
+    groups is exact, and the converted model equals the source only if the per-head gate's projection rows moved
+    with their heads."""
+    gated = [name for name in SUPPORTED if _gated(name)]
     assert gated, "no discovered family has a gated latent block"
-    calibration = random_token_sequences(128, num_samples=4, seq_len=16, seed=1)  # data on which it re-orders
-    with pytest.raises(ConversionError, match="output gate.*grouping='neighbour'"):
-        gqla_compile.convert(_source(gated), num_groups=_heads(gated) // 2, calibration=calibration,
-                             grouping="similarity", progress=False)
+    tokens = _tokens(seed=4)
+    for name in gated:
+        source, heads = copy.deepcopy(_source(name)), _heads(name)
+        with torch.no_grad():
+            for block in (m for m in source.modules() if hasattr(m, "kv_b_proj")):
+                rows = block.kv_b_proj.weight.view(heads, -1, block.kv_b_proj.weight.shape[-1])
+                rows[heads // 2:] = rows[: heads // 2]
+        converted = gqla_compile.convert(source, num_groups=heads // 2, calibration=CALIBRATION,
+                                         grouping="similarity", progress=False)
+        groups = [sorted(g) for g in converted.config.to_dict()[RECORD_FIELD]["layers"][0]["groups"]]
+        assert groups == [[h, h + heads // 2] for h in range(heads // 2)], (name, groups)
+        with torch.no_grad():
+            expected = source(input_ids=tokens, use_cache=False).logits
+            got = converted(input_ids=tokens, use_cache=False).logits
+        assert relative_error(got, expected) < 1e-5, name
 
 
 def test_regrouping_refuses_a_per_channel_output_gate():

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 from ..configuration_gqla import GqlaConfig
 from ..dims import LatentDims
 from ..errors import ConversionError
+from ..passes.graph import ancestors, evaluate_nodes, is_linear
 from .calibration import DEFAULT_BATCH_SIZE, CalibrationInput, _batches, prepare_calibration
 from .common import model_wide_config_fields
 
@@ -104,10 +105,12 @@ class LatentBlock:
     scaling: float
     key_up: torch.Tensor  # W_UK^h per query head, float64 [n_h, d_n, d_c]
     value_up: torch.Tensor  # W_UV^h per query head, float64 [n_h, d_v, d_c]
-    rope_order: list[int]  # source RoPE row order -> rotate_half layout (identity or evens-then-odds)
-    rope_layout: str  # "rotate_half", "interleaved" or "none" (the d_R key dims are not rotated, or d_R = 0)
+    rope_order: list[int]  # source RoPE rows in rotate_half layout (identity, evens-then-odds, or any permutation)
+    rope_layout: str  # "rotate_half", "interleaved", "permuted" or "none" (not rotated, or d_R = 0)
     output_gate_width: int = 0  # values the gate before o_proj holds per head and token: 0 (no gate), 1 (per head,
     # bailing_hybrid) or d_v (per channel, hy_v4, axk2); detect.gate_width
+    output_gate_projection: str | None = None  # the Linear (path in the block) whose output rows, head by head, are
+    # the gate's only source: a re-order of the heads re-orders its rows (None: no gate, or not such a Linear)
 
     @property
     def has_output_gate(self) -> bool:
@@ -172,6 +175,7 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
             rope_order=order, rope_layout=layout,
             output_gate_width=0 if match.output_gate is None else gate_width(match.output_gate, dims),
+            output_gate_projection=_gate_projection(capture, match, parameters),
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.path]), len(captures)
@@ -180,61 +184,130 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
     """Which pairs the block's RoPE rotates, read off the graph: (layout, row order into rotate_half layout).
 
-    The graph is evaluated on the recorded call; the RoPE key it produces is compared with the pre-RoPE key
-    (the down-projection's last d_R outputs): a rotation keeps the norm of each rotated pair, and only the
-    true pairing does so at every position. A key equal to its input at every position is not rotated
-    (layout "none", as in Kimi's latent layers); so is a block without RoPE dims (d_R = 0).
+    Two evaluations of the graph on the recorded call. (1) Every token's hidden state set to the first one's:
+    the key reaching the rotation is then the same at every position, whatever the block does to it first
+    (dots3 normalises its RoPE key), so a rotation keeps the norm of each rotated pair of the RoPE key's
+    output across positions, and only the true pairing does. (2) One-hot RoPE rows fed where the
+    down-projection's output was, at position 0 (no rotation): which output dim each of the down-projection's
+    d_R rows becomes (DeepSeek-V3's interleaved RoPE de-interleaves first; a norm or gain keeps a one-hot
+    one-hot). Together: the down-projection's rows of each rotated pair, in frequency order. A key equal at
+    every position is not rotated (layout "none", as in Kimi's latent layers); so is a block without RoPE
+    dims (d_R = 0).
     """
-    from ..passes.detect import probe_feeds
-    from ..passes.graph import evaluate_nodes
-    from torch.utils import _pytree as pytree
-
     dims = match.dims
     if dims.d_R == 0:
         return "none", []
-    gm = capture.graph_module
+    feeds = _recorded_feeds(capture, match, parameters, same_token=True)
+    with torch.no_grad():
+        rope, down = evaluate_nodes(capture.graph_module, [match.rope_key, match.down_projection], feeds)
+    if down.shape[-1] != dims.d_c + dims.d_R or rope.shape[-1] != dims.d_R:
+        raise ConversionError(f"{capture.module_path}: the down-projection does not end in the {dims.d_R} RoPE key dims")
+    rope = _one_key_head(rope, down).double()  # [B, T, d_R]
+    if float((rope - rope[:, :1]).abs().max()) <= 1e-6 * float(rope.abs().max().clamp_min(1e-30)):
+        return "none", list(range(dims.d_R))
+    half = dims.d_R // 2
+    candidates = {  # output dims of each pair p: (order[p], order[p + half])
+        "rotate_half": list(range(dims.d_R)),
+        "interleaved": list(range(0, dims.d_R, 2)) + list(range(1, dims.d_R, 2)),
+    }
+
+    def pair_norms(x, order):
+        x = x[..., order]
+        return x[..., :half] ** 2 + x[..., half:] ** 2
+
+    errors = {layout: float((pair_norms(rope, order) - pair_norms(rope[:, :1], order)).abs().max()
+                            / pair_norms(rope, order).max().clamp_min(1e-30))
+              for layout, order in candidates.items()}
+    output_layout = min(errors, key=errors.get)
+    if errors[output_layout] > 1e-4 or (dims.d_R > 2 and sorted(errors.values())[1] < 1e-4):
+        raise ConversionError(
+            f"{capture.module_path}: could not tell which dims the RoPE rotates together (pair-norm errors {errors})"
+        )
+    source_of = {output: row for row, output in enumerate(_rope_rows_at_position_zero(capture, match, parameters))}
+    order = [source_of[output] for output in candidates[output_layout]]
+    layout = next((name for name, rows in candidates.items() if rows == order), "permuted")
+    return layout, order
+
+
+def _gate_projection(capture, match, parameters) -> str | None:
+    """The Linear the block's output gate is computed from alone, when its output rows are the gate's heads in
+    order (row r reaches head r // width only, probed with one-hot rows): its path in the block, else None."""
+    from ..passes.detect import gate_width
+
+    gate = match.output_gate
+    if gate is None:
+        return None
+    linears = [n for n in ancestors(gate) | {gate} if is_linear(n)]
+    weight = capture.parameter_inputs.get(linears[0].args[1].name) if len(linears) == 1 else None
+    width = gate_width(gate, match.dims)
+    if weight is None or not weight.endswith(".weight"):
+        return None
+    (linear,) = linears
+    feeds = _recorded_feeds(capture, match, parameters)
+    with torch.no_grad():
+        (rows,) = evaluate_nodes(capture.graph_module, [linear], feeds)
+        if rows.shape[-1] != match.dims.n_h * width:
+            return None
+        zero = torch.zeros_like(rows)
+        (base,) = evaluate_nodes(capture.graph_module, [gate], {**feeds, linear: zero})
+        for row in range(rows.shape[-1]):
+            probe = zero.clone()
+            probe[..., row] = 1.0
+            (moved,) = evaluate_nodes(capture.graph_module, [gate], {**feeds, linear: probe})
+            heads = (moved - base).abs().reshape(*moved.shape[:2], match.dims.n_h, -1).amax(dim=(0, 1, 3))
+            if int(heads.argmax()) != row // width or float(heads.sum() - heads.max()) > 0:
+                return None
+    return weight.removesuffix(".weight")
+
+
+def _recorded_feeds(capture, match, parameters, *, same_token: bool = False) -> dict:
+    """Feeds for evaluating a captured graph on its recorded call (``same_token``: every token's hidden state
+    the first one's)."""
+    from ..passes.detect import probe_feeds
+    from torch.utils import _pytree as pytree
+
     feeds = probe_feeds(capture, match, parameters, seq=2)
-    sources = gm.meta.get("user_input_sources", {})
+    sources = capture.graph_module.meta.get("user_input_sources", {})
+    hidden = match.down_projection.args[0]
+    hidden = ancestors(hidden) | {hidden}
     for node in list(feeds):
         if node.name in sources:
             arg, leaf = sources[node.name]
             value = capture.example_arguments[arg]
-            feeds[node] = value if leaf is None else pytree.tree_leaves(value)[leaf]
-    with torch.no_grad():
-        rope, down = evaluate_nodes(gm, [match.rope_key, match.down_projection], feeds)
-    if down.shape[-1] != dims.d_c + dims.d_R or rope.shape[-1] != dims.d_R:
-        raise ConversionError(f"{capture.module_path}: the down-projection does not end in the {dims.d_R} RoPE key dims")
+            value = value if leaf is None else pytree.tree_leaves(value)[leaf]
+            feeds[node] = value[:, :1].expand_as(value) if same_token and node in hidden and value.dim() == 3 else value
+    return feeds
+
+
+def _one_key_head(rope: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The RoPE key [B, T, d_R] out of a layout broadcast over heads ([B, heads, T, d_R] or similar)."""
     batch, seq = down.shape[0], down.shape[1]
-    while rope.dim() > 3:  # broadcast over heads ([B, heads, T, d_R] or similar): every head holds the same key
+    while rope.dim() > 3:  # every head holds the same key
         head_dim = next((i for i, size in enumerate(rope.shape[:-1]) if size not in (batch, seq)), 1)
         rope = rope.select(head_dim, 0)
-    pre = down[..., dims.d_c:].reshape(-1, dims.d_R).double()
-    post = rope.reshape(-1, dims.d_R).double()
-    if pre.shape != post.shape:
-        raise ConversionError(f"{capture.module_path}: cannot line up the RoPE key with its input")
-    if float((post - pre).abs().max()) <= 1e-6 * float(pre.abs().max().clamp_min(1e-30)):
-        return "none", list(range(dims.d_R))
-    half = dims.d_R // 2
-    candidates = {
-        "rotate_half": list(range(dims.d_R)),
-        "interleaved": list(range(0, dims.d_R, 2)) + list(range(1, dims.d_R, 2)),
-    }
-    errors = {}
-    for layout, order in candidates.items():
-        a = pre[:, order]
-        norm_in = a[:, :half] ** 2 + a[:, half:] ** 2  # pair p is (p, p + half) in the candidate's order
-        # the output may come out in either layout (DeepSeek-V3's interleaved RoPE returns rotate_half order)
-        errors[layout] = min(
-            float((norm_in - (b := post[:, out_order])[:, :half] ** 2 - b[:, half:] ** 2).abs().max()
-                  / norm_in.max().clamp_min(1e-30))
-            for out_order in candidates.values()
-        )
-    layout = min(errors, key=errors.get)
-    if errors[layout] > 1e-4 or (dims.d_R > 2 and sorted(errors.values())[1] < 1e-4 and post.shape[0] > 2):
-        raise ConversionError(
-            f"{capture.module_path}: could not tell which dims the RoPE rotates together (pair-norm errors {errors})"
-        )
-    return layout, candidates[layout]
+    return rope
+
+
+def _rope_rows_at_position_zero(capture, match, parameters) -> list[int]:
+    """For each of the down-projection's d_R RoPE rows, the RoPE key dim it becomes at position 0."""
+    dims = match.dims
+    feeds = _recorded_feeds(capture, match, parameters)
+    with torch.no_grad():
+        (down,) = evaluate_nodes(capture.graph_module, [match.down_projection], feeds)
+        image = []
+        for row in range(dims.d_R):
+            probe = torch.zeros_like(down)
+            probe[:, 0, dims.d_c + row] = 1.0  # the first recorded token sits at position 0
+            (rope,) = evaluate_nodes(capture.graph_module, [match.rope_key], {**feeds, match.down_projection: probe})
+            out = _one_key_head(rope, down)[0, 0].abs()
+            if float(out.max()) <= 0 or float(out.sum() - out.max()) > 1e-6 * float(out.max()):
+                raise ConversionError(f"{capture.module_path}: the block mixes the RoPE key's dims before rotating "
+                                      "them; regrouping cannot carry that")
+            image.append(int(out.argmax()))
+    if sorted(image) != list(range(dims.d_R)):
+        raise ConversionError(f"{capture.module_path}: the RoPE key's dims are not a permutation of the "
+                              f"down-projection's RoPE rows ({image})")
+    return image
 
 
 # --- calibration statistics ---------------------------------------------------------------------------------
@@ -516,10 +589,12 @@ def convert_layer(
         groups = [list(range(g * m, (g + 1) * m)) for g in range(num_groups)]
         cost = neighbour_cost = _GroupingCost(targets, ranks).total(groups) if num_groups < d.n_h else 0.0
     permutation = [h for g in groups for h in g]
-    if block.has_output_gate and permutation != list(range(d.n_h)):
+    reordered = permutation != list(range(d.n_h))
+    if block.has_output_gate and reordered and block.output_gate_projection is None:
         raise ConversionError(
-            f"{block.path}: similarity grouping re-orders the heads, but the block's per-head output gate is "
-            "computed by a projection this conversion does not re-index; use grouping='neighbour'"
+            f"{block.path}: similarity grouping re-orders the heads, but the block's per-head output gate is not "
+            "computed by one projection whose rows are the heads in order, so it cannot be re-ordered with them; "
+            "use grouping='neighbour'"
         )
 
     kv_b, key_maps, value_maps, kept_k, kept_v = [], [], [], [], []
@@ -546,6 +621,12 @@ def convert_layer(
             rows = _f64(value).view(d.n_h, d.d_qk, -1)[perm]
             new_q = torch.cat([key_maps.transpose(1, 2) @ rows[:, : d.d_n], rows[:, d.d_n :]], dim=1)
             tensors[f"{q_name}.{kind}"] = new_q.reshape(value.shape)
+    if block.has_output_gate and reordered:  # the gate's rows follow their heads
+        gate = attn.get_submodule(block.output_gate_projection)
+        for kind, value in (("weight", gate.weight), ("bias", gate.bias)):
+            if value is not None:
+                rows = _f64(value).reshape(d.n_h, block.output_gate_width, -1)[perm]
+                tensors[f"{block.output_gate_projection}.{kind}"] = rows.reshape(value.shape)
     tensors["kv_b_proj.weight"] = torch.cat(kv_b)
     tensors["o_proj.weight"] = (o_heads[perm] @ value_maps).permute(1, 0, 2).reshape(o_weight.shape[0], -1)
     record = {
