@@ -3,8 +3,9 @@ a latent-attention model on a target chip (DESIGN.md sections 1-2).
 
 Per layer and tensor-parallel rank, each path's step is split into parts that are kept apart so that the
 report can show where the time goes: reading the cache in the attention core, writing the new tokens'
-cache entries, the attention projections (weight bytes, read once per step, and their FLOPs) and the
-all-reduce after o_proj. Each part costs max(bytes / bandwidth, FLOPs / peak), divided by the efficiency the
+cache entries, the attention projections (weight bytes, read once per step, and their FLOPs), the
+all-reduce after o_proj and, for sparse attention (DSA), the indexer scoring every cached index key (the same
+on both paths: it is what still grows with the context). Each part costs max(bytes / bandwidth, FLOPs / peak), divided by the efficiency the
 target measured for the kernel that runs it (``Target.efficiency``: the weight GEMVs by new tokens, each
 path's attention core by query rows per cached head; 1 on datasheet targets); the parts are summed (no
 overlap assumed), and the path with the smaller sum wins.
@@ -135,6 +136,7 @@ class Plan:
     output_absorption: str  # absorbed path: W_UV "folded" into o_proj or applied as a per-group "bmm"
     layers: tuple[LayerPlan, ...] = field(hash=False, repr=False)
     top_k: int | None = None  # sparse attention (DSA): tokens each query attends to; None: dense
+    index_dims: tuple[int, int] | None = None  # its indexer's (heads, key dims), priced; None: not priced
 
     @property
     def ridge(self) -> float:
@@ -168,6 +170,8 @@ class Plan:
                   f"context {self.context_len}, tp={self.tp}, RoPE key {self.rope_key}; figures per layer and rank")
         if self.top_k is not None:
             header += f"; sparse: each query attends to its top-{self.top_k} tokens"
+            if self.index_dims is not None:
+                header += f" (indexer: {self.index_dims[0]} heads x {self.index_dims[1]} over the context)"
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
                           for p, c in self.costs.items())
         absorption = f"absorbed path applies W_UK as {QUERY_ABSORPTION}, W_UV as {self.output_absorption}"
@@ -180,7 +184,8 @@ class Plan:
             "reason": self.reason,
             "target": {**asdict(self.target), "ridge": self.ridge},
             "inputs": {"s_q": self.s_q, "batch_size": self.batch_size, "context_len": self.context_len,
-                       "tp": self.tp, "dtype": self.dtype, "rope_key": self.rope_key, "top_k": self.top_k},
+                       "tp": self.tp, "dtype": self.dtype, "rope_key": self.rope_key, "top_k": self.top_k,
+                       "index_dims": list(self.index_dims) if self.index_dims else None},
             "dims": self.dims.as_dict(),
             "num_layers": self.num_layers,
             "peak_flops": self.peak_flops,
@@ -207,6 +212,7 @@ class _Step:
     link_bandwidth: float
     target: Target | None = None  # its kernel efficiencies; None: the plain roofline
     top_k: int | None = None  # sparse attention: tokens each query attends to
+    index_dims: tuple[int, int] | None = None  # sparse attention's indexer: (index heads, index key dims)
 
     @property
     def tokens(self) -> int:
@@ -244,6 +250,15 @@ def _attention_core(path: DecodePath, step: _Step) -> PartCost:
                      kernel=(attention_kernel(path.name, step.rope_key, multi_token=step.s_q > 1), rows))
 
 
+def _indexer(step: _Step) -> PartCost:
+    """A sparse step's indexer (DSA): every new token scores the whole context's cached index keys (one head
+    of d_I per token, read once per step) with its n_I index heads. Its own projections and the top-k are
+    not counted."""
+    heads, dims = step.index_dims
+    return step.part("indexer", step.batch_size * step.context_len * dims,
+                     2 * step.tokens * heads * dims * step.context_len)
+
+
 def _all_reduce(step: _Step) -> PartCost:
     """Ring all-reduce of o_proj's output: 2 (P - 1) / P of the activations cross each rank's link."""
     p = step.tp
@@ -257,7 +272,7 @@ def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> P
         step.part("cache_write", step.tokens * rank_elements, 0.0),
         _projections(step, path.projection_matmuls(step.dims, output_absorption=output)),
         _all_reduce(step),
-    )
+    ) + ((_indexer(step),) if step.top_k is not None and step.index_dims is not None else ())
     whole_elements = path.cache_elements(step.dims, rope_key=step.rope_key)
     return PathCost(path.name, parts, num_layers, whole_elements * step.dtype_bytes,
                     rank_elements * step.dtype_bytes)
@@ -351,6 +366,7 @@ def plan(
     path: str = "auto",
     rope_key: str = "auto",
     top_k: int | None = None,
+    index_dims: tuple[int, int] | None = None,
     output_absorption: str = "auto",
 ) -> Plan:
     """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
@@ -362,13 +378,18 @@ def plan(
     a stock GQA layout) or keeps it once ("shared", fewer bytes to hold and read); "auto" takes the layout
     whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken. ``top_k``: sparse
     attention (DSA), each query attends to its top-k tokens, so the attention core costs k tokens instead of
-    the context (default: the config's ``index_topk``, None for dense attention). ``output_absorption``: how
+    the context (default: the config's ``index_topk``, None for dense attention); ``index_dims``: its indexer's
+    (index heads, index key dims), priced as one more part of both paths (default: the config's
+    ``index_n_heads`` and ``index_head_dim``; None: not priced). ``output_absorption``: how
     the absorbed path applies W_UV ("bmm" or "folded" into o_proj); "auto" takes the cheaper.
     """
     _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
     config = _config_of(model_or_config)
     dims = _latent_dims(config)
     top_k = top_k if top_k is not None else getattr(config, "index_topk", None)
+    if index_dims is None and None not in (fields := (getattr(config, "index_n_heads", None),
+                                                        getattr(config, "index_head_dim", None))):
+        index_dims = fields
     chip = _targets.resolve(target)
     dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
     if tp > chip.devices_per_node:
@@ -376,7 +397,7 @@ def plan(
                        "the interconnect figure says", tp, chip.name, chip.devices_per_node)
     peak = chip.peak(dtype)
     step = _Step(dims, s_q, batch_size, context_len, tp, "copied", DTYPE_BYTES[dtype], peak,
-                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip, top_k)
+                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip, top_k, index_dims)
     problems = feasible_paths(dims, tp)
     if rope_key == "auto":
         rope_key = _fastest_rope_key(step, problems["grouped"] is None)
@@ -398,7 +419,7 @@ def plan(
     logger.debug("%s", reason)
     layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
     return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
-                costs, output, layers, top_k)
+                costs, output, layers, top_k, index_dims if top_k is not None else None)
 
 
 def reference_configs() -> dict[str, Any]:

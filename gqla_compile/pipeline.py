@@ -273,7 +273,7 @@ def _check_shardable(model, path: str, tp: int) -> None:
 
 def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     """The cost model's plan (its path is the forced one when ``path`` is not "auto"); a sparse model's
-    attention is priced at its largest top-k.
+    attention is priced at its largest top-k, plus its indexer where the config names the indexer's dims.
 
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
@@ -287,8 +287,18 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     per_channel_gate = any(c.match.output_gate is not None and gate_width(c.match.output_gate, c.match.dims) != 1
                            for c in matched)
     return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
-                     top_k=max(top_ks) if top_ks else None, output_absorption="bmm" if per_channel_gate else "auto",
+                     top_k=max(top_ks) if top_ks else None, index_dims=_index_dims(model) if top_ks else None,
+                     output_absorption="bmm" if per_channel_gate else "auto",
                      **shape)
+
+
+def _index_dims(model: nn.Module) -> tuple[int, int] | None:
+    """A sparse model's indexer dims for pricing, (index heads, index key dims), from its config when it
+    names them (the indexer runs unchanged, so nothing of it is read off the graph)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dims = (getattr(config, "index_n_heads", None), getattr(config, "index_head_dim", None))
+    return None if None in dims else dims
 
 
 def _build(manager: PassManager, module: nn.Module, context: LayerContext, decode_path: DecodePath, plan,

@@ -123,3 +123,20 @@ def test_indices_outside_the_cache_select_nothing_and_a_repeated_one_counts_once
                              lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
                              lambda m: causal_attention(query, [key], value, m, scale), distinct=False)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_the_indexer_is_priced_on_both_paths_and_grows_with_the_context():
+    """DeepSeek-V3.2's indexer (64 heads x 128 dims) scores every cached index key: the same part on both
+    paths, linear in the context, while the attention core stays at k tokens."""
+    config = DIMS.as_config(2)
+    config.index_topk, config.index_n_heads, config.index_head_dim = 2048, 64, 128
+    short, long = (plan(config, "h100", context_len=c) for c in (8192, 65536))
+    assert short.index_dims == (64, 128) and short.to_dict()["inputs"]["index_dims"] == [64, 128]
+    assert "indexer: 64 heads x 128" in short.explain()
+    for path in ("absorbed", "grouped"):
+        a, b = short.costs[path].part("indexer"), long.costs[path].part("indexer")
+        assert a.bytes == 8192 * 128 * 2 and a.flops == 2 * 64 * 128 * 8192  # bfloat16 index keys, one token
+        assert b.bytes == 8 * a.bytes and b.flops == 8 * a.flops
+        assert short.costs[path].part("attention_core").bytes == long.costs[path].part("attention_core").bytes
+    assert short.costs["absorbed"].part("indexer") == short.costs["grouped"].part("indexer")
+    assert all(p.name != "indexer" for p in plan(DIMS.as_config(2), "h100").costs["absorbed"].parts)
