@@ -356,7 +356,8 @@ def _token_selection(module: nn.Module, context: LayerContext) -> TokenSelection
     return TokenSelection(graph, indexed=selection.index_key is not None, argument_inputs=argument_inputs,
                           returned=list(selection.returned), top_k=selection.top_k,
                           mask_dtype=None if child else _traced_mask_dtype(capture),
-                          replaces_mask=selection.replaces_mask, stateful_child=child)
+                          replaces_mask=selection.replaces_mask, stateful_child=child,
+                          distinct=selection.topk is not None)
 
 
 def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:

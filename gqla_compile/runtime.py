@@ -322,12 +322,14 @@ class TokenSelection(nn.Module):
     selection (another block's indices, a block input) is read as it is; an indexer that reads the cache
     itself (``stateful_child``) is called with the cache on the inputs the graph computes. Returns the
     indices as scattered into the mask [B, T, k] and the indices the block returns, by output position.
-    ``replaces_mask``: the block's own mask reaches its attention only through the selection.
+    ``replaces_mask``: the block's own mask reaches its attention only through the selection; ``distinct``:
+    the indices come straight from a top-k, so a query's never repeat (any other may: a repeat counts once).
     """
 
     def __init__(self, graph: fx.GraphModule, *, indexed: bool, argument_inputs: list[tuple[str, int | None]],
                  returned: list[int], top_k: int | None, mask_dtype: torch.dtype | None = None,
-                 replaces_mask: bool = False, stateful_child: StatefulChild | None = None):
+                 replaces_mask: bool = False, stateful_child: StatefulChild | None = None,
+                 distinct: bool = True):
         super().__init__()
         self.graph = graph
         self.mask_dtype = mask_dtype  # the attention mask's dtype in the traced graph (bool or additive float)
@@ -337,11 +339,7 @@ class TokenSelection(nn.Module):
         self.top_k = top_k
         self.replaces_mask = replaces_mask
         self.stateful_child = stateful_child
-
-    @property
-    def distinct(self) -> bool:
-        """Whether a query's indices never repeat (a top-k's); a stateful child's may."""
-        return self.stateful_child is None
+        self.distinct = distinct  # a query's indices never repeat (they are a top-k's)
 
     def forward(self, projected: list[torch.Tensor], arguments: dict, cache, layer_idx: int):
         projected = list(projected)

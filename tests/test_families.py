@@ -197,6 +197,7 @@ def test_a_stateful_indexer_and_a_layer_sharing_its_selection_decode_like_the_un
     selections = [modules[layer.module_path].gqla_runtime.selection for layer in optimized.gqla_optimization.layers]
     assert len(selections) == 2 and selections[0].stateful_child is not None
     assert selections[1].stateful_child is None and selections[1].replaces_mask  # the shared layer's block input
+    assert not selections[0].distinct and not selections[1].distinct  # not a top-k's: a repeat would count once
     tokens, steps, _ = _greedy(optimized, prompt)
     assert tokens == expected_tokens
     assert all(relative_error(got, want) < 1e-4 for got, want in zip(steps, expected_steps))
