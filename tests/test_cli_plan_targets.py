@@ -37,7 +37,8 @@ def test_plan_folder_json(tmp_path, capsys):
     assert data["path"] == "grouped" and data["target"]["name"] == "h100"
     assert data["inputs"] == {"s_q": 1, "batch_size": 4, "context_len": 128, "tp": 2, "dtype": "float16",
                               "rope_key": "shared",  # --rope-key auto: k_R kept once reads fewer bytes
-                              "top_k": None}  # dense attention (a DSA model's plan gives its index top-k)
+                              # dense attention (a DSA model's plan gives its index top-k and indexer dims)
+                              "top_k": None, "index_dims": None}
 
 
 @pytest.mark.parametrize("args, message", [

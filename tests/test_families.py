@@ -37,7 +37,11 @@ def _model(name: str):
     """The family's tiny model with its matrices redrawn at std 0.5 (seeded): at the default init, tiny random
     models of several families (axk1, minicpm3, youtu) predict one token whatever the context, and a greedy
     comparison on such a model could not fail. Not the regrouping tests' shared model for that reason."""
-    model = copy.deepcopy(shared_tiny_model(name))
+    return _redrawn(copy.deepcopy(shared_tiny_model(name)))
+
+
+def _redrawn(model):
+    """``model`` with every matrix redrawn at std 0.5 (seeded), in place."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, parameter in model.named_parameters():
@@ -175,13 +179,7 @@ def _glm5_next_with_a_shared_indexer_layer():
     text.mlp_layer_types = ["dense", "sparse", "sparse"]
     text.num_hidden_layers = 3
     torch.manual_seed(0)
-    model = randomize_norms_and_biases(FAMILIES["glm5_next"].model_class(config).float().eval())
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in model.named_parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    return model
+    return _redrawn(randomize_norms_and_biases(FAMILIES["glm5_next"].model_class(config).float().eval()))
 
 
 @pytest.mark.parametrize("path", PATHS)
