@@ -31,9 +31,10 @@ FOLD_QUERY_HEADS_UP_TO = 16
 KEYS_MAJOR_ROWS = 8
 
 
-def _top_left_causal(t: int, s: int, device: torch.device) -> torch.Tensor:
-    """[T, S] boolean mask: query i sees keys 0..i (sdpa's ``is_causal``)."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril()
+def _mask_for_no_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """transformers' meaning of a missing mask, as an explicit [T, S] boolean one (sdpa's ``is_causal``): one
+    query sees every key; several are causal from the first key (query i sees keys 0..i)."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(0 if t > 1 else s)
 
 
 def attention_over_cache(
@@ -117,8 +118,8 @@ def selected_attention(
     """
     batch, heads, t, _ = query.shape
     s = key.shape[-2]
-    if attention_mask is None:  # transformers' rule for no mask, as in causal_attention
-        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(0 if t > 1 else s)
+    if attention_mask is None:
+        attention_mask = _mask_for_no_mask(t, s, query.device)
     mask = attention_mask[..., :s]
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, t, s)  # [B, h_m, T, S]
     index, counted = _selected_positions(indices.long(), s, distinct)
@@ -190,7 +191,7 @@ def causal_attention(
     elif t == 1 or t == s:
         mask = None
     else:
-        mask = _top_left_causal(t, s, query.device)
+        mask = _mask_for_no_mask(t, s, query.device)
     if t > FOLD_QUERY_HEADS_UP_TO and sink is None:
         kv_heads = max(part.shape[1] for part in keys)
         key = torch.cat([part.expand(-1, kv_heads, -1, -1) for part in keys], dim=-1) if len(keys) > 1 else keys[0]
@@ -199,7 +200,7 @@ def causal_attention(
             scale=scale, enable_gqa=True,
         )
     if mask is None and t > 1:
-        mask = _top_left_causal(t, s, query.device)
+        mask = _mask_for_no_mask(t, s, query.device)
     return attention_over_cache(query, keys, value, mask, scale, sink)
 
 
