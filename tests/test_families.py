@@ -138,6 +138,23 @@ def test_the_index_selection_matters_in_the_tiny_sparse_families(name):
     assert relative_error(sparse_logits, dense_logits) > 1e-2
 
 
+@pytest.mark.parametrize("name, path", [(name, path) for name in SPARSE_FAMILIES for path in PATHS])
+def test_a_left_padded_batch_generates_like_the_unmodified_model(name, path):
+    """Two prompts, the second left-padded: the padding mask reaches the selection (the family's indexer masks
+    padded keys; glm5_next's indexer reads only that mask), the tokens and the unpadded logits stay the same."""
+    model = _model(name)
+    ids = torch.randint(0, TEXT_VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    optimized = gqla_compile.optimize(copy.deepcopy(model), path=path, target="h20", compile=False)
+    with torch.no_grad():
+        expected, got = (m(input_ids=ids, attention_mask=mask).logits for m in (model, optimized))
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=DECODE_STEPS, do_sample=False)
+        have = optimized.generate(ids, attention_mask=mask, max_new_tokens=DECODE_STEPS, do_sample=False)
+    assert relative_error(got[0], expected[0]) < 1e-4 and relative_error(got[1, 4:], expected[1, 4:]) < 1e-4
+    assert len(set(want[:, PROMPT:].flatten().tolist())) > 1 and torch.equal(have, want)
+
+
 # --- what optimize says about the blocks it cannot rewrite ----------------------------------------------------------
 
 
