@@ -29,7 +29,6 @@ from .errors import (
     NoLatentAttentionError,
     NoLatentAttentionWarning,
     PartialRewriteWarning,
-    ShapeMismatchError,
     VerificationError,
 )
 from .passes.context import LayerContext
@@ -311,17 +310,15 @@ def _build(manager: PassManager, module: nn.Module, context: LayerContext, decod
     o_bias = context.parameters[o_bias_name] if o_bias_name else None
     passes: list = [SplitLatentProjection(context)]
     local, group = match.dims, None
-    if parallel is not None and match.attention_sink is not None:
-        raise ShapeMismatchError(f"{capture.module_path}: tensor parallel is not supported yet for a block with "
-                                 "learned attention sinks; optimize it with tp=None")
+    sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
     if parallel is not None:
-        # Tensor parallel: this rank's heads, groups and o_proj columns; the path is built from them.
+        # Tensor parallel: this rank's heads, groups, o_proj columns and sinks; the path is built from them.
         layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
-        shard = ShardAttention(layout, capture, backend=parallel.backend)
+        shard = ShardAttention(layout, capture, backend=parallel.backend, gates=int(match.output_gate is not None))
         up, o_weight = shard.shard_weights(up, o_weight)
         passes.append(shard)
         local, group = layout.local_dims, parallel.group
-    sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
+        sink = sink[slice(*layout.heads)] if sink is not None else None
     built = decode_path.build(up, o_weight, o_bias, match.scaling, local,
                               output_absorption=plan.output_absorption,
                               rope_key=plan.rope_key, attention_sink=sink, process_group=group,

@@ -138,6 +138,46 @@ def test_each_rank_caches_its_share(parallel_results):
             assert result["report_bytes_per_rank"] == result["per_rank"] * 4, where  # float32
 
 
+#: Families with the optional pieces, on the path that exercises them: sparse attention (DeepSeek-V3.2; GLM-5,
+#: whose "shared" layers read the previous layer's selection), learned sinks with a per-channel gate and DSA
+#: (Hunyuan V4, both paths) and a per-head gate (Bailing hybrid).
+OPTIONAL_PIECES = [("deepseek_v32", "absorbed"), ("glm_moe_dsa", "grouped"), ("hy_v4", "absorbed"),
+                   ("hy_v4", "grouped"), ("bailing_hybrid", "grouped")]
+
+
+def _family_decode(rank: int, world_size: int, cases) -> dict:
+    """Run on every rank: the family's greedy decode (test_families' models and prompts) with tp=world_size."""
+    from test_families import _greedy, _model, _reference
+
+    results = {}
+    for name, path in cases:
+        prompt, expected_tokens, expected_steps = _reference(name)
+        optimized = gqla_compile.optimize(copy.deepcopy(_model(name)), path=path, target="h20", tp=world_size,
+                                          compile=False)
+        tokens, steps, _ = _greedy(optimized, prompt)
+        layer = optimized.gqla_optimization.layers[0]
+        results[(name, path)] = dict(
+            tokens_equal=tokens == expected_tokens,
+            errors=[relative_error(got, want) for got, want in zip(steps, expected_steps)],
+            heads=next(r for r in layer.records if r.pass_name == "shard").summary["heads"],
+            n_h=layer.dims.n_h,
+        )
+    return results
+
+
+def test_sparse_gated_and_sink_blocks_shard_and_decode_like_one_process():
+    """Each rank keeps its heads' queries, output gate values and sinks; the token selection's inputs stay whole,
+    so every rank selects the same tokens for its own heads."""
+    per_rank = run_parallel(_family_decode, 2, OPTIONAL_PIECES, timeout=2 * TIMEOUT)
+    for rank, results in enumerate(per_rank):
+        assert set(results) == set(OPTIONAL_PIECES)
+        for (name, path), result in results.items():
+            where = f"{name}, {path} path, rank {rank} of 2"
+            assert result["tokens_equal"] and max(result["errors"]) < 1e-4, (where, result["errors"])
+            n_h = result["n_h"]
+            assert result["heads"] == [rank * n_h // 2, (rank + 1) * n_h // 2], where
+
+
 def _fail_on_rank_one(rank: int, world_size: int) -> None:
     if rank == 1:
         raise ValueError("no weights for this rank")

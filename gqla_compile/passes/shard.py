@@ -31,7 +31,6 @@ from torch import fx
 
 from ..capture import recorded_inputs
 from ..dims import LatentDims
-from ..errors import ShapeMismatchError
 from ..paths import get_path
 from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, optional_output_count, tensor_meta
 
@@ -183,10 +182,11 @@ class ShardAttention:
 
     name = "shard"
 
-    def __init__(self, layout: TensorParallelLayout, capture=None, *, backend: str = ""):
+    def __init__(self, layout: TensorParallelLayout, capture=None, *, backend: str = "", gates: int = 0):
         self.layout = layout
         self.capture = capture
         self.backend = backend
+        self.gates = gates  # output gates among the optional outputs (split.py); the rest feed a token selection
         self.sharded_weights: dict[str, list[int]] = {}
         self.query_projection = ""
 
@@ -199,11 +199,16 @@ class ShardAttention:
         return replace(up, key=key, value=value), o_weight
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        if optional_output_count(gm):
-            raise ShapeMismatchError("tensor parallel is not supported yet for a block with an optional piece (a "
-                                     "per-head output gate between attention and o_proj, or a sparse attention's "
-                                     "token selection); optimize it with tp=None")
         start, end = self.layout.heads
+        if optional_output_count(gm):
+            # An output gate [B, T, n_h, g] keeps the rank's heads; a token selection's inputs stay whole (every
+            # rank selects the same tokens, for its own heads).
+            self.query_projection = "replicated, query and output gate narrowed to the rank's heads after it"
+            gates = self.gates
+            return append_to_graph(
+                gm, lambda q, c, k, *optional: (*narrow_heads(q, c, k, start=start, end=end),
+                                                *(g[:, :, start:end] for g in optional[:gates]), *optional[gates:]),
+                {}, class_name=type(gm).__name__)
         sliced = slice_query_projection(gm, self.layout.dims, start, end)
         if sliced is not None and self._agrees(gm, sliced, start, end):
             self.query_projection = "rows of the rank's heads"
