@@ -104,7 +104,6 @@ def selected_attention(
     indices: torch.Tensor,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     dense: Callable[[torch.Tensor], torch.Tensor],
-    distinct: bool = True,
 ) -> torch.Tensor:
     """Sparse attention: each query reads only its selected cached rows (a top-k token selection, DSA).
 
@@ -113,8 +112,8 @@ def selected_attention(
     path that is k latents [c ; k_R], for the grouped one k per-group keys and values) together with the
     mask's values there, and each query attends over its own k rows with ``attend(query, key, value, mask)``
     (the dense core, one query per gathered batch row): the cost of a step grows with k, not with S.
-    Indices outside the cache select nothing; ``distinct``: whether the indices of a query never repeat
-    (a top-k's do; for any other selection a repeated position is read once).
+    Indices outside the cache select nothing (transformers' -1); a query's indices do not repeat (see
+    :meth:`TokenSelection.forward`).
     """
     batch, heads, t, _ = query.shape
     s = key.shape[-2]
@@ -122,7 +121,9 @@ def selected_attention(
         attention_mask = _mask_for_no_mask(t, s, query.device)
     mask = attention_mask[..., :s]
     mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(batch, -1, t, s)  # [B, h_m, T, S]
-    index, counted = _selected_positions(indices.long(), s, distinct)
+    index = indices.long()
+    counted = (index >= 0) & (index < s)  # an index outside the cache selects nothing
+    index = index.clamp(0, s - 1)
     if t > FOLD_QUERY_HEADS_UP_TO:
         selected = torch.zeros(batch, 1, t, s, dtype=torch.int32, device=query.device)
         selected = selected.scatter_add(-1, index.unsqueeze(1), counted.unsqueeze(1).int()) > 0
@@ -143,17 +144,13 @@ def selected_attention(
     return out.squeeze(2).unflatten(0, (batch, t)).transpose(1, 2)
 
 
-def _selected_positions(index: torch.Tensor, s: int, distinct: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions clamped into the cache, whether each one counts): an index outside the cache selects
-    nothing (transformers' -1), and with ``distinct`` False a position listed twice counts once (a mask
-    holds a token or not), as the scatter into the family's mask has it."""
-    counted = (index >= 0) & (index < s)
-    if not distinct:
-        index, order = index.sort(-1)
-        counted = counted.gather(-1, order)
-        repeated = torch.cat([torch.zeros_like(counted[..., :1]), index[..., 1:] == index[..., :-1]], dim=-1)
-        counted = counted & ~repeated
-    return index.clamp(0, s - 1), counted
+def without_repeats(indices: torch.Tensor) -> torch.Tensor:
+    """A query's selected positions, each once: a repeat becomes -1 (selects nothing), as the family's
+    scatter into its mask counts a token once however often it is listed. The order changes (sorted)."""
+    index = indices.sort(-1).values
+    repeated = torch.cat([torch.zeros_like(index[..., :1], dtype=torch.bool), index[..., 1:] == index[..., :-1]],
+                         dim=-1)
+    return index.masked_fill(repeated, -1)
 
 
 def _restricted(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -257,11 +254,11 @@ class LatentAttentionCore(nn.Module):
         values = value[:, 0].unflatten(-1, (n_g, -1)).transpose(1, 2)
         return [nope, key[..., key.shape[-1] - d_r :]], values
 
-    def forward(self, query, key, value, attention_mask, gate=None, indices=None, distinct=True):
+    def forward(self, query, key, value, attention_mask, gate=None, indices=None):
         """``gate``: the block's optional output gate [B, T, n_h, 1 or d_v], multiplied on each head's value
         output (d_v, after W_UV on the absorbed path; a per-head gate may also meet W_UV folded into o_proj).
         ``indices``: the block's optional token selection [B, T, k] (sparse attention): each query reads only
-        those cached rows (``distinct``: whether a query's indices never repeat)."""
+        those cached rows."""
         if indices is None:
             keys, value = self.cache_views(key, value)
             out = causal_attention(query, keys, value, attention_mask, self.scale, self.attention_sink)
@@ -270,7 +267,6 @@ class LatentAttentionCore(nn.Module):
                 query, key, value, attention_mask, indices, self._attend_selected,
                 lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale,
                                               self.attention_sink),
-                distinct,
             )
         if self.value_up is not None:
             grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
@@ -324,7 +320,8 @@ class TokenSelection(nn.Module):
     itself (``stateful_child``) is called with the cache on the inputs the graph computes. Returns the
     indices as scattered into the mask [B, T, k] and the indices the block returns, by output position.
     ``replaces_mask``: the block's own mask reaches its attention only through the selection; ``distinct``:
-    the indices come straight from a top-k, so a query's never repeat (any other may: a repeat counts once).
+    the indices come straight from a top-k, so a query's never repeat; any other selection's are made so for
+    the attention (a repeat counts once), while the block returns them as they are.
     """
 
     def __init__(self, graph: fx.GraphModule, *, indexed: bool, argument_inputs: list[tuple[str, int | None]],
@@ -352,9 +349,11 @@ class TokenSelection(nn.Module):
         outputs = self.graph(*projected, *inputs)
         if self.stateful_child is not None:
             indices = self.stateful_child(list(outputs), cache)
-            return indices, {position: indices for position in self.returned}
-        indices, *returned = outputs
-        return indices, dict(zip(self.returned, returned))
+            returned = {position: indices for position in self.returned}
+        else:
+            indices, *others = outputs
+            returned = dict(zip(self.returned, others))
+        return (indices if self.distinct else without_repeats(indices)), returned
 
 
 class InstalledLatentAttention(nn.Module):
@@ -400,13 +399,12 @@ class InstalledLatentAttention(nn.Module):
         cache = next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        indices, returned, mask, distinct = None, {}, arguments.get("attention_mask"), True
+        indices, returned, mask = None, {}, arguments.get("attention_mask")
         if self.selection is not None:
             indices, returned = self.selection(projected, arguments, cache, self.layer_idx)
-            distinct = self.selection.distinct
             if self.selection.replaces_mask:  # the selection is the whole mask: every cached key, then selected
                 mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=query.device)
-        out = self.core(query, key, value, mask, *gate, indices=indices, distinct=distinct)
+        out = self.core(query, key, value, mask, *gate, indices=indices)
         if self.output_arity == 0:
             return out
         return (out,) + tuple(returned.get(i) for i in range(1, self.output_arity))

@@ -99,10 +99,11 @@ def test_selected_attention_equals_dense_attention_masked_to_the_selection(queri
 @pytest.mark.parametrize("queries", [3, 20])
 def test_indices_outside_the_cache_select_nothing_and_a_repeated_one_counts_once(queries):
     """A selection with transformers' -1 for "no token" (and any index past the cache) and, from an indexer
-    that is not a top-k, a position listed twice: the same as the family's scatter into its mask."""
+    that is not a top-k, a position listed twice (``without_repeats``, which TokenSelection applies to such a
+    selection): the same as the family's scatter into its mask."""
     import torch
 
-    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention
+    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention, without_repeats
 
     generator = torch.Generator().manual_seed(1)
     context, heads = 30, 4
@@ -119,9 +120,9 @@ def test_indices_outside_the_cache_select_nothing_and_a_repeated_one_counts_once
     scale = 0.3
     scores = (query @ key.transpose(-1, -2)) * scale
     expected = torch.softmax(scores.masked_fill(~selected.unsqueeze(1), float("-inf")), -1) @ value
-    got = selected_attention(query, key, value, every_key, indices,
+    got = selected_attention(query, key, value, every_key, without_repeats(indices),
                              lambda q, k, v, m: attention_over_cache(q, [k], v[..., :6], m, scale),
-                             lambda m: causal_attention(query, [key], value, m, scale), distinct=False)
+                             lambda m: causal_attention(query, [key], value, m, scale))
     assert torch.allclose(got, expected, atol=1e-5)
 
 
