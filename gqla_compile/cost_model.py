@@ -5,10 +5,10 @@ Per layer and tensor-parallel rank, each path's step is split into parts that ar
 report can show where the time goes: reading the cache in the attention core, writing the new tokens'
 cache entries, the attention projections (weight bytes, read once per step, and their FLOPs), the
 all-reduce after o_proj and, for sparse attention (DSA), the indexer scoring every cached index key (the same
-on both paths: it is what still grows with the context). Each part costs max(bytes / bandwidth, FLOPs / peak), divided by the efficiency the
-target measured for the kernel that runs it (``Target.efficiency``: the weight GEMVs by new tokens, each
-path's attention core by query rows per cached head; 1 on datasheet targets); the parts are summed (no
-overlap assumed), and the path with the smaller sum wins.
+on both paths: it is what still grows with the context). Each part costs max(bytes / bandwidth, FLOPs /
+peak), divided by the efficiency the target measured for the kernel that runs it (``Target.efficiency``: the
+weight GEMVs by new tokens, each path's attention core by query rows per cached head; 1 on datasheet
+targets); the parts are summed (no overlap assumed), and the path with the smaller sum wins.
 
 Not counted: activations of the projections (KB next to MB of weights at decode batch sizes), the
 query/output bytes of the attention core, kernel launch overheads and everything outside attention.
@@ -300,6 +300,14 @@ def _cheapest_output_absorption(step: _Step) -> str:
                key=lambda o: _projections(step, absorbed.projection_matmuls(step.dims, output_absorption=o)).time_s)
 
 
+def indexer_dims(model_or_config: Any) -> tuple[int, int] | None:
+    """A sparse model's indexer as the cost model prices it, (index heads, index key dims), from the config
+    fields transformers' DSA families name (``index_n_heads``, ``index_head_dim``); None without them."""
+    config = _config_of(model_or_config)
+    dims = (getattr(config, "index_n_heads", None), getattr(config, "index_head_dim", None))
+    return None if None in dims else dims
+
+
 def _check_workload(s_q: int, batch_size: int, context_len: int, tp: int, path: str, rope_key: str) -> None:
     for name, value in (("s_q", s_q), ("batch_size", batch_size), ("context_len", context_len), ("tp", tp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -387,9 +395,7 @@ def plan(
     config = _config_of(model_or_config)
     dims = _latent_dims(config)
     top_k = top_k if top_k is not None else getattr(config, "index_topk", None)
-    if index_dims is None and None not in (fields := (getattr(config, "index_n_heads", None),
-                                                        getattr(config, "index_head_dim", None))):
-        index_dims = fields
+    index_dims = index_dims if index_dims is not None else indexer_dims(config)
     chip = _targets.resolve(target)
     dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
     if tp > chip.devices_per_node:

@@ -165,7 +165,8 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     try:
         for ordinal, context in enumerate(matched):
             module = modules[context.module_path]
-            runtime = _build(manager, module, context, decode_path, plan, parallel, getattr(module, "layer_idx", ordinal))
+            layer_idx = getattr(module, "layer_idx", ordinal)
+            runtime = _build(manager, module, context, decode_path, plan, parallel, layer_idx)
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
             layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
@@ -277,7 +278,7 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
     """
-    from .cost_model import plan as make_plan
+    from .cost_model import indexer_dims, plan as make_plan
 
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
@@ -286,18 +287,9 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     per_channel_gate = any(c.match.output_gate is not None and gate_width(c.match.output_gate, c.match.dims) != 1
                            for c in matched)
     return make_plan(dims.as_config(len(matched)), target=target, path=path, dtype=dtype,
-                     top_k=max(top_ks) if top_ks else None, index_dims=_index_dims(model) if top_ks else None,
+                     top_k=max(top_ks) if top_ks else None, index_dims=indexer_dims(model) if top_ks else None,
                      output_absorption="bmm" if per_channel_gate else "auto",
                      **shape)
-
-
-def _index_dims(model: nn.Module) -> tuple[int, int] | None:
-    """A sparse model's indexer dims for pricing, (index heads, index key dims), from its config when it
-    names them (the indexer runs unchanged, so nothing of it is read off the graph)."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    dims = (getattr(config, "index_n_heads", None), getattr(config, "index_head_dim", None))
-    return None if None in dims else dims
 
 
 def _build(manager: PassManager, module: nn.Module, context: LayerContext, decode_path: DecodePath, plan,
