@@ -169,13 +169,14 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
         per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
         index = _layer_index(model, module)
         layout, order = _rope_layout(capture, match, parameters)
+        width = 0 if match.output_gate is None else gate_width(match.output_gate, dims)
         blocks.append(LatentBlock(
             path=capture.module_path, layer_index=index, module=module,
             dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
             key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
             rope_order=order, rope_layout=layout,
-            output_gate_width=0 if match.output_gate is None else gate_width(match.output_gate, dims),
-            output_gate_projection=_gate_projection(capture, match, parameters),
+            output_gate_width=width,
+            output_gate_projection=_gate_projection(capture, match, parameters, width),
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.path]), len(captures)
@@ -223,23 +224,21 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
         raise ConversionError(
             f"{capture.module_path}: could not tell which dims the RoPE rotates together (pair-norm errors {errors})"
         )
-    source_of = {output: row for row, output in enumerate(_rope_rows_at_position_zero(capture, match, parameters))}
+    source_of = {output: row for row, output in enumerate(_rope_rows_at_position_zero(capture, match, feeds, down))}
     order = [source_of[output] for output in candidates[output_layout]]
     layout = next((name for name, rows in candidates.items() if rows == order), "permuted")
     return layout, order
 
 
-def _gate_projection(capture, match, parameters) -> str | None:
-    """The Linear the block's output gate is computed from alone, when its output rows are the gate's heads in
-    order (row r reaches head r // width only, probed with one-hot rows): its path in the block, else None."""
-    from ..passes.detect import gate_width
-
+def _gate_projection(capture, match, parameters, width: int) -> str | None:
+    """The Linear the block's output gate (``width`` values per head) is computed from alone, when its output
+    rows are the gate's heads in order (row r reaches head r // width only, probed with one-hot rows): its
+    path in the block, else None."""
     gate = match.output_gate
     if gate is None:
         return None
     linears = [n for n in ancestors(gate) | {gate} if is_linear(n)]
     weight = capture.parameter_inputs.get(linears[0].args[1].name) if len(linears) == 1 else None
-    width = gate_width(gate, match.dims)
     if weight is None or not weight.endswith(".weight"):
         return None
     (linear,) = linears
@@ -288,12 +287,11 @@ def _one_key_head(rope: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return rope
 
 
-def _rope_rows_at_position_zero(capture, match, parameters) -> list[int]:
-    """For each of the down-projection's d_R RoPE rows, the RoPE key dim it becomes at position 0."""
+def _rope_rows_at_position_zero(capture, match, feeds: dict, down: torch.Tensor) -> list[int]:
+    """For each of the down-projection's d_R RoPE rows, the RoPE key dim it becomes at position 0 (``feeds``:
+    the recorded call's, ``down``: the down-projection's output there, whose place the probes take)."""
     dims = match.dims
-    feeds = _recorded_feeds(capture, match, parameters)
     with torch.no_grad():
-        (down,) = evaluate_nodes(capture.graph_module, [match.down_projection], feeds)
         image = []
         for row in range(dims.d_R):
             probe = torch.zeros_like(down)
