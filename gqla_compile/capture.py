@@ -14,7 +14,7 @@ called with a [batch, seq, hidden] tensor. Layers with the same structure (class
 are traced once; their graphs differ only in the weights fed to them.
 
 A child module that reads the cache itself (a sparse-attention indexer that keeps its own keys and its own
-idea of the cache length) cannot be traced without one. :func:`capture_with_stateful_children` traces such a
+idea of the cache length) cannot be traced without one. :func:`retrace_with_stateful_children` traces such a
 block again with each of those children as one opaque op (``gqla_compile::stateful_child``: its tensor
 arguments in, its recorded output's shape out), which the installed runtime replaces by a call of the child
 itself, with the real cache: the family's own code, unchanged.
@@ -294,27 +294,20 @@ class _OpaqueChildren:
         return forward
 
 
-def capture_with_stateful_children(path: str, module: nn.Module, record: CallRecord) -> CapturedAttention:
-    """Trace a block with each child that reads the cache as one opaque op (see the module docstring)."""
-    children = stateful_children(module)
-    if not children:
-        raise ValueError(f"{path} has no child module that reads the cache")
-    calls = _record_stateful_calls(module, children, record)
-    with _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls):
-        return capture_module(path, module, record)
-
-
 def retrace_with_stateful_children(capture: CapturedAttention, module: nn.Module,
                                    traced: dict[tuple, CapturedAttention | None]) -> CapturedAttention | None:
-    """``capture``'s block traced again with its cache-reading children as opaque calls; None when it has
-    none or that trace failed (logged). ``traced`` holds one trace per block structure, for the caller to
-    share between layers."""
-    if not stateful_children(module):
+    """``capture``'s block traced again with each child that reads the cache as one opaque op (see the module
+    docstring); None when it has none or that trace failed (logged). ``traced`` holds one trace per block
+    structure, for the caller to share between layers."""
+    children = stateful_children(module)
+    if not children:
         return None
     key, record = capture.structure_key, recorded_call(capture)
     if key not in traced:
         try:
-            traced[key] = capture_with_stateful_children(capture.module_path, module, record)
+            calls = _record_stateful_calls(module, children, record)
+            with _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls):
+                traced[key] = capture_module(capture.module_path, module, record)
         except Exception as exc:  # noqa: BLE001 - the caller keeps the first trace's result
             logger.warning("%s: tracing its cache-reading child modules as opaque calls failed: %s",
                            capture.module_path, _first_line(exc))

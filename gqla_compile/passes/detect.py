@@ -15,7 +15,7 @@ The skeleton, described once with its optional pieces (instead of one pattern pe
     mask <- [scatter(top-k indices) into the mask]          optional token selection (sparse attention, DSA)
       indices <- topk(scores computed from the block's own projections and index keys)   an indexer, or
       indices <- stateful_child(...)   an indexer that reads the cache itself, kept as one opaque call
-                                       (capture.capture_with_stateful_children), or
+                                       (capture.retrace_with_stateful_children), or
       indices <- a block input                                 a selection another block made (shared)
       [clamped into the traced key length: indices outside the cache select nothing, transformers' -1]
 
