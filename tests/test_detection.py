@@ -160,7 +160,7 @@ def test_one_pass_manager_records_every_layer_and_uuids_hash_the_source_file():
     assert state.records[0].uuid == hashlib.sha256(detect_source).hexdigest()[:16]
 
 
-def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report(monkeypatch):
+def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report():
     from gqla_compile.compile import compile_model
 
     class FreshLM(HandWrittenLatentLM):
@@ -171,8 +171,9 @@ def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report(monkeypat
     model = gqla_compile.optimize(FreshLM().eval(), target="h100", path="absorbed", compile=False)
     stats = compile_model(model, backend="eager")
     model.gqla_optimization.compile = stats
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with torch.no_grad():
+    # torch's own patch restores the setting: pytest 9.2's monkeypatch undoes a config-module attribute by
+    # deleting it, which hides recompile_limit from every later test in the process
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
         model(torch.randint(0, 97, (1, 5)))
         assert not stats.fell_back_to_eager
         model(torch.randint(0, 97, (1, 7)))  # a new length needs a recompile, past the limit of one
