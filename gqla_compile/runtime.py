@@ -15,6 +15,7 @@ from torch import fx, nn
 from collections.abc import Callable
 
 from .capture import CACHE_ARGUMENTS, argument_leaf
+from .kernels import cache_matmul
 
 #: The cache method transformers' DSA families keep their indexer's keys with (``DynamicIndexedLayer``).
 UPDATE_INDEXER = "update_indexer"
@@ -69,9 +70,9 @@ def attention_over_cache(
         dims, kv_heads = part.shape[-1], part.shape[1]
         folded = query[..., offset : offset + dims].unflatten(1, (kv_heads, -1)).flatten(2, 3)
         if t == 1 and folded.shape[-2] <= KEYS_MAJOR_ROWS and part.is_contiguous() and part.device.type == "cpu":
-            part_scores = torch.matmul(part, folded.transpose(-1, -2)).transpose(-1, -2)
+            part_scores = cache_matmul(part, folded.transpose(-1, -2), folded.shape[-2]).transpose(-1, -2)
         else:
-            part_scores = torch.matmul(folded, part.transpose(-1, -2))
+            part_scores = cache_matmul(folded, part.transpose(-1, -2), folded.shape[-2])
         part_scores = part_scores.reshape(batch, heads, t, s)
         scores = part_scores if scores is None else scores + part_scores
         offset += dims
@@ -83,7 +84,7 @@ def attention_over_cache(
             scores = scores + mask
     probs = softmax_with_sink(scores, sink).to(value.dtype)
     kv_heads = value.shape[1]
-    out = torch.matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value)
+    out = cache_matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value, heads // kv_heads * t)
     return out.view(batch, heads, t, value.shape[-1])
 
 

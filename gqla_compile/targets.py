@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .errors import UnknownTargetError
 
 logger = logging.getLogger(__name__)
@@ -263,9 +264,15 @@ def _median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3
 
 
 def _matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
+    """The best square-GEMM rate of torch's CPU matmul libraries: MKL (torch.mm) and oneDNN, which the
+    decode core also runs (kernels.py). On an AMD CPU with AVX-512, MKL takes its AVX2 path at less than half
+    of oneDNN's rate: a roofline from torch.mm alone would hide that half of the chip."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), budget_s)
+    rates = [2 * n**3 / _median_seconds(lambda: torch.mm(a, b), budget_s)]
+    if torch.backends.mkldnn.is_available():
+        rates.append(2 * n**3 / _median_seconds(lambda: kernels.onednn_matmul(a[None], b[None]), budget_s))
+    return max(rates)
 
 
 def _read_bandwidth(n_bytes: int = 256 * 2**20, budget_s: float = 0.5) -> float:
@@ -369,8 +376,8 @@ def _cache_file() -> Path:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    # the runtime's source is part of the key: a changed attention kernel is measured afresh
-    source = hashlib.sha256(Path(runtime.__file__).read_bytes()).hexdigest()
+    # the runtime's and the kernels' source are part of the key: a changed attention kernel is measured afresh
+    source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (runtime, kernels))).hexdigest()
     identity = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{source}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GQLA_COMPILE_CACHE", Path.home() / ".cache" / "gqla_compile"))

@@ -1,0 +1,88 @@
+"""The decode core's matmuls on CPU through oneDNN, where its inner product reads the cache as it lies.
+
+torch.matmul on CPU runs MKL, which on this project's AMD CPU (AVX-512) takes its AVX2 code path: about
+100 GFLOP/s on one core, where oneDNN's AVX-512 inner product runs 230. The decode core of the absorbed
+path is compute-bound on a CPU (every cached latent meets every query head), so the rate is the step.
+oneDNN's inner product computes ``x @ w.T`` with ``x`` dense rows and ``w`` dense either way, which fits
+the cache: scores keys-major (cached rows @ q^T) or query-major (q @ cached rows^T), and values
+(probabilities @ cached rows, the rows read as a transposed weight). It is wrapped in a custom op, so
+Inductor calls it as it is (its own lowering of ``mkldnn._linear_pointwise`` wants constant weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Query rows per cached head from which the decode core runs on oneDNN: there each cached row meets enough
+#: query rows that the FLOP rate sets the time (the absorbed path: every head reads the one latent). Below it
+#: the core is bound by reading the cache, and MKL streams thin products from memory faster than oneDNN's
+#: inner product does (one thread, 8k context, 12 layers: the absorbed core with 16 heads 18 ms against
+#: MKL's 30; with 4 heads 16 ms against 12; the grouped core, 4 heads per group, 13 ms against 12).
+ONEDNN_MIN_ROWS = 16
+#: A value read as a leading slice of wider cached rows (the absorbed latent inside [c ; k_R]) is read whole
+#: and the extra columns dropped, up to this much extra work; beyond it torch.matmul reads the slice.
+MAX_EXTRA_COLUMNS = 0.25
+DTYPES = (torch.float32, torch.bfloat16)
+#: Read once: torch.compile does not trace torch.backends.mkldnn.is_available (a graph break per call).
+AVAILABLE = torch.backends.mkldnn.is_available()
+
+
+@torch.library.custom_op("gqla_compile::onednn_matmul", mutates_args=())
+def onednn_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [N, M, K] @ y [N, K, P], one oneDNN inner product per leading index. ``x`` has dense rows; ``y``
+    dense rows (a row stride above P: a leading column slice of wider rows, read whole) or dense columns."""
+    out = x.new_empty(x.shape[0], x.shape[1], y.shape[2])
+    width = y.shape[2]
+    for i in range(x.shape[0]):
+        rows = y[i]
+        if rows.stride(1) == 1 and rows.stride(0) > width:  # a column slice of wider rows
+            if not _storage_holds_rows(rows):  # its last row ends the storage: the slice as torch reads it
+                out[i] = torch.matmul(x[i], rows)
+                continue
+            rows = rows.as_strided((rows.shape[0], rows.stride(0)), rows.stride())
+        out[i] = torch.ops.mkldnn._linear_pointwise(x[i], rows.t(), None, "none", [], "")[:, :width]
+    return out
+
+
+@onednn_matmul.register_fake
+def _(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[2])
+
+
+def cache_matmul(x: torch.Tensor, y: torch.Tensor, rows_per_cached_head: int) -> torch.Tensor:
+    """``x @ y`` for the decode core: through :func:`onednn_matmul` on CPU when the core is compute-bound
+    (``rows_per_cached_head`` query rows per cached row, at least ONEDNN_MIN_ROWS) and both operands lie as
+    the inner product reads them (same leading dims, no broadcasting, no gradient); torch.matmul otherwise."""
+    if rows_per_cached_head < ONEDNN_MIN_ROWS or not _onednn_reads(x, y):
+        return torch.matmul(x, y)
+    lead = x.shape[:-2]
+    out = onednn_matmul(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+    return out.view(*lead, x.shape[-2], y.shape[-1])
+
+
+def _onednn_reads(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if (x.device.type != "cpu" or x.dtype not in DTYPES or y.dtype != x.dtype or x.dim() != y.dim()
+            or x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or not AVAILABLE):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return False
+    if not (_mergeable_leading(x) and _mergeable_leading(y)):
+        return False
+    (m, k), (_, p) = x.shape[-2:], y.shape[-2:]
+    dense_x = x.stride(-1) == 1 and x.stride(-2) == k
+    rows_y = y.stride(-1) == 1 and p <= y.stride(-2) <= math.floor(p * (1 + MAX_EXTRA_COLUMNS))
+    columns_y = y.stride(-2) == 1 and y.stride(-1) == k
+    return m > 0 and dense_x and (rows_y or columns_y)
+
+
+def _mergeable_leading(t: torch.Tensor) -> bool:
+    """Whether the dims before the last two flatten into one without a copy."""
+    return all(t.shape[i + 1] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 3))
+
+
+def _storage_holds_rows(rows: torch.Tensor) -> bool:
+    """Whether a column slice's last row can be read whole (its storage goes on past the slice)."""
+    end = rows.storage_offset() + rows.shape[0] * rows.stride(0)
+    return end * rows.element_size() <= rows.untyped_storage().nbytes()
