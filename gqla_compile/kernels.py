@@ -1,12 +1,17 @@
 """The decode core's matmuls on CPU through oneDNN, where its inner product reads the cache as it lies.
 
 torch.matmul on CPU runs MKL, which on this project's AMD CPU (AVX-512) takes its AVX2 code path: about
-100 GFLOP/s on one core, where oneDNN's AVX-512 inner product runs 230. The decode core of the absorbed
-path is compute-bound on a CPU (every cached latent meets every query head), so the rate is the step.
-oneDNN's inner product computes ``x @ w.T`` with ``x`` dense rows and ``w`` dense either way, which fits
-the cache: scores keys-major (cached rows @ q^T) or query-major (q @ cached rows^T), and values
-(probabilities @ cached rows, the rows read as a transposed weight). It is wrapped in a custom op, so
-Inductor calls it as it is (its own lowering of ``mkldnn._linear_pointwise`` wants constant weights).
+100 GFLOP/s on one core, where oneDNN's AVX-512 inner product runs 225. oneDNN's inner product computes
+``x @ w.T`` with ``x`` dense rows and ``w`` dense either way, which fits the cache: scores keys-major
+(cached rows @ q^T) or query-major (q @ cached rows^T), and values (probabilities @ cached rows, the rows
+read as a transposed weight). It is wrapped in a custom op, so Inductor calls it as it is (its own lowering
+of ``mkldnn._linear_pointwise`` wants constant weights).
+
+Which library runs what was measured on that CPU (one thread, 8k cached rows of 64, 96 and 288 floats,
+several hundred MB streamed from memory; GB/s of cache read): the values product streams 1.3-2.3x faster
+on oneDNN at every query row count (288 floats, 16 rows: 16.0 against MKL's 8.1; 96 floats, 4 rows: 23.5
+against 14.5). Scores: MKL's keys-major product is faster at 2-4 rows (96 floats, 4 rows: 13.4 against
+11.1), oneDNN from 8 rows on (288 floats, 16 rows: 10.5 against 6.7), where the FLOP rate starts to count.
 """
 
 from __future__ import annotations
@@ -15,12 +20,8 @@ import math
 
 import torch
 
-#: Query rows per cached head from which the decode core runs on oneDNN: there each cached row meets enough
-#: query rows that the FLOP rate sets the time (the absorbed path: every head reads the one latent). Below it
-#: the core is bound by reading the cache, and MKL streams thin products from memory faster than oneDNN's
-#: inner product does (one thread, 8k context, 12 layers: the absorbed core with 16 heads 18 ms against
-#: MKL's 30; with 4 heads 16 ms against 12; the grouped core, 4 heads per group, 13 ms against 12).
-ONEDNN_MIN_ROWS = 16
+#: Query rows per cached row from which the scores run on oneDNN (see the module docstring).
+SCORE_ROWS_ONEDNN = 8
 #: A value read as a leading slice of wider cached rows (the absorbed latent inside [c ; k_R]) is read whole
 #: and the extra columns dropped, up to this much extra work; beyond it torch.matmul reads the slice.
 MAX_EXTRA_COLUMNS = 0.25
@@ -51,11 +52,19 @@ def _(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], x.shape[1], y.shape[2])
 
 
-def cache_matmul(x: torch.Tensor, y: torch.Tensor, rows_per_cached_head: int) -> torch.Tensor:
-    """``x @ y`` for the decode core: through :func:`onednn_matmul` on CPU when the core is compute-bound
-    (``rows_per_cached_head`` query rows per cached row, at least ONEDNN_MIN_ROWS) and both operands lie as
-    the inner product reads them (same leading dims, no broadcasting, no gradient); torch.matmul otherwise."""
-    if rows_per_cached_head < ONEDNN_MIN_ROWS or not _onednn_reads(x, y):
+def score_matmul(x: torch.Tensor, y: torch.Tensor, rows_per_cached_row: int) -> torch.Tensor:
+    """``x @ y`` over the head dims (query rows against cached rows, either way round): on oneDNN from
+    SCORE_ROWS_ONEDNN query rows per cached row where the operands allow (:func:`_onednn_reads`)."""
+    return _cache_matmul(x, y, onednn=rows_per_cached_row >= SCORE_ROWS_ONEDNN)
+
+
+def value_matmul(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` over the cached tokens: on oneDNN where the operands allow (:func:`_onednn_reads`)."""
+    return _cache_matmul(probs, values, onednn=True)
+
+
+def _cache_matmul(x: torch.Tensor, y: torch.Tensor, *, onednn: bool) -> torch.Tensor:
+    if not (onednn and _onednn_reads(x, y)):
         return torch.matmul(x, y)
     lead = x.shape[:-2]
     out = onednn_matmul(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
@@ -63,6 +72,8 @@ def cache_matmul(x: torch.Tensor, y: torch.Tensor, rows_per_cached_head: int) ->
 
 
 def _onednn_reads(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """CPU, float32 or bfloat16, same leading dims (no broadcasting), no gradient, ``x`` dense rows and ``y``
+    dense rows (up to MAX_EXTRA_COLUMNS wider) or dense columns."""
     if (x.device.type != "cpu" or x.dtype not in DTYPES or y.dtype != x.dtype or x.dim() != y.dim()
             or x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or not AVAILABLE):
         return False

@@ -15,7 +15,7 @@ from torch import fx, nn
 from collections.abc import Callable
 
 from .capture import CACHE_ARGUMENTS, argument_leaf
-from .kernels import cache_matmul
+from .kernels import SCORE_ROWS_ONEDNN, score_matmul, value_matmul
 
 #: The cache method transformers' DSA families keep their indexer's keys with (``DynamicIndexedLayer``).
 UPDATE_INDEXER = "update_indexer"
@@ -23,13 +23,13 @@ UPDATE_INDEXER = "update_indexer"
 
 #: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
 FOLD_QUERY_HEADS_UP_TO = 16
-#: One new token per sequence and up to this many query heads per cached head: a contiguous key part (the
-#: copied grouped layout, the absorbed latent; not the shared layout's strided views) is scored keys-major,
-#: K q^T. BLAS streams the thin product over the keys about twice as fast as q K^T at 1-8 rows, and no
-#: slower up to 16 (MKL, one thread, this project's CPU; GPUs keep q K^T, unmeasured there). Several new
-#: tokens keep q K^T: Inductor's fused mask-and-softmax kernel reads keys-major scores strided, which cost
-#: more than the matmul saved (DeepSeek-V3 shape, s_q 2: 28 ms a step keys-major, 21 ms without).
-KEYS_MAJOR_ROWS = 8
+#: One new token per sequence and fewer query heads per cached head than the scores need to run on oneDNN
+#: (kernels.SCORE_ROWS_ONEDNN): a contiguous key part (the copied grouped layout, the absorbed latent; not
+#: the shared layout's strided views) is scored keys-major, K q^T. MKL streams that thin product about twice
+#: as fast as q K^T (one thread, this project's CPU; GPUs keep q K^T, unmeasured there). Several new tokens
+#: keep q K^T: Inductor's fused mask-and-softmax kernel reads keys-major scores strided, which cost more than
+#: the matmul saved (DeepSeek-V3 shape, s_q 2: 28 ms a step keys-major, 21 ms without).
+KEYS_MAJOR_ROWS = SCORE_ROWS_ONEDNN - 1
 
 
 def _mask_for_no_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -70,9 +70,9 @@ def attention_over_cache(
         dims, kv_heads = part.shape[-1], part.shape[1]
         folded = query[..., offset : offset + dims].unflatten(1, (kv_heads, -1)).flatten(2, 3)
         if t == 1 and folded.shape[-2] <= KEYS_MAJOR_ROWS and part.is_contiguous() and part.device.type == "cpu":
-            part_scores = cache_matmul(part, folded.transpose(-1, -2), folded.shape[-2]).transpose(-1, -2)
+            part_scores = score_matmul(part, folded.transpose(-1, -2), folded.shape[-2]).transpose(-1, -2)
         else:
-            part_scores = cache_matmul(folded, part.transpose(-1, -2), folded.shape[-2])
+            part_scores = score_matmul(folded, part.transpose(-1, -2), folded.shape[-2])
         part_scores = part_scores.reshape(batch, heads, t, s)
         scores = part_scores if scores is None else scores + part_scores
         offset += dims
@@ -84,7 +84,7 @@ def attention_over_cache(
             scores = scores + mask
     probs = softmax_with_sink(scores, sink).to(value.dtype)
     kv_heads = value.shape[1]
-    out = cache_matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value, heads // kv_heads * t)
+    out = value_matmul(probs.view(batch, kv_heads, heads // kv_heads * t, s), value)
     return out.view(batch, heads, t, value.shape[-1])
 
 

@@ -15,7 +15,7 @@ import gqla_compile
 from gqla_compile import kernels
 from gqla_compile.tiny import tiny_deepseek_v3
 
-ROWS = kernels.ONEDNN_MIN_ROWS
+ROWS = 16  # query rows per cached row: the scores run on oneDNN too (kernels.SCORE_ROWS_ONEDNN)
 OP_NAME = "gqla_compile::onednn_matmul"
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="this torch build has no oneDNN")
@@ -45,29 +45,34 @@ def _layouts():
 
 @pytest.mark.parametrize("layout", list(_layouts()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_matmul_matches_torch_matmul(layout, dtype):
+def test_onednn_matmul_matches_torch_matmul(layout, dtype):
     x, y = (t.to(dtype) for t in _layouts()[layout])
     with torch.no_grad():
-        assert _ran_onednn(lambda: kernels.cache_matmul(x, y, ROWS))
-        got = kernels.cache_matmul(x, y, ROWS)
+        assert _ran_onednn(lambda: kernels.score_matmul(x, y, ROWS))
+        got = kernels.score_matmul(x, y, ROWS)
     want = torch.matmul(x.double(), y.double())
     assert got.shape == want.shape and got.dtype == dtype
     assert relative_error(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def test_cache_matmul_leaves_other_cases_to_torch_matmul():
-    """Fewer rows than ONEDNN_MIN_ROWS, broadcast leading dims, rows wider than the slice by more than
-    MAX_EXTRA_COLUMNS, and operands that need a gradient go through torch.matmul."""
+def test_torch_matmul_where_onednn_is_slower_or_cannot_read_the_operands():
+    """Scores with fewer query rows per cached row than SCORE_ROWS_ONEDNN (MKL streams them faster),
+    broadcast leading dims, rows wider than the slice by more than MAX_EXTRA_COLUMNS, and operands that need
+    a gradient go through torch.matmul; values with few rows still run on oneDNN."""
     x = torch.randn(1, 2, ROWS, 16)
+    few = kernels.SCORE_ROWS_ONEDNN - 1
     cases = {
-        "few rows": (torch.randn(1, 2, ROWS - 1, 16), torch.randn(1, 2, 16, 8), ROWS - 1),
+        "few rows": (torch.randn(1, 2, few, 16), torch.randn(1, 2, 16, 8), few),
         "broadcast": (x, torch.randn(1, 1, 16, 8), ROWS),
         "wide rows": (x, torch.randn(1, 2, 16, 32)[..., :8], ROWS),
         "gradient": (x.clone().requires_grad_(), torch.randn(1, 2, 16, 8), ROWS),
     }
     for name, (a, b, rows) in cases.items():
-        assert not _ran_onednn(lambda: kernels.cache_matmul(a, b, rows)), name
-        torch.testing.assert_close(kernels.cache_matmul(a, b, rows), torch.matmul(a, b), msg=name)
+        assert not _ran_onednn(lambda: kernels.score_matmul(a, b, rows)), name
+        torch.testing.assert_close(kernels.score_matmul(a, b, rows), torch.matmul(a, b), msg=name)
+    probs, values = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 16, 8)
+    assert _ran_onednn(lambda: kernels.value_matmul(probs, values))
+    torch.testing.assert_close(kernels.value_matmul(probs, values), torch.matmul(probs, values))
 
 
 @pytest.fixture(scope="module")
