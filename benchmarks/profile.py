@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from gqla_compile import targets
+
 from . import common
 
 PART = "profile"
@@ -25,6 +27,8 @@ PART = "profile"
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous", "aten::index_copy", "aten::_to_copy",
             "aten::index_put_", "aten::expand_as")
 TOP_OPS = 12
+#: The attention core's matmuls: MKL's (aten) and oneDNN's (the inner product under kernels.onednn_matmul).
+ATTENTION_MATMUL_OPS = ("aten::bmm", "mkldnn::_linear_pointwise")
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -52,19 +56,6 @@ def profile_step(timer: common.DecodeTimer, steps: int) -> dict[str, Any]:
     timing = timer.time(warmup=0, min_repeats=3, budget_s=0.5)
     return {"step_ms": timing.median * 1e3, "profiled_ms": sum(o["self_ms"] for o in ops.values()),
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"]))}
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of one streaming read (a sum over 256 MiB, far beyond the last-level cache)."""
-    data = torch.ones(2**26)
-    timing = common.time_call(lambda: data.sum(), warmup=1, min_repeats=5, budget_s=0.3)
-    return data.numel() * data.element_size() / timing.median
-
-
-def matmul_rate() -> float:
-    """FLOP/s of a 1024 x 1024 float32 matmul (the compute roof)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / common.time_call(lambda: a @ b, warmup=1, min_repeats=5, budget_s=0.3).median
 
 
 def attention_flops_per_token(config, path: str) -> float:
@@ -98,8 +89,8 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
     runs = common.Measurements(pool)
     modes = [False, True] if compile else [False]
     payload: dict[str, Any] = {"part": PART, "quick": quick, "settings": cfg, "dtype": str(pool.dtype),
-                               "machine": common.machine_info(pool.device), "read_bandwidth": read_bandwidth(),
-                               "matmul_rate": matmul_rate(),
+                               "machine": common.machine_info(pool.device), "read_bandwidth": targets.read_bandwidth(),
+                               "matmul_rate": targets.matmul_flops(torch.float32),
                                "profiles": [], "growth": {}}
     for path in common.PATHS:
         for compiled in modes:
@@ -135,6 +126,10 @@ def run(out: str, *, quick: bool = False, compile: bool = True, pool: common.Mod
     return payload
 
 
+def _attention_matmul_ms(ops: dict[str, Any]) -> float:
+    return sum(ops.get(name, {}).get("self_ms", 0.0) for name in ATTENTION_MATMUL_OPS)
+
+
 def _op(name: str) -> str:
     """An op name short enough for a table: Inductor's kernels lose their graph number, long names are cut."""
     name = re.sub(r"^graph_\d+_", "", name)
@@ -154,21 +149,22 @@ def summary(payload: dict[str, Any]) -> str:
         steps.setdefault(f"{p['path']} {'compiled' if p['compiled'] else 'eager'}", {})[p["context"]] = p
     contexts = payload["settings"]["contexts"]
     lines += ["### Step time and the attention matmuls' share", "",
+              f"The attention matmuls: self time of {' and '.join(ATTENTION_MATMUL_OPS)}.", "",
               common.markdown_table(["variant", *(f"step ms @ {c}" for c in contexts),
-                                     *(f"aten::bmm ms @ {c}" for c in contexts)],
+                                     *(f"attention matmuls ms @ {c}" for c in contexts)],
                                     [[name, *(by[c]["step_ms"] if c in by else None for c in contexts),
-                                      *(by[c]["ops"].get("aten::bmm", {}).get("self_ms") if c in by else None
-                                        for c in contexts)] for name, by in steps.items()]), ""]
+                                      *(_attention_matmul_ms(by[c]["ops"]) if c in by else None for c in contexts)]
+                                     for name, by in steps.items()]), ""]
     lines += ["### What grows with the context", "",
               "Extra time per 1,000 context tokens between the smallest and the largest context, against its "
               "roofline: reading those tokens' cache once at the measured bandwidth, or their attention FLOPs at the "
               "measured matmul rate, whichever is longer. Per op: its share of that growth.", ""]
     for name, g in payload["growth"].items():
-        bmm = next((r["ms_per_1k_tokens"] for r in g["ops"] if r["op"] == "aten::bmm"), 0.0)
+        matmuls = sum(r["ms_per_1k_tokens"] for r in g["ops"] if r["op"] in ATTENTION_MATMUL_OPS)
         lines += [f"**{name}**: step +{g['step_ms_per_1k_tokens']:.3f} ms per 1k tokens; roofline "
                   f"{g['roofline_ms_per_1k_tokens']:.3f} ms (cache read {g['cache_read_ms_per_1k_tokens']:.3f}, FLOPs "
                   f"{g['flops_ms_per_1k_tokens']:.3f}): {g['step_ms_per_1k_tokens'] / g['roofline_ms_per_1k_tokens']:.1f}x; "
-                  f"aten::bmm (the attention matmuls) {100 * bmm / g['step_ms_per_1k_tokens']:.0f} % of the growth", "",
+                  f"the attention matmuls {100 * matmuls / g['step_ms_per_1k_tokens']:.0f} % of the growth", "",
                   common.markdown_table(["op", "ms per 1k tokens", "copy"],
                                         [[_op(r["op"]), r["ms_per_1k_tokens"], "yes" if r["copy"] else ""]
                                          for r in g["ops"]]), ""]

@@ -263,7 +263,7 @@ def _median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3
     return sorted(samples)[len(samples) // 2]
 
 
-def _matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
+def matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
     """The best square-GEMM rate of torch's CPU matmul libraries: MKL (torch.mm) and oneDNN, which the
     decode core also runs (kernels.py). On an AMD CPU with AVX-512, MKL takes its AVX2 path at less than half
     of oneDNN's rate: a roofline from torch.mm alone would hide that half of the chip."""
@@ -275,7 +275,7 @@ def _matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> f
     return max(rates)
 
 
-def _read_bandwidth(n_bytes: int = 256 * 2**20, budget_s: float = 0.5) -> float:
+def read_bandwidth(n_bytes: int = 256 * 2**20, budget_s: float = 0.5) -> float:
     """One streaming read (a sum) of a buffer far larger than the last-level cache, as decode reads weights
     and the cache."""
     data = torch.ones(n_bytes // 4)
@@ -400,12 +400,12 @@ def measure_cpu_now(budget_s: float = 0.3) -> Target:
     """Measure this machine at the current torch thread count (about 20 s): float32 (and bfloat16) matmul
     rate, streaming read bandwidth, and the efficiency of the weight GEMVs and of each path's attention
     core (``KernelEfficiency``). The interconnect is the copy bandwidth / CPU_INTERCONNECT_FACTOR."""
-    peaks = {"float32": _matmul_flops(torch.float32)}
+    peaks = {"float32": matmul_flops(torch.float32)}
     try:
-        peaks["bfloat16"] = _matmul_flops(torch.bfloat16)
+        peaks["bfloat16"] = matmul_flops(torch.bfloat16)
     except RuntimeError as exc:  # a CPU build without bfloat16 matmul
         logger.info("bfloat16 matmul not measured on this CPU: %s", exc)
-    bandwidth = _read_bandwidth()
+    bandwidth = read_bandwidth()
     copy = _copy_bandwidth()
     with torch.no_grad():
         kernels = {KERNEL_GEMV: _gemv_efficiency(bandwidth, peaks["float32"], budget_s)}
