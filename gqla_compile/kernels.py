@@ -72,25 +72,31 @@ def _cache_matmul(x: torch.Tensor, y: torch.Tensor, *, onednn: bool) -> torch.Te
 
 
 def _onednn_reads(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """CPU, float32 or bfloat16, same leading dims (no broadcasting), no gradient, ``x`` dense rows and ``y``
-    dense rows (up to MAX_EXTRA_COLUMNS wider) or dense columns."""
+    """CPU, float32 or bfloat16, same leading dims (no broadcasting), no gradient, ``x`` contiguous and ``y``
+    contiguous either way round, or (values) a leading column slice of contiguous rows at most
+    MAX_EXTRA_COLUMNS wider. Strides are read only for that slice: Dynamo cannot read the strides of some
+    tensors computed inside a graph with dynamic shapes (the probabilities), whose contiguity it can."""
     if (x.device.type != "cpu" or x.dtype not in DTYPES or y.dtype != x.dtype or x.dim() != y.dim()
             or x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or not AVAILABLE):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return False
-    if not (_mergeable_leading(x) and _mergeable_leading(y)):
+    if not x.is_contiguous():
         return False
-    (m, k), (_, p) = x.shape[-2:], y.shape[-2:]
-    dense_x = x.stride(-1) == 1 and x.stride(-2) == k
-    rows_y = y.stride(-1) == 1 and p <= y.stride(-2) <= math.floor(p * (1 + MAX_EXTRA_COLUMNS))
-    columns_y = y.stride(-2) == 1 and y.stride(-1) == k
-    return m > 0 and dense_x and (rows_y or columns_y)
+    return y.is_contiguous() or y.transpose(-1, -2).is_contiguous() or _column_slice_of_rows(y)
 
 
-def _mergeable_leading(t: torch.Tensor) -> bool:
-    """Whether the dims before the last two flatten into one without a copy."""
-    return all(t.shape[i + 1] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(t.dim() - 3))
+def _column_slice_of_rows(y: torch.Tensor) -> bool:
+    """Whether ``y`` is the first columns of dense rows at most MAX_EXTRA_COLUMNS wider, its leading dims
+    flattening into one without a copy."""
+    width = y.shape[-1]
+    strides = y.stride()
+    if strides[-1] != 1 or not width <= strides[-2] <= math.floor(width * (1 + MAX_EXTRA_COLUMNS)):
+        return False
+    for i in range(y.dim() - 3):
+        if y.shape[i + 1] != 1 and strides[i] != strides[i + 1] * y.shape[i + 1]:
+            return False
+    return True
 
 
 def _storage_holds_rows(rows: torch.Tensor) -> bool:
