@@ -74,8 +74,8 @@ def _cache_matmul(x: torch.Tensor, y: torch.Tensor, *, onednn: bool) -> torch.Te
 def _onednn_reads(x: torch.Tensor, y: torch.Tensor) -> bool:
     """CPU, float32 or bfloat16, same leading dims (no broadcasting), no gradient, ``x`` contiguous and ``y``
     contiguous either way round, or (values) a leading column slice of contiguous rows at most
-    MAX_EXTRA_COLUMNS wider. Strides are read only for that slice: Dynamo cannot read the strides of some
-    tensors computed inside a graph with dynamic shapes (the probabilities), whose contiguity it can."""
+    MAX_EXTRA_COLUMNS wider. Strides are read only for that slice: under automatic dynamic shapes Dynamo
+    failed reading an operand's strides (the cost-model benchmark's grid), where it reads contiguity."""
     if (x.device.type != "cpu" or x.dtype not in DTYPES or y.dtype != x.dtype or x.dim() != y.dim()
             or x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or not AVAILABLE):
         return False
