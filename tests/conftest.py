@@ -18,8 +18,12 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Put each test in the xdist group of the cached model it shares (its family, else its module)."""
+    """Put each test in the xdist group of the cached model it shares (its family, else its module). First
+    among the hooks: pytest-xdist's own reads the groups from the markers in the same hook, and without
+    ``tryfirst`` it ran before this one and saw none (every module's tests spread over both workers, each
+    building the module's fixtures again)."""
     for item in items:
         params = getattr(item, "callspec", None)
         family = params.params.get("name") if params is not None else None
