@@ -39,7 +39,8 @@ def _layouts():
         "keys-major scores": (cached, query.transpose(-1, -2)),
         "values, a leading column slice of wider rows": (probs, cached[..., :32]),
         "values, dense rows": (probs, torch.randn(2, 1, 33, 32, generator=g)),
-        "values, a slice whose last row ends the storage": (probs[:1], torch.randn(1, 1, 33, 36, generator=g)[..., :32]),
+        "values, a slice whose last row ends the storage": (probs[:1],
+                                                            torch.randn(1, 1, 33, 36, generator=g)[..., :32]),
     }
 
 
@@ -66,7 +67,8 @@ def test_torch_matmul_where_onednn_is_slower_or_cannot_read_the_operands():
         "few rows": (torch.randn(1, 2, few, 16), torch.randn(1, 2, 16, 8), few),
         "broadcast": (x, torch.randn(1, 1, 16, 8), ROWS),
         "wide rows": (x, torch.randn(1, 2, 16, 32)[..., :8], ROWS),
-        "leading dims that do not flatten": (torch.randn(2, 2, ROWS, 16), torch.randn(2, 2, 16, 8).transpose(0, 1), ROWS),
+        "leading dims that do not flatten": (torch.randn(2, 2, ROWS, 16), torch.randn(2, 2, 16, 8).transpose(0, 1),
+                                             ROWS),
         "gradient": (x.clone().requires_grad_(), torch.randn(1, 2, 16, 8), ROWS),
     }
     for name, (a, b, rows) in cases.items():
