@@ -5,11 +5,14 @@ relative squared error between their per-layer hidden states), minimized with Ad
 only by default, with linear warm-up and cosine decay. Batches are a pure function of (seed, step), and the
 models run in eval mode (no dropout), so a run resumed from a checkpoint takes exactly the steps of an
 uninterrupted one. Checkpoints hold the trainable tensors and the optimizer's moments (safetensors) and a small
-JSON state, written to a temporary folder and renamed into place.
+JSON state, written to a temporary folder and renamed into place. The state records fingerprints of the run's
+inputs (the student's starting weights, the teacher's weights, the token windows): a checkpoint is resumed only
+by the run it belongs to, never into another model that happens to have the same tensor names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -147,9 +150,43 @@ class _Checkpoint:
         (folder / STATE_FILE).write_text(json.dumps(self.state, indent=2) + "\n")
 
 
+#: Elements of each tensor a fingerprint reads (evenly spaced): cheap on a large teacher, and two different
+#: models (or one model before and after training) differ at nearly every element.
+FINGERPRINT_SAMPLES = 65536
+
+
+def fingerprint(tensors: dict[str, torch.Tensor], samples: int | None = FINGERPRINT_SAMPLES) -> str:
+    """A digest of named tensors: names, shapes, dtypes and an evenly spaced sample of their values (all of
+    them with ``samples=None``)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples) if samples else 1].to("cpu", copy=True).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()
+
+
+def _run_fingerprints(params: dict[str, nn.Parameter], teacher: nn.Module, windows: torch.Tensor) -> dict[str, str]:
+    """What a checkpoint must have been trained from to be resumed by this run."""
+    return {"student": fingerprint(dict(params)), "teacher": fingerprint(dict(teacher.state_dict())),
+            "windows": fingerprint({"windows": windows}, samples=None)}
+
+
+def _check_checkpoint_folder(folder: Path) -> None:
+    """Refuse a folder that exists but holds no healing checkpoint: saving would replace the user's files."""
+    if folder.exists() and not (folder / STATE_FILE).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise HealError(f"checkpoint folder {str(folder)!r} exists and holds no healing checkpoint "
+                        f"({STATE_FILE}); it would be replaced: name a new or empty folder")
+
+
 def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-            config: HealConfig) -> int:
-    """Load a checkpoint into the parameters and optimizer; the step it stopped at."""
+            config: HealConfig, fingerprints: dict[str, str]) -> int:
+    """Load a checkpoint into the parameters and optimizer; the step it stopped at.
+
+    The student may be where the run started (a new process, from the converted model) or where the checkpoint
+    stopped (the same model healed on in stages); the teacher and the windows must be the run's."""
     from safetensors.torch import load_file
 
     state = json.loads((folder / STATE_FILE).read_text())
@@ -159,6 +196,14 @@ def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.opti
     weights = load_file(folder / WEIGHTS_FILE)
     if set(weights) != set(params):
         raise HealError(f"checkpoint {str(folder)!r} holds other tensors than this model's trainable ones")
+    saved = state.get("fingerprints", {})
+    differing = [name for name in fingerprints if saved.get(name) != fingerprints[name]
+                 and not (name == "student" and fingerprint(weights) == fingerprints[name])]
+    if differing:
+        raise HealError(f"checkpoint {str(folder)!r} belongs to another run (its {', '.join(differing)} "
+                        "differ from this run's); resuming would load another model's weights: use another "
+                        "checkpoint folder or delete this one")
+    fingerprints.update(saved)  # the run keeps the fingerprints it started with
     moments = load_file(folder / OPTIMIZER_FILE)
     with torch.no_grad():
         for name, param in params.items():
@@ -191,7 +236,8 @@ def heal(
         texts: strings (with ``tokenizer``) or token-id sequences, cut into ``config.seq_len`` windows.
         config: the hyper-parameters (``HealConfig()`` by default).
         checkpoint_dir: written every ``checkpoint_every`` steps and at the end; if it holds a checkpoint of the
-            same settings, the run resumes from it.
+            same settings, model, teacher and text, the run resumes from it (a checkpoint of another run, or a
+            folder that holds something else, is refused).
         stop_after: stop (with a checkpoint) after this many steps in total, e.g. to split a run; the schedule
             still follows ``config.steps``.
         device: where to train (default: the model's device); the teacher is moved there too.
@@ -212,7 +258,11 @@ def heal(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start = _resume(folder, params, optimizer, config) if folder is not None and (folder / STATE_FILE).is_file() else 0
+    fingerprints = _run_fingerprints(params, teacher, windows) if folder is not None else {}
+    if folder is not None:
+        _check_checkpoint_folder(folder)
+    start = (_resume(folder, params, optimizer, config, fingerprints)
+             if folder is not None and (folder / STATE_FILE).is_file() else 0)
     if start:
         logger.info("healing resumes at step %d from %s", start, folder)
     end = min(config.steps, stop_after if stop_after is not None else config.steps)
@@ -225,7 +275,8 @@ def heal(
             return
         from .checkpoint import save_pretrained_atomic
 
-        state = {"step": step, "config": asdict(config), "last_loss": result.losses[-1] if result.losses else None}
+        state = {"step": step, "config": asdict(config), "fingerprints": fingerprints,
+                 "last_loss": result.losses[-1] if result.losses else None}
         save_pretrained_atomic(_Checkpoint(params, optimizer, state), folder, force=True)
 
     try:

@@ -123,3 +123,29 @@ def test_cli_heal_writes_a_loadable_model(tmp_path, capsys):
     assert (tmp_path / "healed.checkpoint" / "heal_state.json").is_file()
     assert cli_main(["-q", "heal", *args]) == 2  # the output exists: needs --force
     assert "--force" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_model_or_a_foreign_folder_is_refused(tmp_path):
+    """Same settings and tensor names, another model: resuming would swap in the other model's weights."""
+    student, teacher = make_pair()
+    folder = tmp_path / "ckpt"
+    heal(student, teacher, TEXTS, config=CONFIG, progress=False, checkpoint_dir=folder, stop_after=2)
+    other, teacher = make_pair()
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    with pytest.raises(HealError, match="another run.*student"):
+        heal(other, teacher, TEXTS, config=CONFIG, progress=False, checkpoint_dir=folder)
+    # the same model healed on in stages (its weights are where the checkpoint stopped) resumes
+    assert heal(student, teacher, TEXTS, config=CONFIG, progress=False, checkpoint_dir=folder, stop_after=4).step == 4
+    fresh, teacher = make_pair()  # and so does the converted model it started from
+    assert heal(fresh, teacher, TEXTS, config=CONFIG, progress=False, checkpoint_dir=folder, stop_after=5).step == 5
+    fresh, teacher = make_pair()
+    with pytest.raises(HealError, match="another run.*windows"):
+        heal(fresh, teacher, TEXTS[::-1], config=CONFIG, progress=False, checkpoint_dir=folder)
+    foreign = tmp_path / "my_model"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(HealError, match="holds no healing checkpoint"):
+        heal(fresh, teacher, TEXTS, config=CONFIG, progress=False, checkpoint_dir=foreign)
+    assert sorted(os.listdir(foreign)) == ["config.json"]
