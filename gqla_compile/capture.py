@@ -2,8 +2,8 @@
 
 How it is traced (written down here, as the report shows it): the model runs once on a tiny batch with
 forward pre-hooks that record each candidate module's call arguments; each module is then traced with
-``torch.export.export`` (non-strict) with a dynamic batch and sequence dim, no cache and no attention
-mask, and functionalized with ``run_decompositions({})``. The result is a clean aten graph (``linear``,
+``torch.export.export`` (non-strict) with a dynamic batch and sequence dim, no cache and the attention
+mask it was called with, and functionalized with ``run_decompositions({})``. The result is a clean aten graph (``linear``,
 ``split_with_sizes``, the norm and RoPE ops, one ``scaled_dot_product_attention`` or the eager
 matmul/softmax/matmul) whose parameters are placeholders named by the graph signature. Detection works on
 that graph alone, never on class or parameter names. The cache update is not in the graph: the installed

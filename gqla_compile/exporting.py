@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
+from .verification import relative_error, reproduction_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +242,8 @@ def _check_reproduces(model: nn.Module, exported: nn.Module) -> None:
     with torch.no_grad():
         want = model(input_ids=tokens, use_cache=False).logits.double()
         got = exported(input_ids=tokens, use_cache=False).logits.double()
-    error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    error = relative_error(got, want)
+    tolerance = reproduction_tolerance(dtype)
     if not error <= tolerance:
         raise ConversionError(
             f"the DeepSeek-V3 export does not reproduce the model (relative logit error {error:.2e} > "

@@ -186,10 +186,10 @@ class DecodePath:
         from .passes.graph import op_histogram, weight_matmuls
 
         weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
-        dtype = next(iter(weights.values())).dtype
+        like = dict(dtype=next(iter(weights.values())).dtype, device=next(iter(weights.values())).device)
         key_shape, value_shape = self.cache_shapes(dims, 1, context, rope_key=rope_key)
-        query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), dtype=dtype)
-        key, value = torch.zeros(key_shape, dtype=dtype), torch.zeros(value_shape, dtype=dtype)
+        query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), **like)
+        key, value = torch.zeros(key_shape, **like), torch.zeros(value_shape, **like)
 
         def step(weights, query, key, value):
             return torch.func.functional_call(core, weights, (query, key, value, None))

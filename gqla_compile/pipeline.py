@@ -39,6 +39,7 @@ from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
+from .verification import half_precision_verdict, relative_error, reproduction_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
         warnings.warn(message, NoLatentAttentionWarning, stacklevel=3)
         return None
     _warn_if_partial(captured, contexts, matched)
+    partial = bool(_attention_left_unchanged(captured, contexts))
     plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)
     decode_path = PATHS[plan.path]
     layers = []
@@ -165,7 +167,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     try:
         for ordinal, context in enumerate(matched):
             module = modules[context.module_path]
-            layer_idx = getattr(module, "layer_idx", ordinal)
+            layer_idx = _cache_layer_index(module, context, ordinal, complete=not partial)
             runtime = _build(manager, module, context, decode_path, plan, parallel, layer_idx)
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
@@ -246,11 +248,30 @@ def _paths_text(paths: list[str]) -> str:
     return paths[0] if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
 
 
+def _cache_layer_index(module: nn.Module, context: LayerContext, ordinal: int, *, complete: bool) -> int:
+    """The cache layer a block reads and writes: its ``layer_idx`` (every transformers attention module has one);
+    without it, its position among the rewritten blocks, which is right only when every block was rewritten."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if isinstance(layer_idx, int):
+        return layer_idx
+    if not complete:
+        raise GqlaError(
+            f"{context.module_path} has no integer layer_idx attribute, and not every candidate block was rewritten, "
+            "so which cache layer it uses is unknown; give the module a layer_idx (its index into the cache)"
+        )
+    return ordinal
+
+
+def _attention_left_unchanged(captured: CaptureResult, contexts: list[LayerContext]) -> list[tuple[str, str]]:
+    """(path, why) of the blocks that hold attention (or could not be traced) and are not rewritten."""
+    left = [(f.module_path, f.reason) for f in captured.failures]
+    return left + [(c.module_path, c.detection.reason) for c in contexts
+                   if c.detection.match is None and c.detection.has_attention]
+
+
 def _warn_if_partial(captured: CaptureResult, contexts: list[LayerContext], matched: list[LayerContext]) -> None:
     """Warn when some blocks were rewritten and others that hold attention (or could not be traced) were not."""
-    left = [(f.module_path, f.reason) for f in captured.failures]
-    left += [(c.module_path, c.detection.reason) for c in contexts
-             if c.detection.match is None and c.detection.has_attention]
+    left = _attention_left_unchanged(captured, contexts)
     if left:
         listed = "; ".join(f"{path}: {reason}" for path, reason in left)
         warnings.warn(f"partial rewrite: {len(matched)} block(s) rewritten, {len(left)} block(s) with attention "
@@ -389,13 +410,15 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
 
 
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
-    """Relative error of the rewritten block against the original on the recorded call (no cache)."""
+    """Relative error of the rewritten block against the original on the recorded call (no cache); in half
+    precision, when the two differ by more than the bound, against the original run in float32
+    (``verification.half_precision_verdict``)."""
     arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
     hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
     seq = hidden.shape[1]
     if not isinstance(arguments.get("attention_mask"), torch.Tensor):
         # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
-        causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)
+        causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
         arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
     with torch.no_grad():
         expected = _first(module(**arguments))
@@ -404,8 +427,10 @@ def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture
         raise VerificationError(
             f"{capture.module_path}: rewritten output has shape {tuple(got.shape)}, original {tuple(expected.shape)}"
         )
-    error = ((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
-    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 3e-2
+    error = relative_error(got, expected)
+    tolerance = reproduction_tolerance(expected.dtype)
+    if not error <= tolerance and expected.dtype in (torch.bfloat16, torch.float16):
+        error, tolerance = half_precision_verdict(module, arguments, got, expected, _first)
     if not error <= tolerance:
         raise VerificationError(
             f"{capture.module_path}: the rewritten attention differs from the original (relative error "

@@ -224,3 +224,42 @@ def test_benchmark_quick_mode_writes_its_results(tmp_path):
     full = [row for row in rows if row["num_groups"] == result["model"]["num_attention_heads"]]
     assert all(abs(row["perplexity"] / result["original_perplexity"] - 1) < 1e-3 for row in full)
     assert (tmp_path / "convert_mla.md").read_text().startswith("#")
+
+
+def test_a_latent_block_the_detector_cannot_trace_is_named_in_a_warning():
+    """A block left out is never silent: the converted model keeps it as it was, and the warning says which and why."""
+    model = _model(tiny_deepseek_v3)
+    attention = model.model.layers[1].self_attn
+
+    class DataDependentAttention(type(attention)):
+        def forward(self, hidden_states, *args, **kwargs):
+            if hidden_states.sum() > 0:  # a branch on a value: torch.export cannot trace it
+                hidden_states = hidden_states + 0
+            return super().forward(hidden_states, *args, **kwargs)
+
+    attention.__class__ = DataDependentAttention
+    expected = r"1 latent block\(s\) converted, 1 block\(s\) with attention left as they are \(model\.layers\.1\.self_attn"
+    with pytest.warns(gqla_compile.PartialRewriteWarning, match=expected):
+        converted = gqla_compile.convert(model, num_groups=1, calibration=CALIBRATION, progress=False)
+    assert torch.equal(converted.model.layers[1].self_attn.kv_b_proj.weight, attention.kv_b_proj.weight)
+    assert not torch.equal(converted.model.layers[0].self_attn.kv_b_proj.weight,
+                           model.model.layers[0].self_attn.kv_b_proj.weight)
+
+
+@pytest.mark.parametrize("factory", [tiny_deepseek_v2, tiny_deepseek_v3])
+def test_a_bfloat16_model_converts_and_optimizes(factory):
+    """transformers loads checkpoints in their own dtype (bfloat16 for most): detection's RoPE-pair test and every
+    self-check work to that dtype's precision."""
+    source = _model(factory).to(torch.bfloat16)
+    tokens = torch.randint(0, source.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = source(tokens).logits
+    compact = _convert(source, None)
+    assert isinstance(compact, GqlaForCausalLM) and compact.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert relative_error(compact(tokens).logits, expected) < 3e-2
+    for path in ("absorbed", "grouped"):
+        optimized = gqla_compile.optimize(copy.deepcopy(source), target="h100", path=path, compile=False)
+        assert all(layer.verification_error < 3e-2 for layer in optimized.gqla_optimization.layers)
+        with torch.no_grad():
+            assert relative_error(optimized(tokens).logits, expected) < 3e-2

@@ -112,6 +112,15 @@ def test_an_untraceable_block_is_named_with_its_exception():
 def test_a_partial_rewrite_warns_and_is_reported(second_block, reason):
     reference = _hand_written_with(second_block)
     expected_warning = "1 block\\(s\\) rewritten, 1 block\\(s\\) with attention"
+    # the blocks keep their cache index as ``index``: with a block left out, their order does not say it
+    unindexed = copy.deepcopy(reference)
+    with pytest.warns(gqla_compile.PartialRewriteWarning), \
+            pytest.raises(gqla_compile.GqlaError, match="blocks.0 has no integer layer_idx"):
+        gqla_compile.optimize(unindexed, target="h100", path="grouped", compile=False)
+    assert getattr(unindexed, "gqla_optimization", None) is None
+    assert not hasattr(unindexed.blocks[0], "gqla_runtime") and "forward" not in vars(unindexed.blocks[0])
+    for index, block in enumerate(reference.blocks):
+        block.layer_idx = index
     with pytest.warns(gqla_compile.PartialRewriteWarning, match=expected_warning):
         optimized = gqla_compile.optimize(copy.deepcopy(reference), target="h100", path="grouped", compile=False)
     state = optimized.gqla_optimization

@@ -33,16 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _relative_error(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     import gqla_compile
     from ..tiny import TINY_CONFIGS
+    from ..verification import relative_error
 
     quiet = args.demo_quiet or getattr(args, "quiet", False)
 
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
             model = gqla_compile.convert(llama, kv_lora_rank=d_c, qk_rope_head_dim=d_r, calibration=calibration,
                                          progress=False)
             converted[label] = model
-            errors[label] = _relative_error(model(probe).logits, reference)
+            errors[label] = relative_error(model(probe).logits, reference)
             say(f"TransGQLA {label:10s} d_c={d_c:3d} d_R={d_r:2d}: cache {d_c + d_r} vs {2 * n_kv * head_dim} "
                 f"elements per token and layer, logit relative error {errors[label]:.2e}")
     gqla = converted["full rank"]

@@ -30,13 +30,14 @@ Options:
   at that position (normalised to mean 1 per batch): the latents of positions the model finds hard count
   more (the last position, which has no target, gets weight 1).
 
-Finding the blocks: the compiler's detector (``capture_attention_candidates`` + ``detect_latent_attention``)
-finds every latent-attention block wherever it sits (several per layer, hybrid models' latent layers), its dims,
-its softmax scale and (by probing) the per-head up-projections W_UK^h, W_UV^h; the layout of the RoPE key is
-settled by evaluating the captured graph (rotate_half, interleaved pairs, or none: not rotated). Once the
-detector has confirmed a block, its q / kv_a / o weights are read by the DeepSeek names that every transformers
-MLA family shares (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj``, ``kv_a_proj_with_mqa``,
-``kv_a_layernorm``, ``o_proj``).
+Finding the blocks: the compiler's detector (``capture_candidates`` + ``find_latent_attention`` +
+``probe_up_projections``) finds every latent-attention block wherever it sits (several per layer, hybrid
+models' latent layers), its dims, its softmax scale and (by probing) the per-head up-projections W_UK^h,
+W_UV^h; the layout of the RoPE key is settled by evaluating the captured graph (rotate_half, interleaved
+pairs, or none: not rotated). Blocks with attention that it cannot trace or match are left as they are, with
+a ``PartialRewriteWarning`` naming them and why. Once the detector has confirmed a block, its q / kv_a / o
+weights are read by the DeepSeek names that every transformers MLA family shares (``q_proj`` or
+``q_a_proj``/``q_a_layernorm``/``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``o_proj``).
 
 The result (``output=``):
 
@@ -56,6 +57,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +69,8 @@ from tqdm.auto import tqdm
 
 from ..configuration_gqla import GqlaConfig
 from ..dims import LatentDims
-from ..errors import ConversionError
+from ..errors import ConversionError, PartialRewriteWarning
+from ..verification import relative_error, reproduction_tolerance
 from ..passes.graph import ancestors, evaluate_nodes, is_linear
 from .calibration import DEFAULT_BATCH_SIZE, CalibrationInput, _batches, prepare_calibration
 from .common import model_wide_config_fields
@@ -117,6 +120,15 @@ class LatentBlock:
         return self.output_gate_width > 0
 
 
+@dataclass(frozen=True)
+class CandidateSummary:
+    """What the detector saw besides the latent blocks: how many candidate blocks it checked, and (path, why)
+    of those that hold attention (or could not be traced) and so are not converted."""
+
+    checked: int
+    left_unchanged: tuple[tuple[str, str], ...] = ()
+
+
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -129,15 +141,16 @@ def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
 
 # Detection traces each block with torch.export (about a second per distinct block structure); converting one
 # model several times (to several num_groups) reuses it while no parameter was replaced or changed in place.
-_DETECTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[list[LatentBlock], int]]]" = weakref.WeakKeyDictionary()
+_DETECTED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[list[LatentBlock], CandidateSummary]]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def _parameter_state(model: nn.Module) -> tuple:
     return tuple((name, p.data_ptr(), p._version, tuple(p.shape)) for name, p in model.named_parameters())
 
 
-def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
-    """The model's latent-attention blocks as the compiler detects them; and how many candidates were checked."""
+def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSummary]:
+    """The model's latent-attention blocks as the compiler detects them; and what else the detector checked."""
     state = _parameter_state(model)
     cached = _DETECTED.get(model)
     if cached is not None and cached[0] == state:
@@ -147,11 +160,13 @@ def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
     return found
 
 
-def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
-    from ..capture import capture_attention_candidates, retrace_with_stateful_children
+def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSummary]:
+    from ..capture import capture_candidates, retrace_with_stateful_children
     from ..passes.detect import LEARNED_TOKEN_SELECTION, find_latent_attention, gate_width, probe_up_projections
 
-    captures = capture_attention_candidates(model)
+    captured = capture_candidates(model)
+    captures = captured.captures
+    left = [(failure.module_path, failure.reason) for failure in captured.failures]
     modules = dict(model.named_modules())
     blocks, traced = [], {}
     for capture in captures:
@@ -162,6 +177,8 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             detection = find_latent_attention(capture)
         match = detection.match
         if match is None:
+            if detection.has_attention:
+                left.append((capture.module_path, detection.reason))
             continue
         parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
         up = probe_up_projections(capture, match, parameters)
@@ -179,7 +196,7 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], int]:
             output_gate_projection=_gate_projection(capture, match, parameters, width),
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    return sorted(blocks, key=lambda b: order[b.path]), len(captures)
+    return sorted(blocks, key=lambda b: order[b.path]), CandidateSummary(len(captures), tuple(left))
 
 
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
@@ -203,8 +220,10 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
         rope, down = evaluate_nodes(capture.graph_module, [match.rope_key, match.down_projection], feeds)
     if down.shape[-1] != dims.d_c + dims.d_R or rope.shape[-1] != dims.d_R:
         raise ConversionError(f"{capture.module_path}: the down-projection does not end in the {dims.d_R} RoPE key dims")
+    # a rotation changes a pair's norm by rounding only: a few units in the last place of the model's dtype
+    tolerance = max(1e-4, 8 * max(torch.finfo(t.dtype).eps for t in (rope, down)))
     rope = _one_key_head(rope, down).double()  # [B, T, d_R]
-    if float((rope - rope[:, :1]).abs().max()) <= 1e-6 * float(rope.abs().max().clamp_min(1e-30)):
+    if float((rope - rope[:, :1]).abs().max()) <= min(1e-6, tolerance) * float(rope.abs().max().clamp_min(1e-30)):
         return "none", list(range(dims.d_R))
     half = dims.d_R // 2
     candidates = {  # output dims of each pair p: (order[p], order[p + half])
@@ -220,7 +239,7 @@ def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
                             / pair_norms(rope, order).max().clamp_min(1e-30))
               for layout, order in candidates.items()}
     output_layout = min(errors, key=errors.get)
-    if errors[output_layout] > 1e-4 or (dims.d_R > 2 and sorted(errors.values())[1] < 1e-4):
+    if errors[output_layout] > tolerance or (dims.d_R > 2 and sorted(errors.values())[1] < tolerance):
         raise ConversionError(
             f"{capture.module_path}: could not tell which dims the RoPE rotates together (pair-norm errors {errors})"
         )
@@ -806,8 +825,8 @@ def _check_compact_reproduces(family: nn.Module, compact: nn.Module) -> None:
     with torch.no_grad():
         expected = family(input_ids=ids.to(device), use_cache=False).logits.double()
         actual = compact.to(device)(input_ids=ids.to(device), use_cache=False).logits.double()
-    error = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-    tolerance = 1e-4 if family.dtype in (torch.float32, torch.float64) else 5e-2
+    error = relative_error(actual, expected)
+    tolerance = reproduction_tolerance(family.dtype)
     if not error <= tolerance:
         known = set(GqlaConfig().to_dict())
         fields = sorted(k for k, v in family.config.to_dict().items()
@@ -849,18 +868,22 @@ def convert_mla(
     grouping = grouping or "neighbour"
     if output not in OUTPUTS:
         raise ConversionError(f"output={output!r} is not known; use 'family' (the source's own class) or 'gqla'")
-    blocks, checked = find_latent_blocks(model)
+    blocks, candidates = find_latent_blocks(model)
     if not blocks:
         config = getattr(model, "config", None)
         n_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
         asked = ", ".join(f"{k}={v!r}" for k, v in (("num_groups", num_groups), ("grouping", grouping if grouping != "neighbour" else None),
                                                     ("weighting", weighting), ("score_aware", score_aware or None)) if v is not None)
         raise ConversionError(
-            f"{asked}: {type(model).__name__} holds no latent attention (the detector checked {checked} candidate "
+            f"{asked}: {type(model).__name__} holds no latent attention (the detector checked {candidates.checked} candidate "
             "blocks), so there are no latent groups to regroup; these options are for latent-attention (MLA/GQLA) "
             "models. A GQA model (Llama, Qwen2, Mistral) converts with TransGQLA (kv_lora_rank=, qk_rope_head_dim=) "
             f"to n_g = num_key_value_heads = {n_kv} groups"
         )
+    if candidates.left_unchanged:
+        listed = "; ".join(f"{path}: {why}" for path, why in candidates.left_unchanged)
+        warnings.warn(f"partial conversion: {len(blocks)} latent block(s) converted, {len(candidates.left_unchanged)} "
+                      f"block(s) with attention left as they are ({listed})", PartialRewriteWarning, stacklevel=2)
     _check_gates(blocks)
     dims = blocks[0].dims
     num_groups = dims.n_g if num_groups is None else num_groups  # default: the source's own groups (exact)

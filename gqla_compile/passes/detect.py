@@ -612,10 +612,12 @@ def probe_up_projections(
     dims = match.dims
     feeds = probe_feeds(capture, match, parameters, seq=dims.d_c)
     latent_meta = tensor_meta(match.latent)
-    basis = torch.eye(dims.d_c, dtype=latent_meta.dtype)
+    device = _parameters_device(parameters)
+    basis = torch.eye(dims.d_c, dtype=latent_meta.dtype, device=device)
     feeds[match.latent] = _in_layout(basis, latent_meta, capture, batch=1, seq=dims.d_c)
     rope_meta = tensor_meta(match.rope_key)
-    feeds[match.rope_key] = torch.zeros(_concrete_shape(rope_meta, capture, batch=1, seq=dims.d_c), dtype=rope_meta.dtype)
+    feeds[match.rope_key] = torch.zeros(_concrete_shape(rope_meta, capture, batch=1, seq=dims.d_c),
+                                        dtype=rope_meta.dtype, device=device)
     with torch.no_grad():
         key, value = evaluate_nodes(capture.graph_module, [match.key, match.value], feeds)
         feeds[match.latent] = torch.zeros_like(feeds[match.latent])
@@ -657,14 +659,20 @@ def _group_count(w_uk: torch.Tensor, w_uv: torch.Tensor) -> int:
 def probe_feeds(capture, match, parameters, *, seq: int) -> dict[fx.Node, torch.Tensor]:
     """Parameters and zero user inputs sized for a probe of ``seq`` tokens and batch 1."""
     feeds: dict[fx.Node, torch.Tensor] = {}
+    device = _parameters_device(parameters)
     for node in capture.graph_module.graph.nodes:
         if node.op != "placeholder":
             continue
         if node.name in capture.parameter_inputs:
             feeds[node] = parameters[capture.parameter_inputs[node.name]]
         elif (meta := tensor_meta(node)) is not None:
-            feeds[node] = torch.zeros(_concrete_shape(meta, capture, batch=1, seq=seq), dtype=meta.dtype)
+            feeds[node] = torch.zeros(_concrete_shape(meta, capture, batch=1, seq=seq), dtype=meta.dtype, device=device)
     return feeds
+
+
+def _parameters_device(parameters: dict[str, torch.Tensor]) -> torch.device:
+    """Where the block's weights live: the probes' inputs go there (a model on a GPU is probed on it)."""
+    return next((t.device for t in parameters.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
 def _concrete_shape(meta: torch.Tensor, capture: CapturedAttention, *, batch: int, seq: int) -> list[int]:

@@ -289,10 +289,3 @@ def optional_output_count(gm: fx.GraphModule, required: int = 3) -> int:
     """How many outputs a latent projection graph has beyond its ``required`` ones (optional pieces)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     return len(output.args[0]) - required
-
-
-def same_size(a: object, b: object) -> bool:
-    """Equality of possibly symbolic sizes (SymInts compare by their expression)."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return str(a) == str(b)
-    return a == b
