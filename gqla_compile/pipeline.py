@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .capture import (CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates,
                       retrace_with_stateful_children)
@@ -410,8 +411,10 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
 
 
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
-    """Relative error of the rewritten block against the original on the recorded call (no cache); in half
-    precision, when the two differ by more than the bound, against the original run in float32
+    """Relative error of the rewritten block against the original on the recorded call, run twice: whole, with
+    no cache, and as a prefill of all but its last token into a fresh cache, then that token decoded from it
+    (what generate does; :func:`_decode_split`); the larger error. In half precision, where the two differ by
+    more than the bound, each is judged against the original run in float32
     (``verification.half_precision_verdict``)."""
     arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
     hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
@@ -420,23 +423,103 @@ def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture
         # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
         causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
         arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
+
+    def whole(block: nn.Module, cast) -> torch.Tensor:
+        return _first(block(**cast(arguments)))
+
+    error = _verified_error(module, runtime, whole, capture.module_path, "")
+    split = _decode_split(module, arguments, seq)
+    if split is not None:
+        decoding = _verified_error(module, runtime, split, capture.module_path, " decoding from its cache",
+                                   unless_original_fails=True)
+        error = error if decoding is None else max(error, decoding)
+    return error
+
+
+def _verified_error(module: nn.Module, runtime: InstalledLatentAttention, run, module_path: str, how: str, *,
+                    unless_original_fails: bool = False) -> float | None:
+    """``run(block, cast)`` on the original and on the rewrite: their relative error, or VerificationError.
+    ``unless_original_fails``: None (logged) where the original block itself cannot make that call."""
     with torch.no_grad():
-        expected = _first(module(**arguments))
-        got = _first(runtime(**arguments))
+        try:
+            expected = run(module, lambda a: a)
+        except Exception as exc:  # noqa: BLE001 - the check is skipped, and says so
+            if not unless_original_fails:
+                raise
+            logger.info("%s: not checked%s (the original block fails that call: %s: %s)", module_path, how,
+                        type(exc).__name__, exc)
+            return None
+        got = run(runtime, lambda a: a)
     if expected.shape != got.shape:
         raise VerificationError(
-            f"{capture.module_path}: rewritten output has shape {tuple(got.shape)}, original {tuple(expected.shape)}"
+            f"{module_path}: rewritten output{how} has shape {tuple(got.shape)}, original {tuple(expected.shape)}"
         )
     error = relative_error(got, expected)
     tolerance = reproduction_tolerance(expected.dtype)
     if not error <= tolerance and expected.dtype in (torch.bfloat16, torch.float16):
-        error, tolerance = half_precision_verdict(module, arguments, got, expected, _first)
+        error, tolerance = half_precision_verdict(module, run, got, expected)
     if not error <= tolerance:
         raise VerificationError(
-            f"{capture.module_path}: the rewritten attention differs from the original (relative error "
-            f"{error:.2e} > {tolerance:.0e}); the model was left unchanged. Please report this model"
+            f"{module_path}: the rewritten attention{how} differs from the original (relative error "
+            f"{error:.2e} > {tolerance:.1e}); the model was left unchanged. Please report this model"
         )
     return error
+
+
+def _decode_split(module: nn.Module, arguments: dict[str, Any], seq: int):
+    """The recorded call as generate makes it: all but the last token into a fresh ``DynamicCache`` (built from
+    the block's config where it has one, as generate builds it: a sparse indexer's key cache included), then
+    the last token; ``run(block, cast)`` returning the last token's output. None where that cannot be set up
+    from the call alone: the block takes no cache argument, or a tensor has several sequence-sized dims or is
+    an index into the sequence. (A block that does not run on that cache is skipped by the caller.)"""
+    from transformers import DynamicCache, PretrainedConfig
+
+    parameters = inspect.signature(module.forward).parameters
+    cache_name = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+    if cache_name is None or seq < 2:
+        return None
+
+    def cut(start: int, stop: int) -> dict[str, Any] | None:
+        def piece(name: str, value: Any) -> Any:
+            def one(t: torch.Tensor) -> torch.Tensor:
+                if name == "attention_mask" and t.dim() > 2:  # [.., queries, keys]: these over every key so far
+                    return t[..., start:stop, :stop]
+                dims = [d for d, size in enumerate(t.shape) if size == seq]
+                if len(dims) > 1 or (dims and _is_index(t) and name not in POSITION_ARGUMENTS):
+                    raise _Ambiguous  # which dim to cut, or what the values index (a shared top-k selection)
+                return t.narrow(dims[0], start, stop - start) if dims else t
+            return pytree.tree_map_only(torch.Tensor, one, value)
+        try:
+            return {name: piece(name, value) for name, value in arguments.items()}
+        except _Ambiguous:
+            return None
+
+    prefill, last = cut(0, seq - 1), cut(seq - 1, seq)
+    if prefill is None or last is None:
+        return None
+
+    config = getattr(module, "config", None)  # the model's cache layers (a sparse indexer's key cache among them)
+
+    def run(block: nn.Module, cast) -> torch.Tensor:
+        cache = DynamicCache(config=config) if isinstance(config, PretrainedConfig) else DynamicCache()
+        block(**cast(prefill), **{cache_name: cache})
+        return _first(block(**cast(last), **{cache_name: cache}))
+
+    return run
+
+
+#: Integer arguments that give each token's position: cut with the tokens (other integer tensors that run along
+#: the sequence, such as a previous layer's top-k key indices, hold positions the cut would invalidate).
+POSITION_ARGUMENTS = ("position_ids", "cache_position")
+
+
+def _is_index(t: torch.Tensor) -> bool:
+    """Integer values (positions or indices); floats, complex RoPE factors and boolean masks are not."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+class _Ambiguous(Exception):
+    """A recorded tensor that cannot be cut into prefill and last token from the call alone."""
 
 
 def _first(output):

@@ -9,7 +9,7 @@ in float32."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,14 +32,18 @@ def reproduction_tolerance(dtype: torch.dtype) -> float:
     return FULL_PRECISION_TOLERANCE if dtype in (torch.float32, torch.float64) else HALF_PRECISION_TOLERANCE
 
 
-def half_precision_verdict(module: nn.Module, arguments: dict[str, Any], got: torch.Tensor,
-                           expected: torch.Tensor, output: Any) -> tuple[float, float]:
-    """(error, bound) of a half-precision rewrite's output ``got`` measured against ``module`` run in float32 on
-    the same (upcast) arguments; the bound is the larger of HALF_PRECISION_TOLERANCE and twice the original's
-    own error in its dtype (``expected``) against that float32 reference. ``output`` picks the tensor out of
-    the module's output."""
+def half_precision_verdict(module: nn.Module, run: Callable[[nn.Module, Callable], torch.Tensor],
+                           got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(error, bound) of a half-precision rewrite's output ``got`` measured against ``module`` run in float32:
+    ``run(module, cast)`` calls a module on its arguments passed through ``cast`` (here: floating tensors to
+    float32). The bound is the larger of HALF_PRECISION_TOLERANCE and twice the original's own error in its
+    dtype (``expected``) against that float32 reference."""
     upcast = copy.deepcopy(module).float()
-    arguments = pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, arguments)
     with torch.no_grad():
-        reference = output(upcast(**arguments))
+        reference = run(upcast, to_float32)
     return relative_error(got, reference), max(HALF_PRECISION_TOLERANCE, 2 * relative_error(expected, reference))
+
+
+def to_float32(arguments: Any) -> Any:
+    """Call arguments with every floating tensor in float32 (others, and non-tensors, as they are)."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, arguments)

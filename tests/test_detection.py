@@ -212,3 +212,29 @@ def test_error_classes_are_importable_from_the_package():
     from gqla_compile.pipeline import VerificationError as raised_by_optimize
 
     assert VerificationError is raised_by_optimize
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("every call", "the rewritten attention differs from the original"),
+    ("decoding only", "the rewritten attention decoding from its cache differs from the original"),
+])
+def test_a_rewrite_that_computes_something_else_is_refused(monkeypatch, broken, message):
+    """A fault in the decode core (here: a 1e-3 error, put in on purpose) stops optimize before anything is
+    installed, also where it shows only when one new token is decoded from the cache, as in generate."""
+    from gqla_compile import runtime
+
+    exact = runtime.attention_over_cache
+
+    def faulty(query, keys, value, *args):
+        out = exact(query, keys, value, *args)
+        decoding = query.shape[-2] == 1 and value.shape[-2] > 1
+        return out * 1.001 if broken == "every call" or decoding else out
+
+    monkeypatch.setattr(runtime, "attention_over_cache", faulty)
+    torch.manual_seed(0)
+    model = randomize_biases_and_norms(AutoModelForCausalLM.from_config(tiny_deepseek_v3()).eval())
+    for path in ("absorbed", "grouped"):
+        with pytest.raises(gqla_compile.VerificationError, match=message):
+            gqla_compile.optimize(model, target="h100", path=path, compile=False)
+        assert getattr(model, "gqla_optimization", None) is None
+        assert not any(hasattr(m, "gqla_runtime") or "forward" in vars(m) for m in model.modules())
