@@ -96,7 +96,12 @@ class Family:
 
 
 def discover_families() -> dict[str, Family]:
-    """Every ``models/*/modeling_*.py`` of the installed transformers that holds ``kv_a_proj_with_mqa``."""
+    """Every ``models/*/modeling_*.py`` of the installed transformers that holds ``kv_a_proj_with_mqa``, and
+    every model type that ships a config only and is served by one of those families' causal-LM classes
+    (transformers' Auto mapping: sarvam_mla's config runs DeepseekV3ForCausalLM)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     root = os.path.dirname(transformers.__file__)
     families = {}
     for path in sorted(glob.glob(os.path.join(root, "models", "*", "modeling_*.py"))):
@@ -107,6 +112,10 @@ def discover_families() -> dict[str, Family]:
         modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         model_class = _causal_lm_class(modeling)
         families[name] = Family(name, model_class.config_class, model_class)
+    by_class = {family.model_class.__name__: family.model_class for family in families.values()}
+    for model_type, class_name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()):
+        if model_type not in families and class_name in by_class and model_type in CONFIG_MAPPING:
+            families[model_type] = Family(model_type, CONFIG_MAPPING[model_type], by_class[class_name])
     return families
 
 
