@@ -11,7 +11,9 @@ attention owns it, as it owns the mask.
 
 Candidates are found by structure: the smallest modules holding at least four ``nn.Linear`` layers and
 called with a [batch, seq, hidden] tensor. Layers with the same structure (class and parameter shapes)
-are traced once; their graphs differ only in the weights fed to them.
+are traced once; their graphs differ only in the weights fed to them. A candidate whose recorded call runs
+no softmax and no scaled_dot_product_attention (:func:`computes_attention`, one eager run) is not traced:
+detection needs one of them, and export spends seconds on a linear-attention layer or an MoE.
 
 A child module that reads the cache itself (a sparse-attention indexer that keeps its own keys and its own
 idea of the cache length) cannot be traced without one. :func:`retrace_with_stateful_children` traces such a
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
@@ -370,11 +373,45 @@ class TraceFailure:
 
 @dataclass
 class CaptureResult:
-    """Every candidate block of a model: the traced ones and the ones that could not be traced."""
+    """Every candidate block of a model: the traced ones, the ones that could not be traced, and the ones not
+    traced because their recorded call computes no attention."""
 
     captures: list[CapturedAttention]
     failures: list[TraceFailure]
     candidates: int  # candidate blocks found by structure (called during the recording run or not)
+    without_attention: list[str] = field(default_factory=list)
+
+
+#: Words in the name of every aten op an attention dispatches to (softmax, _safe_softmax, the
+#: scaled_dot_product_attention kernels): a call that runs none of them computes no attention.
+ATTENTION_OP_WORDS = ("softmax", "attention")
+
+
+class _AttentionOpCensus(TorchDispatchMode):
+    """Notes whether any op an attention dispatches to runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen = self.seen or any(word in func.name() for word in ATTENTION_OP_WORDS)
+        return func(*args, **(kwargs or {}))
+
+
+def computes_attention(module: nn.Module, record: CallRecord) -> bool:
+    """Whether ``module``'s recorded call runs an attention (softmax or scaled_dot_product_attention), found by
+    running it once eagerly (milliseconds) rather than tracing it: detection needs one of those ops in the
+    graph, and torch.export spends seconds on a block without them (a hybrid model's linear attention, an
+    MoE). True when the call cannot be re-run (export then decides)."""
+    census = _AttentionOpCensus()
+    try:
+        with torch.no_grad(), census:
+            module(**record.arguments)
+    except Exception as exc:  # noqa: BLE001 - export, which reports its own errors, decides then
+        logger.debug("%s could not be re-run for its op census (%s); it is traced", type(module).__name__, exc)
+        return True
+    return census.seen
 
 
 def capture_candidates(model: nn.Module) -> CaptureResult:
@@ -384,13 +421,19 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
     if not candidates:
         return CaptureResult([], [], 0)
     records = record_calls(model, candidates)
-    by_structure: dict[tuple, CapturedAttention | TraceFailure] = {}
-    captures, failures = [], []
+    by_structure: dict[tuple, CapturedAttention | TraceFailure | None] = {}
+    captures, failures, without_attention = [], [], []
     for path, module in candidates.items():
         if path not in records:
             logger.debug("%s was not called during the recording run; skipped", path)
             continue
         key = structure_key(module)
+        if key not in by_structure and not computes_attention(module, records[path]):
+            by_structure[key] = None
+        if key in by_structure and by_structure[key] is None:
+            logger.debug("%s computes no attention; not traced", path)
+            without_attention.append(path)
+            continue
         first = by_structure.get(key)
         if isinstance(first, CapturedAttention):
             first.shared_with.append(path)
@@ -409,7 +452,7 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
         failure = TraceFailure(path, first.module_type, first.error)
         logger.warning("could not trace %s (%s): %s", path, failure.module_type, failure.error)
         failures.append(failure)
-    return CaptureResult(captures, failures, len(candidates))
+    return CaptureResult(captures, failures, len(candidates), without_attention)
 
 
 def _first_line(exc: Exception) -> str:

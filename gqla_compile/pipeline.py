@@ -233,6 +233,10 @@ def _nothing_matched_message(model: nn.Module, captured: CaptureResult, contexts
                          f"{len(contexts)} traced candidate block(s) ({listed})")
         else:
             parts.append(f"{name} holds no latent attention in the {len(contexts)} traced candidate block(s) ({listed})")
+    elif not captured.failures and captured.without_attention:
+        parts.append(f"{name} holds no latent attention: its {len(captured.without_attention)} candidate block(s) "
+                     f"({_paths_text(captured.without_attention)}) compute no attention (no softmax or "
+                     "scaled_dot_product_attention when run)")
     elif not captured.failures:
         parts.append(f"{name} holds no latent attention: no candidate block (a module with at least four linear "
                      "layers called with [batch, seq, hidden])")

@@ -238,3 +238,47 @@ def test_a_rewrite_that_computes_something_else_is_refused(monkeypatch, broken, 
             gqla_compile.optimize(model, target="h100", path=path, compile=False)
         assert getattr(model, "gqla_optimization", None) is None
         assert not any(hasattr(m, "gqla_runtime") or "forward" in vars(m) for m in model.modules())
+
+
+class _FourLinearMixer(nn.Module):
+    """Four linears called with [batch, seq, hidden] (a capture candidate) and no attention at all."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, hidden_states):
+        return hidden_states + self.d(F.silu(self.a(hidden_states)) * self.b(hidden_states) + self.c(hidden_states))
+
+
+class _MixerLM(nn.Module):
+    def __init__(self, vocab=32, hidden=16, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(_FourLinearMixer(hidden) for _ in range(layers))
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def test_a_candidate_that_computes_no_attention_is_not_traced():
+    """One eager run tells a block without softmax or sdpa from attention; export (seconds each) is spent only
+    on the rest: a hybrid family's linear-attention layer is not traced, its latent layer is."""
+    from _families import shared_tiny_model
+
+    from gqla_compile.capture import capture_candidates
+
+    hybrid = copy.deepcopy(shared_tiny_model("kimi_linear"))
+    captured = capture_candidates(hybrid)
+    linear_attention = [path for path, m in hybrid.named_modules() if type(m).__name__ == "KimiLinearDeltaAttention"]
+    assert linear_attention and captured.without_attention == linear_attention
+    assert [c.module_path for c in captured.captures] == ["model.layers.1.self_attn"] and not captured.failures
+
+    torch.manual_seed(0)
+    with pytest.warns(gqla_compile.NoLatentAttentionWarning, match=r"its 2 candidate block\(s\) \(blocks.0 and 1 "
+                      r"more\) compute no attention"):
+        model = gqla_compile.optimize(_MixerLM().eval(), target="h100", compile=False)
+    assert getattr(model, "gqla_optimization", None) is None
