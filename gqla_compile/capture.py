@@ -421,16 +421,16 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
     if not candidates:
         return CaptureResult([], [], 0)
     records = record_calls(model, candidates)
-    by_structure: dict[tuple, CapturedAttention | TraceFailure | None] = {}
+    by_structure: dict[tuple, CapturedAttention | TraceFailure] = {}
+    no_attention: set[tuple] = set()  # structures whose recorded call runs no attention op
     captures, failures, without_attention = [], [], []
     for path, module in candidates.items():
         if path not in records:
             logger.debug("%s was not called during the recording run; skipped", path)
             continue
         key = structure_key(module)
-        if key not in by_structure and not computes_attention(module, records[path]):
-            by_structure[key] = None
-        if key in by_structure and by_structure[key] is None:
+        if key in no_attention or (key not in by_structure and not computes_attention(module, records[path])):
+            no_attention.add(key)
             logger.debug("%s computes no attention; not traced", path)
             without_attention.append(path)
             continue

@@ -182,8 +182,9 @@ def _check_checkpoint_folder(folder: Path) -> None:
 
 
 def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-            config: HealConfig, fingerprints: dict[str, str]) -> int:
-    """Load a checkpoint into the parameters and optimizer; the step it stopped at.
+            config: HealConfig, fingerprints: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """Load a checkpoint into the parameters and optimizer; the step it stopped at, and the fingerprints the run
+    keeps recording (those it started with).
 
     The student may be where the run started (a new process, from the converted model) or where the checkpoint
     stopped (the same model healed on in stages); the teacher and the windows must be the run's."""
@@ -196,14 +197,13 @@ def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.opti
     weights = load_file(folder / WEIGHTS_FILE)
     if set(weights) != set(params):
         raise HealError(f"checkpoint {str(folder)!r} holds other tensors than this model's trainable ones")
-    saved = state.get("fingerprints", {})
-    differing = [name for name in fingerprints if saved.get(name) != fingerprints[name]
+    recorded = state.get("fingerprints", {})
+    differing = [name for name in fingerprints if recorded.get(name) != fingerprints[name]
                  and not (name == "student" and fingerprint(weights) == fingerprints[name])]
     if differing:
         raise HealError(f"checkpoint {str(folder)!r} belongs to another run (its {', '.join(differing)} "
                         "differ from this run's); resuming would load another model's weights: use another "
                         "checkpoint folder or delete this one")
-    fingerprints.update(saved)  # the run keeps the fingerprints it started with
     moments = load_file(folder / OPTIMIZER_FILE)
     with torch.no_grad():
         for name, param in params.items():
@@ -212,7 +212,7 @@ def _resume(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.opti
             if saved:
                 optimizer.state[param] = {key: value.to(param.device) if key != "step" else value
                                           for key, value in saved.items()}
-    return int(state["step"])
+    return int(state["step"]), recorded
 
 
 def heal(
@@ -258,11 +258,12 @@ def heal(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprints = _run_fingerprints(params, teacher, windows) if folder is not None else {}
+    start, fingerprints = 0, {}
     if folder is not None:
         _check_checkpoint_folder(folder)
-    start = (_resume(folder, params, optimizer, config, fingerprints)
-             if folder is not None and (folder / STATE_FILE).is_file() else 0)
+        fingerprints = _run_fingerprints(params, teacher, windows)
+        if (folder / STATE_FILE).is_file():
+            start, fingerprints = _resume(folder, params, optimizer, config, fingerprints)
     if start:
         logger.info("healing resumes at step %d from %s", start, folder)
     end = min(config.steps, stop_after if stop_after is not None else config.steps)

@@ -186,7 +186,8 @@ class DecodePath:
         from .passes.graph import op_histogram, weight_matmuls
 
         weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
-        like = dict(dtype=next(iter(weights.values())).dtype, device=next(iter(weights.values())).device)
+        first = next(iter(weights.values()))
+        like = dict(dtype=first.dtype, device=first.device)
         key_shape, value_shape = self.cache_shapes(dims, 1, context, rope_key=rope_key)
         query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), **like)
         key, value = torch.zeros(key_shape, **like), torch.zeros(value_shape, **like)

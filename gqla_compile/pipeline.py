@@ -9,6 +9,7 @@ is built from.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -33,14 +34,14 @@ from .errors import (
     VerificationError,
 )
 from .passes.context import LayerContext
-from .passes.detect import LEARNED_TOKEN_SELECTION, DetectLatentAttention, gate_width
+from .passes.detect import LEARNED_TOKEN_SELECTION, DetectLatentAttention, attention_left_unchanged, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
 from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
-from .verification import half_precision_verdict, relative_error, reproduction_tolerance
+from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +160,8 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
             raise NoLatentAttentionError(message)
         warnings.warn(message, NoLatentAttentionWarning, stacklevel=3)
         return None
-    _warn_if_partial(captured, contexts, matched)
-    partial = bool(_attention_left_unchanged(captured, contexts))
+    left = attention_left_unchanged(captured.failures, [c.detection for c in contexts])
+    _warn_if_partial(left, matched)
     plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)
     decode_path = PATHS[plan.path]
     layers = []
@@ -168,7 +169,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     try:
         for ordinal, context in enumerate(matched):
             module = modules[context.module_path]
-            layer_idx = _cache_layer_index(module, context, ordinal, complete=not partial)
+            layer_idx = _cache_layer_index(module, context, ordinal, complete=not left)
             runtime = _build(manager, module, context, decode_path, plan, parallel, layer_idx)
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
@@ -267,16 +268,9 @@ def _cache_layer_index(module: nn.Module, context: LayerContext, ordinal: int, *
     return ordinal
 
 
-def _attention_left_unchanged(captured: CaptureResult, contexts: list[LayerContext]) -> list[tuple[str, str]]:
-    """(path, why) of the blocks that hold attention (or could not be traced) and are not rewritten."""
-    left = [(f.module_path, f.reason) for f in captured.failures]
-    return left + [(c.module_path, c.detection.reason) for c in contexts
-                   if c.detection.match is None and c.detection.has_attention]
-
-
-def _warn_if_partial(captured: CaptureResult, contexts: list[LayerContext], matched: list[LayerContext]) -> None:
-    """Warn when some blocks were rewritten and others that hold attention (or could not be traced) were not."""
-    left = _attention_left_unchanged(captured, contexts)
+def _warn_if_partial(left: list[tuple[str, str]], matched: list[LayerContext]) -> None:
+    """Warn when some blocks were rewritten and others that hold attention (or could not be traced, ``left``:
+    path and why) were not."""
     if left:
         listed = "; ".join(f"{path}: {reason}" for path, reason in left)
         warnings.warn(f"partial rewrite: {len(matched)} block(s) rewritten, {len(left)} block(s) with attention "
@@ -460,7 +454,7 @@ def _verified_error(module: nn.Module, runtime: InstalledLatentAttention, run, m
         )
     error = relative_error(got, expected)
     tolerance = reproduction_tolerance(expected.dtype)
-    if not error <= tolerance and expected.dtype in (torch.bfloat16, torch.float16):
+    if not error <= tolerance and expected.dtype in HALF_PRECISION_DTYPES:
         error, tolerance = half_precision_verdict(module, run, got, expected)
     if not error <= tolerance:
         raise VerificationError(
@@ -483,23 +477,9 @@ def _decode_split(module: nn.Module, arguments: dict[str, Any], seq: int):
     if cache_name is None or seq < 2:
         return None
 
-    def cut(start: int, stop: int) -> dict[str, Any] | None:
-        def piece(name: str, value: Any) -> Any:
-            def one(t: torch.Tensor) -> torch.Tensor:
-                if name == "attention_mask" and t.dim() > 2:  # [.., queries, keys]: these over every key so far
-                    return t[..., start:stop, :stop]
-                dims = [d for d, size in enumerate(t.shape) if size == seq]
-                if len(dims) > 1 or (dims and _is_index(t) and name not in POSITION_ARGUMENTS):
-                    raise _Ambiguous  # which dim to cut, or what the values index (a shared top-k selection)
-                return t.narrow(dims[0], start, stop - start) if dims else t
-            return pytree.tree_map_only(torch.Tensor, one, value)
-        try:
-            return {name: piece(name, value) for name, value in arguments.items()}
-        except _Ambiguous:
-            return None
-
-    prefill, last = cut(0, seq - 1), cut(seq - 1, seq)
-    if prefill is None or last is None:
+    try:
+        prefill, last = _cut_call(arguments, seq, 0, seq - 1), _cut_call(arguments, seq, seq - 1, seq)
+    except _Ambiguous:
         return None
 
     config = getattr(module, "config", None)  # the model's cache layers (a sparse indexer's key cache among them)
@@ -515,6 +495,22 @@ def _decode_split(module: nn.Module, arguments: dict[str, Any], seq: int):
 #: Integer arguments that give each token's position: cut with the tokens (other integer tensors that run along
 #: the sequence, such as a previous layer's top-k key indices, hold positions the cut would invalidate).
 POSITION_ARGUMENTS = ("position_ids", "cache_position")
+
+
+def _cut_call(arguments: dict[str, Any], seq: int, start: int, stop: int) -> dict[str, Any]:
+    """The call's arguments for tokens start..stop of its ``seq``: every tensor cut along its one sequence-sized
+    dim, a [.., queries, keys] mask to these queries over every key so far; _Ambiguous where that is unknown."""
+
+    def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name == "attention_mask" and t.dim() > 2:
+            return t[..., start:stop, :stop]
+        dims = [d for d, size in enumerate(t.shape) if size == seq]
+        if len(dims) > 1 or (dims and _is_index(t) and name not in POSITION_ARGUMENTS):
+            raise _Ambiguous  # which dim to cut, or what the values index (a shared top-k selection)
+        return t.narrow(dims[0], start, stop - start) if dims else t
+
+    return {name: pytree.tree_map_only(torch.Tensor, functools.partial(cut, name), value)
+            for name, value in arguments.items()}
 
 
 def _is_index(t: torch.Tensor) -> bool:

@@ -19,6 +19,8 @@ from torch.utils import _pytree as pytree
 FULL_PRECISION_TOLERANCE = 1e-4
 #: bfloat16/float16 models: the same reordering, at about 3 significant digits per element.
 HALF_PRECISION_TOLERANCE = 3e-2
+#: The dtypes whose own rounding :func:`half_precision_verdict` allows for.
+HALF_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -162,23 +162,22 @@ def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSu
 
 def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSummary]:
     from ..capture import capture_candidates, retrace_with_stateful_children
-    from ..passes.detect import LEARNED_TOKEN_SELECTION, find_latent_attention, gate_width, probe_up_projections
+    from ..passes.detect import (LEARNED_TOKEN_SELECTION, attention_left_unchanged, find_latent_attention,
+                                 gate_width, probe_up_projections)
 
     captured = capture_candidates(model)
     captures = captured.captures
-    left = [(failure.module_path, failure.reason) for failure in captured.failures]
     modules = dict(model.named_modules())
-    blocks, traced = [], {}
+    blocks, traced, detections = [], {}, []
     for capture in captures:
         module = modules[capture.module_path]
         detection = find_latent_attention(capture)
         if detection.match is None and LEARNED_TOKEN_SELECTION in detection.failures:  # as optimize does
             capture = retrace_with_stateful_children(capture, module, traced) or capture
             detection = find_latent_attention(capture)
+        detections.append(detection)
         match = detection.match
         if match is None:
-            if detection.has_attention:
-                left.append((capture.module_path, detection.reason))
             continue
         parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
         up = probe_up_projections(capture, match, parameters)
@@ -196,7 +195,8 @@ def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], Candidat
             output_gate_projection=_gate_projection(capture, match, parameters, width),
         ))
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    return sorted(blocks, key=lambda b: order[b.path]), CandidateSummary(len(captures), tuple(left))
+    left = tuple(attention_left_unchanged(captured.failures, detections))
+    return sorted(blocks, key=lambda b: order[b.path]), CandidateSummary(len(captures), left)
 
 
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx
 
-from ..capture import CapturedAttention  # importing capture registers STATEFUL_CHILD's op
+from ..capture import CapturedAttention, TraceFailure  # importing capture registers STATEFUL_CHILD's op
 from .context import LayerContext
 from ..dims import LatentDims
 from ..errors import ShapeMismatchError
@@ -161,6 +161,13 @@ class Detection:
             return ""
         unique = list(dict.fromkeys(self.failures))
         return "; ".join(unique) if unique else str(NO_ATTENTION)
+
+
+def attention_left_unchanged(failures: list[TraceFailure], detections: list[Detection]) -> list[tuple[str, str]]:
+    """(path, why) of the blocks a rewrite or conversion leaves as they were although they hold attention (or
+    could not be traced, so may): what its partial-rewrite warning names."""
+    return [(f.module_path, f.reason) for f in failures] + [
+        (d.module_path, d.reason) for d in detections if d.match is None and d.has_attention]
 
 
 def find_latent_attention(capture: CapturedAttention) -> Detection:
