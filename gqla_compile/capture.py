@@ -24,6 +24,7 @@ itself, with the real cache: the family's own code, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import UserDict
 import logging
@@ -37,6 +38,8 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import _pytree as pytree
+
+from .trace_cache import TRACES, trace_key
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +153,39 @@ def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
     return flat
 
 
-def capture_module(path: str, module: nn.Module, record: CallRecord) -> CapturedAttention:
-    """Trace one module with torch.export, dynamic in batch and sequence, with no cache and its recorded mask."""
-    start = time.perf_counter()
+def capture_module(path: str, module: nn.Module, record: CallRecord, *,
+                   opaque_children: _OpaqueChildren | None = None) -> CapturedAttention:
+    """Trace one module with torch.export, dynamic in batch and sequence, with no cache and its recorded mask
+    (``opaque_children``: its stateful children as opaque ops while tracing); a block this process traced
+    before with everything the trace depends on equal (trace_cache.py) reuses that graph."""
+    arguments = _export_arguments(module, record)
+    context = () if opaque_children is None else opaque_children.key()
+
+    def export() -> CapturedAttention:
+        with opaque_children or contextlib.nullcontext():
+            return _export_block(path, module, record, arguments)
+
+    traced, reused = TRACES.get_or_trace(trace_key(module, arguments, context), export)
+    if reused:
+        logger.debug("%s: reused the trace of an identical block", path)
+    return replace(traced, module_path=path, seconds=0.0 if reused else traced.seconds,
+                   example_arguments=record.arguments, shared_with=[])
+
+
+def _export_arguments(module: nn.Module, record: CallRecord) -> dict[str, Any]:
+    """The recorded call's arguments as export is given them."""
     # Only the forward's named parameters: what travels through **kwargs (position_ids, use_cache, ...)
     # only configures the attention call, which the paths replace; torch.export cannot give it dynamic dims.
     named = inspect.signature(module.forward).parameters
-    arguments = {
+    return {
         k: _traceable_argument(k, v)
         for k, v in record.arguments.items()
         if k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD
     }
+
+
+def _export_block(path: str, module: nn.Module, record: CallRecord, arguments: dict[str, Any]) -> CapturedAttention:
+    start = time.perf_counter()
     # Dynamic dims export may narrow (a DSA indexer's ``min(top_k, seq)`` guards seq >= top_k): the graph is
     # kept as a graph of the block's operations, not called through export's guards.
     batch, seq = Dim.DYNAMIC, Dim.DYNAMIC
@@ -287,6 +312,11 @@ class _OpaqueChildren:
         for child in self.children.values():
             del child.forward
 
+    def key(self) -> tuple:
+        """What the trace depends on besides the block: each opaque child's arguments and output."""
+        return tuple((name, tuple(call.arguments), tuple(call.shape), call.dtype)
+                     for name, call in self.calls.items() if name in self.children)
+
     @staticmethod
     def _opaque(name: str, signature: inspect.Signature, call: StatefulChildCall):
         def forward(*args, **kwargs):
@@ -309,8 +339,8 @@ def retrace_with_stateful_children(capture: CapturedAttention, module: nn.Module
     if key not in traced:
         try:
             calls = _record_stateful_calls(module, children, record)
-            with _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls):
-                traced[key] = capture_module(capture.module_path, module, record)
+            opaque = _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls)
+            traced[key] = capture_module(capture.module_path, module, record, opaque_children=opaque)
         except Exception as exc:  # noqa: BLE001 - the caller keeps the first trace's result
             logger.warning("%s: tracing its cache-reading child modules as opaque calls failed: %s",
                            capture.module_path, _first_line(exc))
