@@ -34,7 +34,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -42,10 +42,10 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .compat import CACHE_FIELD, cache_keyword, slice_logits_to_keep
 from .configuration_gqla import GqlaConfig
 
 logger = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class GqlaAttention(nn.Module):
         key_states = torch.cat((k_nope, k_rope), dim=-1)
         return key_states, value_states
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @cache_keyword
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -323,7 +323,7 @@ class GqlaDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = GqlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = GqlaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @cache_keyword
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -407,7 +407,7 @@ class GqlaModel(GqlaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @cache_keyword
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -435,13 +435,8 @@ class GqlaModel(GqlaPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        # The cache goes by position: its keyword is ``past_key_values`` before transformers 5.20.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = [rotary(hidden_states, position_ids=position_ids)
@@ -459,7 +454,7 @@ class GqlaModel(GqlaPreTrainedModel):
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
 class GqlaForCausalLM(GqlaPreTrainedModel, GenerationMixin):
@@ -476,7 +471,7 @@ class GqlaForCausalLM(GqlaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @cache_keyword
     @can_return_tuple
     def forward(
         self,
@@ -510,7 +505,7 @@ class GqlaForCausalLM(GqlaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
