@@ -8,9 +8,13 @@ DeepSeek-V3's layout has no field for is carried exactly where an identity allow
 
 - softmax scale: folded into the query rows (scores are linear in q), DeepSeek-V3's own scale is kept;
 - RoPE: GQLA's rotate_half pairs are written in DeepSeek-V3's interleaved layout (``rope_interleave=True``,
-  what DeepSeek-V3 checkpoints and engines use); a selected frequency subset (TransGQLA's
-  ``rope_frequency_indices``) is exact only when it is a geometric series from frequency 1 (then it is a
-  ``rope_theta``), and is refused otherwise;
+  what DeepSeek-V3 checkpoints and engines use), each pair at the pair of DeepSeek-V3's one frequency table
+  that rotates at its frequency (``export_layout``): a selected frequency subset (TransGQLA's
+  ``rope_frequency_indices``, per layer or shared) is exact when that table holds it, and is refused otherwise;
+- latent size (``pad_latent``): MLA kernels (FlashMLA, vLLM's CPU MLA) take a 512 + 64 latent only. By default
+  a model with another latent is padded to it exactly (zero rows and columns, the latent norm's scale and the
+  RoPE pair frequencies kept; ``export_layout``), with a warning giving the cache it costs; ``pad_latent=False``
+  keeps GQLA's sizes, ``pad_latent=True`` refuses what cannot be padded;
 - biases: on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` DeepSeek-V3 has them (``attention_bias``;
   a missing one is written as zeros) but engines may ignore them: a warning; a bias on a plain ``q_proj`` or
   on the MLP has no place: refused when non-zero;
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from .errors import ConversionError
+from .export_layout import ENGINE_LATENT_DIM, ENGINE_ROPE_DIM, ExportLayout, padded_layout, unpadded_layout
 from .verification import relative_error, reproduction_tolerance
 
 logger = logging.getLogger(__name__)
@@ -52,19 +57,22 @@ LATENT_NORM_EPS = 1e-6
 INERT_NORM_DEVIATION = 1e-8
 
 
-def export(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "deepseek_v3", force: bool = False) -> Path:
+def export(model: nn.Module, out_dir: str | os.PathLike, *, format: str = "deepseek_v3",
+           pad_latent: bool | None = None, force: bool = False) -> Path:
     """Write ``model`` (a GqlaForCausalLM) into ``out_dir`` as a checkpoint of ``format``; see module docs.
 
-    Refuses an existing ``out_dir`` unless ``force`` (checked before any work; the folder is written to a
-    temporary sibling and renamed into place). Raises ConversionError when the model has what the format
-    cannot express exactly; nothing is written then.
+    ``pad_latent``: pad the latent to 512 + 64 for MLA engines (True), keep GQLA's sizes (False), or pad when
+    the latent is not 512 + 64 and can be padded (None, with a warning giving the cache it costs). Refuses an
+    existing ``out_dir`` unless ``force`` (checked before any work; the folder is written to a temporary
+    sibling and renamed into place). Raises ConversionError when the model has what the format cannot express
+    exactly; nothing is written then.
     """
     from .checkpoint import check_output_free, save_pretrained_atomic
 
     if format not in FORMATS:
         raise ConversionError(f"format={format!r} is not known; use one of {', '.join(FORMATS)}")
     check_output_free(out_dir, force=force)
-    exported = to_deepseek_v3(model)
+    exported = to_deepseek_v3(model, pad_latent=pad_latent)
     return save_pretrained_atomic(exported, out_dir, force=force)
 
 
@@ -82,40 +90,43 @@ def _nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.detach().abs().max() > 0)
 
 
-def _rope_fields(model: nn.Module) -> tuple[dict[str, Any], list[int]]:
-    """DeepSeek-V3 rope_parameters reproducing GQLA's RoPE frequencies, and the pair order (fastest first)."""
+def choose_layout(model: nn.Module, pad_latent: bool | None) -> ExportLayout:
+    """The exported latent and RoPE layout for ``pad_latent`` (see ``export``), warning when it pads by default."""
     config = model.config
-    half = config.qk_rope_head_dim // 2
-    parameters = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-    tables = {tuple(config.layer_frequency_indices(i)) for i in range(config.num_hidden_layers)}
-    if len(tables) > 1:
-        raise ConversionError(
-            f"the layers use {len(tables)} different RoPE frequency tables (rope_layer_frequency_indices): "
-            "DeepSeek-V3 has one rope_theta for every layer"
-        )
-    default_table = tables == {tuple(range(half))} and config.rope_frequency_dim in (None, config.qk_rope_head_dim)
-    if default_table:  # the same table DeepSeek-V3 builds (head_dim = qk_rope_head_dim), whatever the rope type
-        return parameters, list(range(half))
-    if parameters.get("rope_type", "default") != "default":
-        raise ConversionError(
-            f"the RoPE uses a selected frequency subset of a {parameters.get('rope_type')!r} table "
-            "(rope_frequency_indices / rope_frequency_dim), which DeepSeek-V3's rope_parameters cannot express"
-        )
-    inv_freq = model.model.rotary_emb.inv_freq.detach().double().cpu()
-    order = sorted(range(half), key=lambda p: -float(inv_freq[p]))
-    ordered = inv_freq[order]
-    theta = float(ordered[1]) ** (-config.qk_rope_head_dim / 2) if half > 1 else float(parameters.get("rope_theta", 1e4))
-    expected = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / config.qk_rope_head_dim)
-    if not torch.allclose(ordered, expected, rtol=1e-6, atol=0):
-        raise ConversionError(
-            f"the RoPE frequencies {[round(float(f), 6) for f in ordered]} (a selected subset, "
-            "rope_frequency_indices) are not a geometric series from 1, so no DeepSeek-V3 rope_theta reproduces them"
-        )
-    return {**parameters, "rope_theta": theta}, order
+    engine_sized = (config.kv_lora_rank, config.qk_rope_head_dim) == (ENGINE_LATENT_DIM, ENGINE_ROPE_DIM)
+    if pad_latent is False or engine_sized:
+        return unpadded_layout(config)
+    if pad_latent:
+        layout = padded_layout(config)
+        logger.info("export: %s", _padding_cost(model, layout))
+        return layout
+    try:
+        layout = padded_layout(config)
+    except ConversionError as exc:
+        logger.warning("export: the latent stays %d + %d dims, which MLA kernels built for %d + %d (FlashMLA, "
+                       "vLLM) will refuse: it cannot be padded: %s", config.kv_lora_rank, config.qk_rope_head_dim,
+                       ENGINE_LATENT_DIM, ENGINE_ROPE_DIM, exc)
+        return unpadded_layout(config)
+    logger.warning("export: %s; pass pad_latent=False to keep GQLA's latent (gqla_compile.optimize serves it)",
+                   _padding_cost(model, layout))
+    return layout
 
 
-def to_deepseek_v3(model: nn.Module) -> nn.Module:
-    """A DeepseekV3ForCausalLM computing what ``model`` (a GqlaForCausalLM) computes; see module docs."""
+def _padding_cost(model: nn.Module, layout: ExportLayout) -> str:
+    config = model.config
+    element = next(model.parameters()).element_size()
+    before = config.kv_lora_rank + config.qk_rope_head_dim
+    after = layout.latent_dim + layout.rope_dim
+    layers = config.num_hidden_layers
+    return (f"padding the latent from {config.kv_lora_rank} + {config.qk_rope_head_dim} to {layout.latent_dim} + "
+            f"{layout.rope_dim} dims so that MLA kernels load it; that costs KV cache: {before * element * layers} "
+            f"-> {after * element * layers} bytes per token ({layers} layers, {element}-byte values, "
+            f"x{after / before:.2f})")
+
+
+def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Module:
+    """A DeepseekV3ForCausalLM computing what ``model`` (a GqlaForCausalLM) computes; see module docs and
+    ``export`` for ``pad_latent``."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -137,7 +148,7 @@ def to_deepseek_v3(model: nn.Module) -> nn.Module:
         raise ConversionError(f"the MLP has biases ({mlp_biases[0]}, ...), which DeepSeek-V3's MLP has no place for")
     if config.q_lora_rank is None and any(_nonzero(a.q_proj.bias) for a in attention):
         raise ConversionError("q_proj has a bias, which DeepSeek-V3's q_proj (without q_lora_rank) has no place for")
-    rope_parameters, pair_order = _rope_fields(model)
+    layout = choose_layout(model, pad_latent)
     biased = sorted({name.split(".")[-2] for name, p in model.named_parameters()
                      if ".self_attn." in name and name.endswith(".bias") and _nonzero(p)})
     if biased:
@@ -150,23 +161,27 @@ def to_deepseek_v3(model: nn.Module) -> nn.Module:
         moe_intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=n_h, num_key_value_heads=n_h, n_shared_experts=1, n_routed_experts=1,
         num_experts_per_tok=1, n_group=1, topk_group=1, first_k_dense_replace=config.num_hidden_layers,
-        kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank, qk_rope_head_dim=config.qk_rope_head_dim,
+        kv_lora_rank=layout.latent_dim, q_lora_rank=config.q_lora_rank, qk_rope_head_dim=layout.rope_dim,
         qk_nope_head_dim=config.qk_nope_head_dim, v_head_dim=config.v_head_dim, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings, rope_parameters=rope_parameters, rope_interleave=True,
+        tie_word_embeddings=config.tie_word_embeddings, rope_parameters=layout.rope_parameters, rope_interleave=True,
         attention_bias=bool(biased), pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, num_mtp_layers=0,
     )
-    setattr(ds_config, RECORD_FIELD, {
+    record = {
         "method": "export of a GqlaForCausalLM: each group's kv_b_proj block repeated for its heads, softmax scale "
                   "folded into the queries, RoPE pairs in DeepSeek-V3's interleaved layout",
         "output": "deepseek_v3", "num_groups": n_g, "source_num_groups": n_g, "source_conversion": config.conversion,
-    })
+    }
+    if layout.padded:  # which dims carry the model: the rest are zero rows and columns
+        record["padded_from"] = {"kv_lora_rank": config.kv_lora_rank, "qk_rope_head_dim": config.qk_rope_head_dim,
+                                 "rope_pairs": layout.slots}
+    setattr(ds_config, RECORD_FIELD, record)
     with no_init_weights():
         exported = DeepseekV3ForCausalLM(ds_config)
     dtype = next(model.parameters()).dtype
     scale = attention[0].scaling / exported.model.layers[0].self_attn.scaling
-    state = _deepseek_v3_state(model, pair_order, scale)
+    state = _deepseek_v3_state(model, layout, scale)
     expected = exported.state_dict()
     for name, tensor in expected.items():  # biases GQLA lacks where DeepSeek-V3 has one: zero
         if name not in state and name.endswith(".bias"):
@@ -178,41 +193,65 @@ def to_deepseek_v3(model: nn.Module) -> nn.Module:
     exported.eval()
     _check_reproduces(model, exported)
     logger.info("export: GqlaForCausalLM (%d groups) -> DeepseekV3ForCausalLM (kv_b_proj repeated %d times per "
-                "group, softmax scale factor %.6g folded into the queries%s)", n_g, n_h // n_g, scale,
-                "" if config.kv_a_layernorm else ", an inert latent norm")
+                "group, softmax scale factor %.6g folded into the queries, latent %d + %d%s)", n_g, n_h // n_g, scale,
+                layout.latent_dim, layout.rope_dim, "" if config.kv_a_layernorm else ", an inert latent norm")
     return exported
 
 
-def _deepseek_v3_state(model: nn.Module, pair_order: list[int], scale: float) -> dict[str, torch.Tensor]:
-    """The GQLA state dict in DeepSeek-V3's names and layout."""
+def _deepseek_v3_state(model: nn.Module, layout: ExportLayout, scale: float) -> dict[str, torch.Tensor]:
+    """The GQLA state dict in DeepSeek-V3's names and ``layout`` (padded or not)."""
     config = model.config
     n_h, n_g = config.num_attention_heads, config.num_key_value_heads
     d_n, d_r, d_c = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
-    half = d_r // 2
-    interleaved = torch.tensor([i for p in pair_order for i in (p, p + half)])  # rotate_half rows -> interleaved
     state = {n: t.detach() for n, t in model.state_dict().items()}
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}.self_attn."
+        place = _RopeRows(layout.slots[i], layout.rope_dim)
         for name in ("q_proj.weight", "q_proj.bias", "q_b_proj.weight"):
             if prefix + name in state:
-                rows = state[prefix + name].reshape(n_h, d_n + d_r, -1)
-                rows = torch.cat([rows[:, :d_n], rows[:, d_n:][:, interleaved]], dim=1) * scale
-                state[prefix + name] = rows.reshape(state[prefix + name].shape)
+                value = state[prefix + name]
+                rows = value.reshape(n_h, d_n + d_r, -1)
+                rows = torch.cat([rows[:, :d_n], place(rows[:, d_n:], dim=1)], dim=1) * scale
+                state[prefix + name] = rows.reshape(n_h * (d_n + layout.rope_dim), *value.shape[1:])
+        latent_scale = layout.latent_scale
+        if not config.kv_a_layernorm:
+            latent_scale, gain = inert_latent_norm(model.model.layers[i])
+            gains = torch.full((d_c,), gain, dtype=torch.float64)
+        else:
+            gains = state[prefix + "kv_a_layernorm.weight"].double() / layout.latent_scale
+        state[prefix + "kv_a_layernorm.weight"] = _pad(gains, 0, layout.latent_dim)
         for name in ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias"):
             if prefix + name in state:
-                value = state[prefix + name]
-                state[prefix + name] = torch.cat([value[:d_c], value[d_c:][interleaved]])
-        if not config.kv_a_layernorm:
-            shrink, gain = inert_latent_norm(model.model.layers[i])
-            for name in ("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias"):
-                if prefix + name in state:
-                    value = state[prefix + name].clone()
-                    value[:d_c] *= shrink
-                    state[prefix + name] = value
-            state[prefix + "kv_a_layernorm.weight"] = torch.full((d_c,), gain, dtype=torch.float64)
+                value = state[prefix + name].double()
+                latent = _pad(value[:d_c] * latent_scale, 0, layout.latent_dim)
+                state[prefix + name] = torch.cat([latent, place(value[d_c:], dim=0)])
         groups = state[prefix + "kv_b_proj.weight"].reshape(n_g, -1, d_c)
-        state[prefix + "kv_b_proj.weight"] = groups.repeat_interleave(n_h // n_g, dim=0).reshape(-1, d_c)
+        repeated = groups.repeat_interleave(n_h // n_g, dim=0).reshape(-1, d_c)
+        state[prefix + "kv_b_proj.weight"] = _pad(repeated, 1, layout.latent_dim)
     return state
+
+
+class _RopeRows:
+    """GQLA's RoPE rows (rotate_half: pair p is rows p, p + d_R/2) in DeepSeek-V3's interleaved layout of
+    ``rope_dim`` rows (pair j is rows 2j, 2j + 1), pair p at ``slots[p]``; the other rows are zero."""
+
+    def __init__(self, slots: list[int], rope_dim: int):
+        half = len(slots)
+        self.source = torch.tensor([row for p in range(half) for row in (p, p + half)])
+        self.target = torch.tensor([row for j in slots for row in (2 * j, 2 * j + 1)])
+        self.rope_dim = rope_dim
+
+    def __call__(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(rows.shape)
+        shape[dim] = self.rope_dim
+        return rows.new_zeros(shape).index_copy_(dim, self.target, rows.index_select(dim, self.source))
+
+
+def _pad(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` with zeros appended along ``dim`` up to ``size``."""
+    shape = list(tensor.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def inert_latent_norm(layer: nn.Module) -> tuple[float, float]:
@@ -239,9 +278,12 @@ def _check_reproduces(model: nn.Module, exported: nn.Module) -> None:
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    # the second row sits at the end of the position range, where every RoPE pair (the slow ones too) has turned
+    positions = torch.arange(16, device=device).repeat(2, 1)
+    positions[1] += max(model.config.max_position_embeddings - 16, 0)
     with torch.no_grad():
-        want = model(input_ids=tokens, use_cache=False).logits.double()
-        got = exported(input_ids=tokens, use_cache=False).logits.double()
+        want = model(input_ids=tokens, position_ids=positions, use_cache=False).logits.double()
+        got = exported(input_ids=tokens, position_ids=positions, use_cache=False).logits.double()
     error = relative_error(got, want)
     tolerance = reproduction_tolerance(dtype)
     if not error <= tolerance:
