@@ -75,6 +75,132 @@ def test_export_of_a_compact_conversion_decodes_like_it(tmp_path):
     assert torch.equal(got, want)
 
 
+# --- padding to the 512 + 64 latent MLA kernels take (issue 22) -------------------------------------------------
+
+#: The README's headline TransGQLA setting (d_R 32, d_c 76), with a q_lora query, biases, a softmax scale of its
+#: own and per-layer RoPE frequency tables drawn from a 64-dim table (as TransGQLA's FreqFold writes them).
+HEADLINE = dict(kv_lora_rank=76, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=24,
+                attention_bias=True, attention_output_bias=True, softmax_scale=0.2, rope_frequency_dim=64,
+                rope_layer_frequency_indices=[list(range(0, 32, 2)), [5, 0, 9, 2, 31, 4, 12, 6, 17, 20, 11, 27, 1,
+                                                                      30, 23, 15]],
+                initializer_range=0.15, max_position_embeddings=512)
+
+
+def _greedy(model, prompt, steps=12):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)[0, prompt.shape[1]:]
+
+
+def test_padded_export_of_a_headline_gqla_model_loads_in_stock_deepseek_v3_with_the_same_logits(tmp_path, caplog):
+    model = _gqla(**HEADLINE)
+    out = tmp_path / "ds"
+    with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
+        gqla_compile.export(model, out)  # automatic: 76 + 32 is not 512 + 64
+    warning = next(r.getMessage() for r in caplog.records if "padding the latent" in r.getMessage())
+    assert "from 76 + 32 to 512 + 64" in warning and "864 -> 4608 bytes per token" in warning
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    assert (loaded.config.kv_lora_rank, loaded.config.qk_rope_head_dim) == (512, 64)
+    assert loaded.config.rope_parameters["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    padded_from = loaded.config.gqla_conversion["padded_from"]
+    assert (padded_from["kv_lora_rank"], padded_from["qk_rope_head_dim"]) == (76, 32)
+    assert padded_from["rope_pairs"][0] == list(range(0, 32, 2))  # table index k of 64 is pair k: same theta
+    assert padded_from["rope_pairs"][1] == HEADLINE["rope_layer_frequency_indices"][1]
+    # positions to the end of the table, so that the slow RoPE pairs turn too
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))
+    positions = torch.stack([torch.arange(40), torch.arange(40) + 470])
+    with torch.no_grad():
+        expected = model(input_ids=tokens, position_ids=positions, use_cache=False).logits
+        got = loaded(input_ids=tokens, position_ids=positions, use_cache=False).logits
+    assert relative_error(got, expected) < 1e-5
+    stock = logits_in_stock_transformers([str(out)], tokens, tmp_path)[str(out)]  # no gqla_compile imported
+    with torch.no_grad():
+        assert relative_error(stock, model(input_ids=tokens, use_cache=False).logits) < 1e-5
+    prompt = tokens[:1, :24]
+    want = _greedy(model, prompt)
+    assert len(set(want.tolist())) > 1  # not one repeated token
+    assert torch.equal(_greedy(loaded, prompt), want)
+    # the padding is zero rows and columns: the model's dims carry everything
+    attention = loaded.model.layers[1].self_attn
+    assert attention.kv_b_proj.weight[:, 76:].abs().max() == 0
+    assert attention.kv_a_proj_with_mqa.weight[76:512].abs().max() == 0
+    rope = attention.kv_a_proj_with_mqa.weight[512:].reshape(32, 2, -1)
+    used = HEADLINE["rope_layer_frequency_indices"][1]
+    assert rope[[j for j in range(32) if j not in used]].abs().max() == 0 and rope[used].abs().amin(-1).min() > 0
+
+
+def test_padded_export_of_a_transgqla_result_reproduces_it(tmp_path):
+    """A real TransGQLA conversion (no latent norm: an inert one, padded; FreqFold's table of the Llama's
+    64-dim heads) at the headline (d_R 32, d_c 76), exported for MLA engines."""
+    torch.manual_seed(0)
+    llama = randomize_norms_and_biases(AutoModelForCausalLM.from_config(tiny_llama(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-6,
+        initializer_range=0.15)).eval())
+    converted = gqla_compile.convert(llama, kv_lora_rank=76, qk_rope_head_dim=32, progress=False,
+                                     calibration=random_token_sequences(256, 4, 32, seed=1))
+    assert converted.config.rope_frequency_dim == 64 and not converted.config.kv_a_layernorm
+    gqla_compile.export(converted, tmp_path / "ds", pad_latent=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
+    assert (loaded.config.kv_lora_rank, loaded.config.qk_rope_head_dim) == (512, 64)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = converted(input_ids=tokens, use_cache=False).logits
+        got = loaded(input_ids=tokens, use_cache=False).logits
+    assert relative_error(got, expected) < 1e-5
+    prompt = tokens[:1, :24]
+    want = _greedy(converted, prompt)
+    assert len(set(want.tolist())) > 1
+    assert torch.equal(_greedy(loaded, prompt), want)
+
+
+def test_a_rope_subset_no_small_table_holds_is_exact_once_padded(tmp_path, tokens):
+    """Frequencies 0, 1, 3, 6 of a 32-dim table: no 8-dim DeepSeek-V3 table holds them, the 64-dim one does."""
+    make = lambda: _gqla(rope_frequency_dim=32, rope_frequency_indices=[0, 1, 3, 6])  # noqa: E731
+    with pytest.raises(ConversionError, match="not all in one.*pad_latent=True places them in a 64-dim table"):
+        gqla_compile.export(make(), tmp_path / "small", pad_latent=False)
+    model = make()
+    gqla_compile.export(model, tmp_path / "ds", pad_latent=True)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")(input_ids=tokens, use_cache=False).logits
+    assert relative_error(got, expected) < 1e-5
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+def test_a_latent_already_512_plus_64_is_not_padded(tmp_path, caplog):
+    model = _gqla(kv_lora_rank=512, qk_rope_head_dim=64)
+    with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
+        gqla_compile.export(model, tmp_path / "ds")
+    assert "padding" not in caplog.text
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").config
+    assert (config.kv_lora_rank, config.qk_rope_head_dim) == (512, 64)
+    assert "padded_from" not in config.gqla_conversion
+
+
+TOO_LARGE = {"latent_over_512": dict(kv_lora_rank=520), "rope_over_64": dict(qk_rope_head_dim=72, qk_nope_head_dim=8)}
+
+
+@pytest.mark.parametrize("dims, message", [
+    (TOO_LARGE["latent_over_512"], "latent is 520 \\+ 8 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
+    (TOO_LARGE["rope_over_64"], "latent is 32 \\+ 72 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
+    (dict(rope_frequency_dim=128, rope_frequency_indices=[0, 1, 40, 63]), "no DeepSeek-V3 RoPE of 64 dims"),
+], ids=["latent_over_512", "rope_over_64", "rope_no_table_holds"])
+def test_what_cannot_be_padded_is_refused_when_padding_is_asked_for(tmp_path, dims, message):
+    with pytest.raises(ConversionError, match=message):
+        gqla_compile.export(_gqla(**dims), tmp_path / "ds", pad_latent=True)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dims", TOO_LARGE.values(), ids=TOO_LARGE.keys())
+def test_a_latent_too_large_to_pad_is_exported_unpadded_by_default_with_a_warning(tmp_path, caplog, dims):
+    with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
+        gqla_compile.export(_gqla(**dims), tmp_path / "ds")
+    assert "MLA kernels built for 512 + 64" in caplog.text and "cannot be padded" in caplog.text
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").config
+    assert (config.kv_lora_rank, config.qk_rope_head_dim) == (dims.get("kv_lora_rank", 32),
+                                                              dims.get("qk_rope_head_dim", 8))
+
+
 # --- what DeepSeek-V3 cannot express: refused, nothing written ----------------------------------------------------
 
 
@@ -82,7 +208,7 @@ def test_export_of_a_compact_conversion_decodes_like_it(tmp_path):
     "make, message",
     [
         (lambda: _gqla(kv_a_layernorm=False, rms_norm_eps=1e-5), "no latent norm.*rms_norm_eps=1e-05"),
-        (lambda: _gqla(rope_frequency_dim=32, rope_frequency_indices=[0, 1, 3, 6]), "not a geometric series"),
+        (lambda: _gqla(rope_frequency_dim=128, rope_frequency_indices=[0, 1, 40, 63]), "not all in one"),
         (lambda: _gqla(mlp_bias=True), "MLP has biases"),
         (lambda: _gqla(attention_bias=True), "q_proj has a bias"),
         (lambda: AutoModelForCausalLM.from_config(tiny_llama()), "export writes a GqlaForCausalLM"),
@@ -90,8 +216,9 @@ def test_export_of_a_compact_conversion_decodes_like_it(tmp_path):
     ids=["no_latent_norm", "irregular_rope_subset", "mlp_bias", "q_proj_bias", "not_gqla"],
 )
 def test_what_deepseek_v3_cannot_express_is_refused(tmp_path, make, message):
-    with pytest.raises(ConversionError, match=message):
-        gqla_compile.export(make(), tmp_path / "ds")
+    for pad_latent in (None, False):
+        with pytest.raises(ConversionError, match=message):
+            gqla_compile.export(make(), tmp_path / "ds", pad_latent=pad_latent)
     assert os.listdir(tmp_path) == []
 
 
@@ -109,7 +236,9 @@ def test_a_transgqla_result_without_latent_norm_exports_with_an_inert_norm(tmp_p
     logits = logits_in_stock_transformers([str(out)], tokens, tmp_path)[str(out)]
     assert relative_error(logits, expected) < 1e-5
     gains = AutoModelForCausalLM.from_pretrained(out).model.layers[0].self_attn.kv_a_layernorm.weight
-    assert gains.min() > 1e3  # the latent reaches the norm scaled far below its epsilon
+    d_c = converted.config.kv_lora_rank
+    assert gains[:d_c].min() > 1e3  # the latent reaches the norm scaled far below its epsilon
+    assert gains[d_c:].abs().max() == 0  # padded by default: zero dims
 
 
 def test_a_large_latent_stays_exact_through_the_inert_norm(tmp_path, tokens):
@@ -161,8 +290,15 @@ def test_existing_output_folder_and_unknown_format_are_refused(tmp_path):
 def test_cli_exports_and_refuses_an_existing_folder(tmp_path, capsys):
     out = tmp_path / "ds"
     assert cli_main(["-q", "export", "tiny-gqla", str(out)]) == 0, capsys.readouterr().err
-    assert "(deepseek_v3)" in capsys.readouterr().out
-    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "deepseek_v3"
+    assert "latent 32 + 8) -> " in (printed := capsys.readouterr().out) and "(deepseek_v3, latent 512 + 64)" in printed
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert config.model_type == "deepseek_v3" and (config.kv_lora_rank, config.qk_rope_head_dim) == (512, 64)
+    compact = tmp_path / "compact"
+    assert cli_main(["-q", "export", "tiny-gqla", str(compact), "--no-pad-latent"]) == 0, capsys.readouterr().err
+    assert "(deepseek_v3, latent 32 + 8)" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(compact).config.kv_lora_rank == 32
+    assert cli_main(["-q", "export", "tiny-gqla", str(tmp_path / "big"), "--pad-latent"]) == 0
+    capsys.readouterr()
     before = sorted(os.listdir(out))
     assert cli_main(["-q", "export", "tiny-gqla", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
