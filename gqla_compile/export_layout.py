@@ -5,21 +5,21 @@ GQLA's own sizes, or padded to the 512 + 64 that MLA kernels are built for (Flas
 refuses every other size). Padding is exact:
 
 - latent: the down-projection (``kv_a_proj_with_mqa``) gains zero rows, the up-projection (``kv_b_proj``) zero
-  columns. DeepSeek-V3's latent RMSNorm then averages over 512 dims instead of d_c; scaling the latent rows by
-  t = sqrt(512 / d_c) keeps the mean square (and so the epsilon's weight) exactly as it was, and the gain is
-  divided by t. The padded dims hold zeros, have zero gain and meet zero columns: no effect and no eps change.
-  (An inert latent norm, for models without one, stays inert: the padded mean square is only smaller.)
-- RoPE: DeepSeek-V3 rotates pair j of its interleaved RoPE dims at frequency j of one table
-  (``rope_parameters`` at ``qk_rope_head_dim`` dims). Each GQLA pair p of layer i is written into the pair
-  ``slots[i][p]`` of that table whose frequency is its own (relative 1e-6); the other pairs are zero rows in
-  the query and key projections. Layers may use different slots, so per-layer frequency tables (TransGQLA's
-  FreqFold results) are exact whenever the table holds every layer's frequencies. Tables tried: the model's own
-  ``rope_parameters`` at the export's dims (every rope type: a FreqFold subset of a 64-dim table lands in the
-  same 64-dim table), then, for the plain (default) RoPE, the theta whose table holds the selected
-  frequencies at whole steps (rope_theta^(64 g / F) for frequency indices that are multiples of g in an
-  F-dim table: rope_theta squared for a plain d_R = 32 RoPE placed in pairs 0..15 of 64 would also work, but
-  the model's own theta is tried first and takes even pairs). Nothing else is guessed: a RoPE no table holds
-  is refused.
+  columns. DeepSeek-V3's latent RMSNorm then averages over 512 dims instead of d_c, which alone would shrink
+  the mean square by d_c / 512 and so weigh the epsilon 512 / d_c times more. Scaling the latent rows by
+  t = sqrt(512 / d_c) keeps the mean square exactly as it was (eps included) and the gain is divided by t.
+  The padded dims hold zeros, have zero gain and meet zero columns. (An inert latent norm, written for models
+  without one, stays inert: the padded mean square is only smaller.)
+- RoPE: DeepSeek-V3 rotates pair j of its interleaved RoPE dims at frequency j of one table (its
+  ``rope_parameters`` at ``qk_rope_head_dim`` dims). GQLA pair p of layer i is written into the pair
+  ``slots[i][p]`` of that table that turns at its own frequency (relative 1e-6); the other pairs are zero rows
+  in the query and key projections. Layers may use different slots, so per-layer frequency tables
+  (TransGQLA's FreqFold results) are exact whenever the one table holds every layer's frequencies. Tables
+  tried, in order: the model's own ``rope_parameters`` at the export's dims (any rope type; a selection from
+  a 64-dim table, as TransGQLA makes from 64-dim heads, lands in the same 64-dim table, and a plain d_R = 32
+  RoPE takes the even pairs of 64 at its own theta); then, for a plain RoPE only, the theta whose table holds
+  the selected frequencies at whole steps: rope_theta^(D g / F) for indices that are all multiples of g in
+  an F-dim table, exported at D dims. Nothing else is guessed: a RoPE no table holds is refused.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
