@@ -104,10 +104,11 @@ def rope_layout(config: Any, rope_dim: int) -> tuple[dict[str, Any], list[list[i
     hint = (f"; pad_latent=True places them in a {ENGINE_ROPE_DIM}-dim table, which may hold them"
             if rope_dim < ENGINE_ROPE_DIM else "")
     raise ConversionError(
-        f"no DeepSeek-V3 RoPE of {rope_dim} dims rotates at the model's RoPE frequencies ({shown}; tried "
-        f"rope_parameters {tried}): DeepSeek-V3 has one frequency table for every layer, and these frequencies "
-        f"(rope_frequency_indices / rope_layer_frequency_indices) are not all in one{hint}. Serve this model "
-        "with gqla_compile.optimize instead"
+        f"no DeepSeek-V3 RoPE of {rope_dim} dims turns at the model's RoPE frequencies ({shown}; tried "
+        f"rope_parameters {tried}): DeepSeek-V3 has one frequency table for every layer, built at "
+        "qk_rope_head_dim dims, and none holds them all (a frequency selection, rope_frequency_indices / "
+        f"rope_layer_frequency_indices, outside it, or a scaled rope type whose table changes with the dims){hint}. "
+        "Serve this model with gqla_compile.optimize instead"
     )
 
 

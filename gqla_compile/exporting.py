@@ -52,6 +52,8 @@ __all__ = ["FORMATS", "export", "to_deepseek_v3"]
 FORMATS = ("deepseek_v3",)
 #: The epsilon transformers' DeepSeek-V3 builds its latent norm with, whatever ``rms_norm_eps`` says.
 LATENT_NORM_EPS = 1e-6
+#: The rope types serving engines' DeepSeek-V3 implement as transformers does (vLLM: models/deepseek_v2.py).
+ENGINE_ROPE_TYPES = ("default", "yarn")
 #: The largest relative change an inert latent norm may make to a latent, over every input.
 INERT_NORM_DEVIATION = 1e-8
 
@@ -148,6 +150,10 @@ def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Mo
     if config.q_lora_rank is None and any(_nonzero(a.q_proj.bias) for a in attention):
         raise ConversionError("q_proj has a bias, which DeepSeek-V3's q_proj (without q_lora_rank) has no place for")
     layout = choose_layout(model, pad_latent)
+    rope_type = layout.rope_parameters.get("rope_type", "default")
+    if rope_type not in ENGINE_ROPE_TYPES:
+        logger.warning("export: rope_type %r: transformers' DeepSeek-V3 reproduces it, serving engines' DeepSeek-V3 "
+                       "may not (vLLM reads every rope type other than default as DeepSeek's YaRN)", rope_type)
     biased = sorted({name.split(".")[-2] for name, p in model.named_parameters()
                      if ".self_attn." in name and name.endswith(".bias") and _nonzero(p)})
     if biased:

@@ -156,7 +156,7 @@ def test_padded_export_of_a_transgqla_result_reproduces_it(tmp_path):
 def test_a_rope_subset_no_small_table_holds_is_exact_once_padded(tmp_path, tokens):
     """Frequencies 0, 1, 3, 6 of a 32-dim table: no 8-dim DeepSeek-V3 table holds them, the 64-dim one does."""
     make = lambda: _gqla(rope_frequency_dim=32, rope_frequency_indices=[0, 1, 3, 6])  # noqa: E731
-    with pytest.raises(ConversionError, match="not all in one.*pad_latent=True places them in a 64-dim table"):
+    with pytest.raises(ConversionError, match="none holds them all.*pad_latent=True places them in a 64-dim table"):
         gqla_compile.export(make(), tmp_path / "small", pad_latent=False)
     model = make()
     gqla_compile.export(model, tmp_path / "ds", pad_latent=True)
@@ -177,28 +177,55 @@ def test_a_latent_already_512_plus_64_is_not_padded(tmp_path, caplog):
     assert "padded_from" not in config.gqla_conversion
 
 
-TOO_LARGE = {"latent_over_512": dict(kv_lora_rank=520), "rope_over_64": dict(qk_rope_head_dim=72, qk_nope_head_dim=8)}
+YARN = dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 128})
+#: What cannot be padded: a latent or RoPE key larger than 512 + 64, and a RoPE whose 64-dim DeepSeek-V3 table
+#: differs from the model's (YaRN's ramp moves with the number of dims).
+UNPADDABLE = {
+    "latent_over_512": (dict(kv_lora_rank=520),
+                        "latent is 520 \\+ 8 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
+    "rope_over_64": (dict(qk_rope_head_dim=72, qk_nope_head_dim=8),
+                     "latent is 32 \\+ 72 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
+    "yarn_at_64_dims": (YARN, "no DeepSeek-V3 RoPE of 64 dims.*scaled rope type"),
+}
 
 
 @pytest.mark.parametrize("dims, message", [
-    (TOO_LARGE["latent_over_512"], "latent is 520 \\+ 8 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
-    (TOO_LARGE["rope_over_64"], "latent is 32 \\+ 72 dims.*larger than the 512 \\+ 64.*pad_latent=False"),
+    *UNPADDABLE.values(),
     (dict(rope_frequency_dim=128, rope_frequency_indices=[0, 1, 40, 63]), "no DeepSeek-V3 RoPE of 64 dims"),
-], ids=["latent_over_512", "rope_over_64", "rope_no_table_holds"])
+], ids=[*UNPADDABLE, "rope_no_table_holds"])
 def test_what_cannot_be_padded_is_refused_when_padding_is_asked_for(tmp_path, dims, message):
     with pytest.raises(ConversionError, match=message):
         gqla_compile.export(_gqla(**dims), tmp_path / "ds", pad_latent=True)
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("dims", TOO_LARGE.values(), ids=TOO_LARGE.keys())
-def test_a_latent_too_large_to_pad_is_exported_unpadded_by_default_with_a_warning(tmp_path, caplog, dims):
+@pytest.mark.parametrize("dims", [dims for dims, _ in UNPADDABLE.values()], ids=UNPADDABLE)
+def test_what_cannot_be_padded_is_exported_unpadded_by_default_with_a_warning(tmp_path, tokens, caplog, dims):
+    model = _gqla(**dims)
     with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
-        gqla_compile.export(_gqla(**dims), tmp_path / "ds")
+        gqla_compile.export(model, tmp_path / "ds")
     assert "MLA kernels built for 512 + 64" in caplog.text and "cannot be padded" in caplog.text
-    config = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").config
-    assert (config.kv_lora_rank, config.qk_rope_head_dim) == (dims.get("kv_lora_rank", 32),
-                                                              dims.get("qk_rope_head_dim", 8))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")
+    config = model.config
+    assert (loaded.config.kv_lora_rank, loaded.config.qk_rope_head_dim) == (config.kv_lora_rank,
+                                                                            config.qk_rope_head_dim)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        assert relative_error(loaded(input_ids=tokens, use_cache=False).logits, expected) < 1e-5
+
+
+def test_a_rope_type_engines_read_otherwise_is_exported_with_a_warning(tmp_path, tokens, caplog):
+    """Linear scaling keeps its table at 64 dims (padded exactly); vLLM's DeepSeek-V3 would read it as YaRN."""
+    model = _gqla(qk_rope_head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with caplog.at_level(logging.WARNING, logger="gqla_compile.exporting"):
+        gqla_compile.export(model, tmp_path / "ds")
+    assert "rope_type 'linear'" in caplog.text and "vLLM reads every rope type other than default" in caplog.text
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")
+    assert loaded.config.qk_rope_head_dim == 64 and loaded.config.rope_parameters["rope_type"] == "linear"
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        assert relative_error(loaded(input_ids=tokens, use_cache=False).logits, expected) < 1e-5
 
 
 # --- what DeepSeek-V3 cannot express: refused, nothing written ----------------------------------------------------
@@ -208,7 +235,7 @@ def test_a_latent_too_large_to_pad_is_exported_unpadded_by_default_with_a_warnin
     "make, message",
     [
         (lambda: _gqla(kv_a_layernorm=False, rms_norm_eps=1e-5), "no latent norm.*rms_norm_eps=1e-05"),
-        (lambda: _gqla(rope_frequency_dim=128, rope_frequency_indices=[0, 1, 40, 63]), "not all in one"),
+        (lambda: _gqla(rope_frequency_dim=128, rope_frequency_indices=[0, 1, 40, 63]), "none holds them all"),
         (lambda: _gqla(mlp_bias=True), "MLP has biases"),
         (lambda: _gqla(attention_bias=True), "q_proj has a bias"),
         (lambda: AutoModelForCausalLM.from_config(tiny_llama()), "export writes a GqlaForCausalLM"),
