@@ -8,7 +8,7 @@ plugin the export loads and runs, and differs only by vLLM's CPU RoPE bug (docs/
 prompt log-probabilities agree at position 0 (one key: the score does not matter) and drift after, and the
 same export with its RoPE rows zeroed agrees with transformers without the plugin.
 
-Three engine starts, each in its own process (vLLM loads plugins per process, and the fix cannot be undone
+Five engine starts, each in its own process (vLLM loads plugins per process, and the fix cannot be undone
 inside one). Run with ``/work/vllm-env/bin/python -m pytest -n 0 -p no:cacheprovider tests_serving``.
 """
 
@@ -118,14 +118,15 @@ def _plugin_path(tmp: Path) -> tuple[str, str]:
     return os.pathsep.join(paths), "gqla"
 
 
-def _serve(folder: Path, tmp: Path, *, plugin: bool) -> dict:
-    """One vLLM engine (its own process) on ``folder``: greedy tokens and log-probabilities of PROMPTS."""
+def _serve(folder: Path, tmp: Path, *, plugin: bool, mla: bool = True) -> dict:
+    """One vLLM engine (its own process) on ``folder``: greedy tokens and log-probabilities of PROMPTS; ``mla``
+    False serves DeepSeek-V3 on vLLM's MHA attention (``VLLM_MLA_DISABLE``) instead of its MLA attention."""
     script = tmp / "engine.py"
     script.write_text(_ENGINE)
     python_path, name = _plugin_path(tmp)
     env = {**os.environ, "PYTHONPATH": python_path, "VLLM_PLUGINS": name if plugin else "",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = tmp / f"{folder.name}-{'plugin' if plugin else 'stock'}.json"
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_MLA_DISABLE": "0" if mla else "1"}
+    out = tmp / f"{folder.name}-{'plugin' if plugin else 'stock'}-{'mla' if mla else 'mha'}.json"
     run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(PROMPTS), str(STEPS), str(out)],
                          env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -163,9 +164,12 @@ def _assert_same(served: list[dict], reference: list[dict]) -> None:
                               atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_stock_vllm_serves_the_padded_export_with_the_gqla_models_tokens_when_the_plugin_is_loaded(exported):
-    served = _serve(exported["tmp"] / "padded", exported["tmp"], plugin=True)
+@pytest.mark.parametrize("mla", [True, False], ids=["mla", "mha"])
+def test_stock_vllm_serves_the_padded_export_with_the_gqla_models_tokens_when_the_plugin_is_loaded(exported, mla):
+    """On both of vLLM's DeepSeek attentions: MLA (absorbed decode, expanded prefill) and plain MHA."""
+    served = _serve(exported["tmp"] / "padded", exported["tmp"], plugin=True, mla=mla)
     assert "DeepseekV3ForCausalLM" in served["log"]  # vLLM's own architecture, no model class of ours
+    assert ("MLA backend." in served["log"]) == mla, served["log"][-3000:]  # "Using CPU_MLA backend." (or AMX_MLA)
     _assert_same(served["outputs"], exported["reference"])
 
 
@@ -181,6 +185,26 @@ def test_without_the_plugin_the_padded_export_runs_and_differs_only_by_vllms_cpu
     # the same export with its RoPE rows zeroed: nothing for the bug to touch, and vLLM agrees without the plugin
     no_rope = _serve(exported["tmp"] / "no_rope", exported["tmp"], plugin=False)
     _assert_same(no_rope["outputs"], exported["no_rope_reference"])
+
+
+def test_stock_vllm_serves_the_padded_export_of_a_real_transgqla_conversion(tmp_path):
+    """The issue's case itself: a Llama (64-dim heads) converted by TransGQLA at (d_R 32, d_c 76) (no latent
+    norm: the export's inert one, padded; FreqFold's frequencies of the 64-dim table), exported with the default
+    padding and served by stock vLLM's MLA with the plugin: the converted model's tokens and log-probabilities."""
+    from gqla_compile.conversion.calibration import random_token_sequences
+    from gqla_compile.tiny import tiny_llama
+
+    torch.manual_seed(0)
+    llama = _randomized(AutoModelForCausalLM.from_config(tiny_llama(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256)))
+    converted = gqla_compile.convert(llama, kv_lora_rank=76, qk_rope_head_dim=32, progress=False,
+                                     calibration=random_token_sequences(256, 4, 32, seed=1))
+    assert converted.config.rope_frequency_dim == 64 and not converted.config.kv_a_layernorm
+    gqla_compile.export(converted, tmp_path / "transgqla")
+    reference = _reference(converted)
+    assert all(len(set(output["tokens"])) > 1 for output in reference)
+    served = _serve(tmp_path / "transgqla", tmp_path, plugin=True)
+    _assert_same(served["outputs"], reference)
 
 
 # --- the fix itself, on vLLM's rotary embedding (no engine) ---------------------------------------------------------
