@@ -36,6 +36,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from ..dims import LatentDims
+from .selection import GqlaServingError
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class AttentionSpec:
     qkv_bias: bool  # bias on q_proj / q_a_proj and kv_a_proj_with_mqa
     o_bias: bool
     rope_neox: bool  # rotate-half pairs (p, p + d_R/2); False: interleaved pairs (2p, 2p + 1)
+    # kv_b_proj stored once per head, each group's rows repeated for its heads (a regrouped family checkpoint,
+    # which must load in the family's stock class); False: once per group (GqlaForCausalLM)
+    up_projection_per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class GqlaServingAttention(nn.Module):
         super().__init__()
         dims = spec.dims
         tp = get_tensor_model_parallel_world_size()
-        self.dims, self.path = dims, path
+        self.dims, self.path, self.attn_prefix = dims, path, prefix
         self.num_local_heads = dims.n_h // tp
         self.num_local_groups = dims.n_g // tp
         padding = padding if path == "absorbed" and padding is not None else LatentPadding(dims.d_c, dims.d_R)
@@ -174,8 +178,9 @@ class GqlaServingAttention(nn.Module):
         if spec.latent_norm and self.d_c != dims.d_c:
             _transform_loader(self.kv_a_layernorm.weight,
                               lambda w: torch.nn.functional.pad(w * math.sqrt(shrink), (0, self.d_c - dims.d_c)))
-        if path == "absorbed":
-            _transform_loader(self.kv_b_proj.weight, self._per_head_up_projection)
+        self.up_projection_per_head = spec.up_projection_per_head
+        _transform_loader(self.kv_b_proj.weight,
+                          self._per_head_up_projection if path == "absorbed" else self._per_group_up_projection)
 
         if path == "absorbed":
             self.attn = MLAAttention(
@@ -191,12 +196,28 @@ class GqlaServingAttention(nn.Module):
                                   quant_config=quant_config, prefix=f"{prefix}.attn")
 
     def _per_head_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
-        """[n_g (d_n + d_v), d_c] -> [n_h (d_n + d_v), d_c']: each group's rows once per head of the group,
-        latent columns zero-padded to the served latent."""
+        """-> [n_h (d_n + d_v), d_c']: each group's rows once per head of the group, latent columns zero-padded
+        to the served latent."""
         dims = self.dims
-        per_group = weight.reshape(dims.n_g, dims.d_n + dims.d_v, dims.d_c)
-        per_head = per_group.repeat_interleave(dims.n_h // dims.n_g, dim=0).reshape(-1, dims.d_c)
-        return torch.nn.functional.pad(per_head, (0, self.d_c - dims.d_c))
+        if not self.up_projection_per_head:
+            per_group = weight.reshape(dims.n_g, dims.d_n + dims.d_v, dims.d_c)
+            weight = per_group.repeat_interleave(dims.n_h // dims.n_g, dim=0).reshape(-1, dims.d_c)
+        return torch.nn.functional.pad(weight, (0, self.d_c - dims.d_c))
+
+    def _per_group_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
+        """-> [n_g (d_n + d_v), d_c]: from a per-head checkpoint, the first head of each group, after checking
+        that every head of the group holds the same rows (else the checkpoint is not regrouped as it says)."""
+        dims = self.dims
+        if not self.up_projection_per_head:
+            return weight
+        heads = weight.reshape(dims.n_g, dims.n_h // dims.n_g, dims.d_n + dims.d_v, dims.d_c)
+        if not torch.equal(heads, heads[:, :1].expand_as(heads)):
+            raise GqlaServingError(
+                f"kv_b_proj of {self.attn_prefix} differs between heads of one group: the config says "
+                f"{dims.n_g} groups of {dims.n_h // dims.n_g} neighbouring heads (gqla_conversion), the weights do "
+                "not hold that grouping; regroup the model again with gqla_compile.convert(..., num_groups=G) "
+                "(grouping='neighbour'), or serve it on the absorbed path (hf_overrides={'gqla_path': 'absorbed'})")
+        return heads[:, 0].reshape(-1, dims.d_c)
 
     def _query(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.dims.q_lora_rank is None:

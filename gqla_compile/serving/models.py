@@ -292,7 +292,7 @@ class _RegroupedAttentionFactory:
             scale = scale * mscale * mscale
         spec = AttentionSpec(dims=LatentDims.from_config(config), scale=scale, eps=config.rms_norm_eps,
                              latent_norm=True, qkv_bias=False, o_bias=False,
-                             rope_neox=not getattr(config, "rope_interleave", True))
+                             rope_neox=not getattr(config, "rope_interleave", True), up_projection_per_head=True)
         return _attention(spec, self.plan, self.table, self.vllm_config, prefix)
 
 
