@@ -108,8 +108,11 @@ def serving_plan(config: Any, vllm_config: VllmConfig, *, log: bool = True) -> S
     dims = LatentDims.from_config(config)
     padding, absorbed_problem = _latent_padding(dims, vllm_config)
     head_size, grouped_problem = _grouped_head_size(dims, vllm_config)
+    served_sizes = {"grouped": {"qk_nope_head_dim": head_size - dims.d_R, "v_head_dim": head_size}} if head_size else {}
+    if padding is not None:
+        served_sizes["absorbed"] = {"kv_lora_rank": padding.d_c, "qk_rope_head_dim": padding.d_R}
     choice = choose_path(config, _engine_shape(vllm_config),
-                         {"absorbed": absorbed_problem, "grouped": grouped_problem})
+                         {"absorbed": absorbed_problem, "grouped": grouped_problem}, served_sizes)
     detail = ""
     if choice.path == "absorbed" and (padding.d_c, padding.d_R) != (dims.d_c, dims.d_R):
         ratio = (padding.d_c + padding.d_R) / (dims.d_c + dims.d_R)

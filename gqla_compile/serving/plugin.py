@@ -52,14 +52,22 @@ def register() -> None:
                 ", ".join(ARCHITECTURES), rope_fix)
 
 
+class _ToVllmLog(logging.Handler):
+    """Hands gqla_compile's records to vLLM's logger when they are emitted (vLLM may configure its handlers
+    after the plugin loads)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
 def _log_through_vllm() -> None:
-    """Show gqla_compile's log records where vLLM shows its own (vLLM configures only its "vllm" logger)."""
-    ours, theirs = logging.getLogger("gqla_compile"), logging.getLogger("vllm")
-    if ours.handlers or not theirs.handlers:
+    """Show gqla_compile's INFO records where vLLM shows its own (vLLM configures only its "vllm" logger)."""
+    ours = logging.getLogger("gqla_compile")
+    if any(isinstance(h, _ToVllmLog) for h in ours.handlers):
         return
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(theirs.getEffectiveLevel())
+    ours.addHandler(_ToVllmLog())
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
     ours.propagate = False
 
 

@@ -10,6 +10,7 @@ No vLLM import here: the engine's settings come in as an ``EngineShape``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -63,9 +64,12 @@ def requested_path(config: Any) -> tuple[str, str]:
     return name, source
 
 
-def choose_path(config: Any, engine: EngineShape, backend_problems: dict[str, str | None]) -> PathChoice:
+def choose_path(config: Any, engine: EngineShape, backend_problems: dict[str, str | None],
+                served_sizes: dict[str, dict[str, int]] | None = None) -> PathChoice:
     """Pick the path for ``config`` on ``engine``; raise ``GqlaServingError`` naming the fix when the asked
-    path cannot be served. ``backend_problems``: per path, why the attention backend cannot run it (or None)."""
+    path cannot be served. ``backend_problems``: per path, why the attention backend cannot run it (or None).
+    ``served_sizes``: per path, the config dims as the backend serves them (padding), which the cost model
+    prices."""
     asked, source = requested_path(config)
     dims = LatentDims.from_config(config)
     problems = {name: backend_problems.get(name) or shard
@@ -86,11 +90,24 @@ def choose_path(config: Any, engine: EngineShape, backend_problems: dict[str, st
         (only,) = feasible
         other = next(p for p in PATHS if p != only)
         return PathChoice(only, f"the only servable path ({other}: {problems[other]})")
-    decision = plan(config, "auto", s_q=engine.tokens_per_step, batch_size=engine.max_num_seqs,
-                    context_len=engine.max_model_len, tp=engine.tp, dtype=engine.dtype, rope_key="copied")
-    return PathChoice(decision.path, f"cost model on target {decision.target.name} at batch {engine.max_num_seqs}, "
-                                     f"{engine.tokens_per_step} token(s) per step, context {engine.max_model_len}, "
-                                     f"tp {engine.tp}: {decision.reason}")
+    plans = {p: _plan_served(config, (served_sizes or {}).get(p, {}), p, engine) for p in feasible}
+    seconds = {p: plans[p].costs[p].time_s for p in feasible}
+    best = min(feasible, key=lambda p: seconds[p])  # PATHS order: ties go to absorbed, the smaller cache
+    other = next(p for p in feasible if p != best)
+    return PathChoice(best, f"cost model on target {plans[best].target.name} at batch {engine.max_num_seqs}, "
+                            f"{engine.tokens_per_step} token(s) per step, context {engine.max_model_len}, tp "
+                            f"{engine.tp}, sizes as served: predicted step {seconds[best] * 1e3:.3g} ms vs "
+                            f"{seconds[other] * 1e3:.3g} ms on the {other} path ({best}: "
+                            f"{plans[best].costs[best].bound}-bound, {other}: {plans[other].costs[other].bound}-bound)")
+
+
+def _plan_served(config: Any, sizes: dict[str, int], path: str, engine: EngineShape) -> Any:
+    """The cost model's plan for ``path`` with the config's dims replaced by the served ``sizes``."""
+    view = copy.copy(config)
+    for name, value in sizes.items():
+        setattr(view, name, value)
+    return plan(view, "auto", s_q=engine.tokens_per_step, batch_size=engine.max_num_seqs,
+                context_len=engine.max_model_len, tp=engine.tp, dtype=engine.dtype, rope_key="copied")
 
 
 def is_regrouped(config: Any) -> bool:
