@@ -42,6 +42,7 @@ class EngineShape:
     tokens_per_step: int
     max_model_len: int
     dtype: Any
+    target: Any = "auto"  # a target name or Target; "auto": this machine's GPU by name, else the measured CPU
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def _plan_served(config: Any, sizes: dict[str, int], path: str, engine: EngineSh
     view = copy.copy(config)
     for name, value in sizes.items():
         setattr(view, name, value)
-    return plan(view, "auto", s_q=engine.tokens_per_step, batch_size=engine.max_num_seqs,
+    return plan(view, engine.target, s_q=engine.tokens_per_step, batch_size=engine.max_num_seqs,
                 context_len=engine.max_model_len, tp=engine.tp, dtype=engine.dtype, rope_key="copied")
 
 
