@@ -137,7 +137,7 @@ def tiny_llama_gqla(folder: Path, *, groups: int = 2, heads: int = 4, seed: int 
     from gqla_compile.conversion.calibration import random_token_sequences
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=256, hidden_size=32 * heads, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=groups, head_dim=32,
                          max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(seed)

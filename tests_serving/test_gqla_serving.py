@@ -105,7 +105,7 @@ def test_auto_path_is_logged_with_its_reason(llama_dir, references):
     assert completion.tokens == references["llama"].tokens[:1]
     lines = [line for line in completion.log.splitlines() if "GQLA: serving" in line]
     assert len(lines) == 1 and "cost model on target" in lines[0], lines
-    assert completion.workers[0]["path"] in lines[0]
+    assert f"on the {completion.workers[0]['path']} path: cost model" in lines[0]
 
 
 def test_unknown_path_name_is_refused(llama_dir):
