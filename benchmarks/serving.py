@@ -59,6 +59,10 @@ def engine_run(request: dict) -> dict:
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start
 
+    served = getattr(llm.llm_engine.vllm_config.model_config.hf_config, "gqla_serving", None)
+    if not served or served["path"] != request["path"]:
+        raise RuntimeError(f"the engine did not serve the {request['path']} path through the GQLA plugin "
+                           f"(recorded: {served}); is gqla_compile installed in this environment?")
     points = []
     for context in request["contexts"]:
         for batch in request["batches"]:
