@@ -226,7 +226,10 @@ class GqlaServingAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)[0]))[0]
         return q.view(-1, self.num_local_heads, self.q_head)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, *_unused) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                llama_4_scaling: torch.Tensor | None = None) -> torch.Tensor:
+        """``llama_4_scaling``: the per-position query scale vLLM's DeepSeek decoder passes for configs that ask
+        for it, applied as vLLM's own DeepSeek attention applies it."""
         dims = self.dims
         q = self._query(hidden_states)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split([self.d_c, self.d_r], dim=-1)
@@ -234,6 +237,8 @@ class GqlaServingAttention(nn.Module):
         q_nope, q_pe = q.split([dims.d_n, self.d_r], dim=-1)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if llama_4_scaling is not None:
+            q = q * llama_4_scaling
         if self.path == "absorbed":
             out = self.attn(q, latent, k_pe, output_shape=(hidden_states.shape[0], self.num_local_heads * dims.d_v))
         else:
