@@ -28,21 +28,16 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _python_path(tmp: Path) -> str:
-    """This checkout first on vLLM's processes' path (whichever checkout is installed in the environment), and,
-    where the installed package declares no ``gqla`` vLLM plugin, a dist-info that declares this checkout's
-    (pyproject's entry point), so vLLM loads the plugin in every process it spawns."""
+def _python_path() -> str:
+    """This checkout first on vLLM's processes' path, whichever checkout the environment has installed. vLLM
+    finds the plugin through the installed package's ``gqla`` entry point (pyproject), so the package must be
+    installed there (``pip install -e .``, as .ci/run does)."""
     from importlib.metadata import entry_points
 
-    paths = [str(REPO)]
     if not any(ep.name == "gqla" for ep in entry_points(group="vllm.general_plugins")):
-        shim = tmp / "plugin-shim"
-        info = shim / "gqla_compile_serving_plugin-0.0.dist-info"
-        info.mkdir(parents=True, exist_ok=True)
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gqla-compile-serving-plugin\nVersion: 0.0\n")
-        (info / "entry_points.txt").write_text("[vllm.general_plugins]\ngqla = gqla_compile.serving.plugin:register\n")
-        paths.append(str(shim))
-    return os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        pytest.fail("no 'gqla' vLLM plugin is installed in this environment: run `python -m pip install -e .` "
+                    "from this checkout with the vLLM environment's Python (see docs/serving.md)")
+    return os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 
 def pytest_collection_modifyitems(items):
@@ -90,7 +85,7 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], max_tokens: int, *, env:
                                    "engine": {**ENGINE_DEFAULTS, **engine}}))
     proc = subprocess.run([sys.executable, str(RUNNER), str(request), str(out)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **ENGINE_ENV, **(env or {}),
-                                                "PYTHONPATH": _python_path(Path(model_dir).parent)})
+                                                "PYTHONPATH": _python_path()})
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-40000:]}")
     result = json.loads(out.read_text())

@@ -14,13 +14,7 @@ inside one). Run with ``/work/vllm-env/bin/python -m pytest -n 0 -p no:cacheprov
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -28,11 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import gqla_compile
+from conftest import randomize, run_vllm, transformers_reference
 from gqla_compile.tiny import tiny_gqla
 
-pytestmark = pytest.mark.serving
-
-REPO = Path(__file__).resolve().parents[1]
 #: (d_R 32, d_c 76) with per-layer RoPE frequency tables drawn from a 64-dim table (TransGQLA's FreqFold form).
 HEADLINE = dict(kv_lora_rank=76, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=24,
                 softmax_scale=0.2, rope_frequency_dim=64, max_position_embeddings=256,
@@ -49,142 +41,76 @@ LOGPROB_ATOL = 1e-4
 #: (measured: 0.14 at position 1 already).
 BUG_DRIFT = 1e-2
 
-_ENGINE = textwrap.dedent('''
-    import json, sys
-    if __name__ == "__main__":
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-        folder, prompts, steps, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-        llm = LLM(model=folder, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=256,
-                  max_num_seqs=4, seed=0)
-        params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=0, prompt_logprobs=0)
-        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        record = {"outputs": []}
-        for prompt, result in zip(prompts, results):
-            completion = result.outputs[0]
-            record["outputs"].append({
-                "tokens": list(completion.token_ids),
-                "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
-                "prompt_logprobs": [None if step is None else step[token].logprob
-                                    for step, token in zip(result.prompt_logprobs, prompt)],
-            })
-        with open(out, "w") as f:
-            json.dump(record, f)
-''')
+
+def _serve(folder, *, plugin: bool, mla: bool = True):
+    """vLLM on ``folder`` with the gqla_compile plugin loaded or not (``VLLM_PLUGINS``); ``mla`` False serves
+    DeepSeek-V3 on vLLM's MHA attention (``VLLM_MLA_DISABLE``) instead of its MLA attention."""
+    return run_vllm(folder, PROMPTS, STEPS, env={"VLLM_PLUGINS": "gqla" if plugin else "",
+                                                 "VLLM_MLA_DISABLE": "0" if mla else "1"})
 
 
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights where RoPE and the latent matter: matrices ~ N(0, 0.15), norm gains U(0.5, 1.5)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
-            else:
-                param.copy_(0.15 * torch.randn(param.shape, generator=generator))
-    return model.eval()
+def _reference(model: torch.nn.Module, folder: Path):
+    """``model`` saved as it is (the unpadded GQLA model) and its greedy outputs in transformers."""
+    model.save_pretrained(folder)
+    return transformers_reference(folder, PROMPTS, STEPS)
 
 
-def _reference(model: torch.nn.Module) -> list[dict]:
-    """Greedy tokens and log-probabilities (of every prompt token after the first, and of each generated one)
-    of ``model`` in transformers."""
-    outputs = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            tokens = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)[0]
-            logprobs = model(input_ids=tokens[None], use_cache=False).logits[0].double().log_softmax(-1)
-        chosen = logprobs[:-1].gather(-1, tokens[1:, None])[:, 0].tolist()
-        outputs.append({"tokens": tokens[len(prompt):].tolist(), "prompt_logprobs": chosen[:len(prompt) - 1],
-                        "logprobs": chosen[len(prompt) - 1:]})
-    return outputs
-
-
-def _plugin_path(tmp: Path) -> tuple[str, str]:
-    """(PYTHONPATH, plugin name) under which vLLM loads the gqla_compile plugin in every process it starts.
-
-    The package's plugin (``gqla_compile.serving.plugin:register``, entry point ``gqla``; it installs the rotary
-    fix) when this checkout has it; else a dist-info of this test's own declaring ``install_rotary_fix`` as the
-    plugin. Either way vLLM itself loads it, in the engine core process too."""
-    paths = [str(REPO)]
-    if not any(ep.name == "gqla" for ep in entry_points(group="vllm.general_plugins")):
-        target = ("gqla_compile.serving.plugin:register" if importlib.util.find_spec("gqla_compile.serving.plugin")
-                  else "gqla_compile.serving.rope:install_rotary_fix")
-        info = tmp / "plugin" / "gqla_padded_export_test-0.0.dist-info"
-        info.mkdir(parents=True, exist_ok=True)
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gqla-padded-export-test\nVersion: 0.0\n")
-        (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\ngqla = {target}\n")
-        paths.append(str(info.parent))
-    return os.pathsep.join(paths), "gqla"
-
-
-def _serve(folder: Path, tmp: Path, *, plugin: bool, mla: bool = True) -> dict:
-    """One vLLM engine (its own process) on ``folder``: greedy tokens and log-probabilities of PROMPTS; ``mla``
-    False serves DeepSeek-V3 on vLLM's MHA attention (``VLLM_MLA_DISABLE``) instead of its MLA attention."""
-    script = tmp / "engine.py"
-    script.write_text(_ENGINE)
-    python_path, name = _plugin_path(tmp)
-    env = {**os.environ, "PYTHONPATH": python_path, "VLLM_PLUGINS": name if plugin else "",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_MLA_DISABLE": "0" if mla else "1"}
-    out = tmp / f"{folder.name}-{'plugin' if plugin else 'stock'}-{'mla' if mla else 'mha'}.json"
-    run = subprocess.run([sys.executable, str(script), str(folder), json.dumps(PROMPTS), str(STEPS), str(out)],
-                         env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    record = json.loads(out.read_text())
-    record["log"] = run.stdout + run.stderr
-    return record
+def _export(model: torch.nn.Module, tmp: Path, name: str) -> tuple[Path, object]:
+    """The model's default (padded) export, and the unpadded model's reference outputs in transformers."""
+    folder = gqla_compile.export(model, tmp / name)
+    assert json.loads((folder / "config.json").read_text())["kv_lora_rank"] == 512  # padded by default
+    reference = _reference(model, tmp / f"{name}-gqla")
+    assert all(len(set(tokens)) > 1 for tokens in reference.tokens)  # no greedy output is one repeated token
+    return folder, reference
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The GQLA model, its reference outputs in transformers, its padded export and the same with zero RoPE."""
+    """The GQLA model's padded export, and the same model's with its RoPE rows zeroed, with references."""
     tmp = tmp_path_factory.mktemp("padded")
     torch.manual_seed(0)
-    model = _randomized(AutoModelForCausalLM.from_config(tiny_gqla(**HEADLINE)))
-    gqla_compile.export(model, tmp / "padded")
-    no_rope = _randomized(AutoModelForCausalLM.from_config(tiny_gqla(**HEADLINE)))
+    model = randomize(AutoModelForCausalLM.from_config(tiny_gqla(**HEADLINE)).eval())
+    no_rope = randomize(AutoModelForCausalLM.from_config(tiny_gqla(**HEADLINE)).eval(), seed=1)
     d_n, d_r, d_c = HEADLINE["qk_nope_head_dim"], HEADLINE["qk_rope_head_dim"], HEADLINE["kv_lora_rank"]
     with torch.no_grad():
         for layer in no_rope.model.layers:
             attention = layer.self_attn
             attention.q_b_proj.weight.view(-1, d_n + d_r, attention.q_b_proj.weight.shape[1])[:, d_n:] = 0
             attention.kv_a_proj_with_mqa.weight[d_c:] = 0
-    gqla_compile.export(no_rope, tmp / "no_rope")
-    reference = _reference(model)
-    assert all(len(set(output["tokens"])) > 1 for output in reference)  # no prompt's greedy output is one token
-    return {"tmp": tmp, "reference": reference, "no_rope_reference": _reference(no_rope)}
+    return {"padded": _export(model, tmp, "padded"), "no_rope": _export(no_rope, tmp, "no_rope")}
 
 
-def _assert_same(served: list[dict], reference: list[dict]) -> None:
-    for got, want in zip(served, reference, strict=True):
-        assert got["tokens"] == want["tokens"]
-        assert torch.allclose(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=LOGPROB_ATOL, rtol=0)
-        assert got["prompt_logprobs"][0] is None
-        assert torch.allclose(torch.tensor(got["prompt_logprobs"][1:]), torch.tensor(want["prompt_logprobs"]),
-                              atol=LOGPROB_ATOL, rtol=0)
+def _assert_same(served, reference) -> None:
+    assert served.tokens == reference.tokens
+    for got, want in zip(served.logprobs + served.prompt_logprobs, reference.logprobs + reference.prompt_logprobs,
+                         strict=True):
+        assert torch.allclose(torch.tensor(got), torch.tensor(want, dtype=torch.float32), atol=LOGPROB_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mla", [True, False], ids=["mla", "mha"])
 def test_stock_vllm_serves_the_padded_export_with_the_gqla_models_tokens_when_the_plugin_is_loaded(exported, mla):
     """On both of vLLM's DeepSeek attentions: MLA (absorbed decode, expanded prefill) and plain MHA."""
-    served = _serve(exported["tmp"] / "padded", exported["tmp"], plugin=True, mla=mla)
-    assert "DeepseekV3ForCausalLM" in served["log"]  # vLLM's own architecture, no model class of ours
-    assert ("MLA backend." in served["log"]) == mla, served["log"][-3000:]  # "Using CPU_MLA backend." (or AMX_MLA)
-    _assert_same(served["outputs"], exported["reference"])
+    folder, reference = exported["padded"]
+    served = _serve(folder, plugin=True, mla=mla)
+    # vLLM's own DeepSeek attention: the plugin serves an export as a stock checkpoint (only its RoPE fix acts)
+    assert all(worker["path"] is None for worker in served.workers), served.workers
+    assert ("MLA backend." in served.log) == mla, served.log[-3000:]  # "Using CPU_MLA backend." (or AMX_MLA)
+    _assert_same(served, reference)
 
 
 def test_without_the_plugin_the_padded_export_runs_and_differs_only_by_vllms_cpu_rope_bug(exported):
-    served = _serve(exported["tmp"] / "padded", exported["tmp"], plugin=False)
+    folder, reference = exported["padded"]
+    served = _serve(folder, plugin=False)
     drift = []
-    for got, want in zip(served["outputs"], exported["reference"]):
-        assert len(got["tokens"]) == STEPS
-        first, rest = got["prompt_logprobs"][1], got["prompt_logprobs"][2:]
-        assert abs(first - want["prompt_logprobs"][0]) < LOGPROB_ATOL  # position 0: one key, RoPE cannot matter
-        drift.append(max(abs(a - b) for a, b in zip(rest, want["prompt_logprobs"][1:])))
+    for got, want in zip(served.prompt_logprobs, reference.prompt_logprobs, strict=True):
+        assert len(got) == len(want)
+        assert abs(got[0] - want[0]) < LOGPROB_ATOL  # position 0: one key, RoPE cannot matter
+        drift.append(max(abs(a - b) for a, b in zip(got[1:], want[1:])))
+    assert all(len(tokens) == STEPS for tokens in served.tokens)
     assert min(drift) > BUG_DRIFT, drift  # from position 1 on: the upstream bug
     # the same export with its RoPE rows zeroed: nothing for the bug to touch, and vLLM agrees without the plugin
-    no_rope = _serve(exported["tmp"] / "no_rope", exported["tmp"], plugin=False)
-    _assert_same(no_rope["outputs"], exported["no_rope_reference"])
+    folder, reference = exported["no_rope"]
+    _assert_same(_serve(folder, plugin=False), reference)
 
 
 def test_stock_vllm_serves_the_padded_export_of_a_real_transgqla_conversion(tmp_path):
@@ -195,16 +121,14 @@ def test_stock_vllm_serves_the_padded_export_of_a_real_transgqla_conversion(tmp_
     from gqla_compile.tiny import tiny_llama
 
     torch.manual_seed(0)
-    llama = _randomized(AutoModelForCausalLM.from_config(tiny_llama(
-        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256)))
+    llama = randomize(AutoModelForCausalLM.from_config(tiny_llama(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=256)).eval())
     converted = gqla_compile.convert(llama, kv_lora_rank=76, qk_rope_head_dim=32, progress=False,
                                      calibration=random_token_sequences(256, 4, 32, seed=1))
     assert converted.config.rope_frequency_dim == 64 and not converted.config.kv_a_layernorm
-    gqla_compile.export(converted, tmp_path / "transgqla")
-    reference = _reference(converted)
-    assert all(len(set(output["tokens"])) > 1 for output in reference)
-    served = _serve(tmp_path / "transgqla", tmp_path, plugin=True)
-    _assert_same(served["outputs"], reference)
+    folder, reference = _export(converted, tmp_path, "transgqla")
+    _assert_same(_serve(folder, plugin=True), reference)
 
 
 # --- the fix itself, on vLLM's rotary embedding (no engine) ---------------------------------------------------------

@@ -10,12 +10,12 @@ with no conversion step:
   as lazy "module:Class" strings (the models import vLLM only when a checkpoint needs them). The DeepSeek
   classes are subclasses of vLLM's own that change nothing unless the config says the checkpoint was
   regrouped by ``gqla_compile.convert(..., num_groups=G)`` with G below the head count;
-- the RoPE correction of ``gqla_compile.serving.rope`` is installed where that module exists.
+- the correction of vLLM's CPU rotary op (``gqla_compile.serving.rope``) is installed, so stock DeepSeek
+  layers apply RoPE correctly too (docs/vllm_cpu_rope_bug.md).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 logger = logging.getLogger(__name__)
@@ -40,16 +40,16 @@ def register() -> None:
     import gqla_compile  # noqa: F401  registers model_type "gqla" with transformers' Auto classes
     from vllm import ModelRegistry
 
-    from . import config_hooks
+    from . import config_hooks, rope
 
     for arch, cls in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, f"{_MODELS}:{cls}")
     config_hooks.install(list(ARCHITECTURES), MODEL_TYPES)
     _log_through_vllm()
-    rope_fix = _install_rope_fix()
+    rope.install_rotary_fix()
     _registered = True
-    logger.info("gqla_compile plugin: registered model_type 'gqla' and %s with vLLM; %s",
-                ", ".join(ARCHITECTURES), rope_fix)
+    logger.info("gqla_compile plugin: registered model_type 'gqla' and %s with vLLM; RoPE fix for vLLM's own "
+                "layers installed (gqla_compile.serving.rope)", ", ".join(ARCHITECTURES))
 
 
 class _ToVllmLog(logging.Handler):
@@ -69,14 +69,3 @@ def _log_through_vllm() -> None:
     if ours.level == logging.NOTSET:
         ours.setLevel(logging.INFO)
     ours.propagate = False
-
-
-def _install_rope_fix() -> str:
-    """Install ``gqla_compile.serving.rope.install_rotary_fix`` when that module exists; say what happened."""
-    if importlib.util.find_spec("gqla_compile.serving.rope") is None:
-        return ("no gqla_compile.serving.rope module: stock vLLM layers keep vLLM's CPU rotary op "
-                "(the GQLA layers apply RoPE correctly on their own)")
-    from . import rope
-
-    rope.install_rotary_fix()
-    return "RoPE fix for stock layers installed (gqla_compile.serving.rope)"

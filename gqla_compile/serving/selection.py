@@ -19,6 +19,7 @@ from typing import Any
 from ..cost_model import plan
 from ..dims import LatentDims
 from ..errors import GqlaError
+from ..exporting import FORMATS as EXPORT_FORMATS
 from ..paths import PATHS, feasible_paths
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,12 @@ def _plan_served(config: Any, sizes: dict[str, int], path: str, engine: EngineSh
 
 
 def is_regrouped(config: Any) -> bool:
-    """True for a family checkpoint that ``convert(..., num_groups=G)`` left with fewer groups than heads."""
+    """True for a family checkpoint that ``convert(..., num_groups=G)`` left with fewer groups than heads.
+    An export (``gqla_compile.export``, which records its format as the output) is written for stock
+    engines, so vLLM's own classes serve it, plugin or not."""
     record = getattr(config, "gqla_conversion", None) or {}
-    return "num_groups" in record and LatentDims.from_config(config).n_g < config.num_attention_heads
+    return ("num_groups" in record and record.get("output") not in EXPORT_FORMATS
+            and LatentDims.from_config(config).n_g < config.num_attention_heads)
 
 
 def serves_gqla(config: Any) -> bool:
