@@ -207,11 +207,9 @@ def _export_block(path: str, module: nn.Module, record: CallRecord, arguments: d
     ]
     if len(user_placeholders) != len(user_inputs):
         raise RuntimeError(f"{path}: {len(user_placeholders)} graph inputs for {len(user_inputs)} tensor arguments")
-    gm = exported.graph_module
-    gm.meta["user_input_sources"] = dict(zip(user_placeholders, user_inputs))  # read by conversion/mla.py
     return CapturedAttention(
         module_path=path,
-        graph_module=gm,
+        graph_module=exported.graph_module,
         parameter_inputs=parameter_inputs,
         user_inputs=user_inputs,
         user_placeholders=user_placeholders,

@@ -127,6 +127,7 @@ class CandidateSummary:
 
     checked: int
     left_unchanged: tuple[tuple[str, str], ...] = ()
+    unsupported: tuple[tuple[str, str], ...] = ()  # of those, latent attention with a piece no path handles yet
 
 
 def _layer_index(model: nn.Module, module: nn.Module) -> int | None:
@@ -161,42 +162,37 @@ def find_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSu
 
 
 def _detect_latent_blocks(model: nn.Module) -> tuple[list[LatentBlock], CandidateSummary]:
-    from ..capture import capture_candidates, retrace_with_stateful_children
-    from ..passes.detect import (LEARNED_TOKEN_SELECTION, attention_left_unchanged, find_latent_attention,
-                                 gate_width, probe_up_projections)
+    """The compiler's own detection (:func:`~gqla_compile.passes.detect.detect_blocks`, the one ``optimize``
+    runs: the same guards and the same named reasons), then what conversion reads off each matched block."""
+    from ..capture import capture_candidates
+    from ..passes.detect import attention_left_unchanged, detect_blocks
 
     captured = capture_candidates(model)
-    captures = captured.captures
-    modules = dict(model.named_modules())
-    blocks, traced, detections = [], {}, []
-    for capture in captures:
-        module = modules[capture.module_path]
-        detection = find_latent_attention(capture)
-        if detection.match is None and LEARNED_TOKEN_SELECTION in detection.failures:  # as optimize does
-            capture = retrace_with_stateful_children(capture, module, traced) or capture
-            detection = find_latent_attention(capture)
-        detections.append(detection)
-        match = detection.match
-        if match is None:
-            continue
-        parameters = {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
-        up = probe_up_projections(capture, match, parameters)
-        dims = match.dims
-        per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
-        index = _layer_index(model, module)
-        layout, order = _rope_layout(capture, match, parameters)
-        width = 0 if match.output_gate is None else gate_width(match.output_gate, dims)
-        blocks.append(LatentBlock(
-            path=capture.module_path, layer_index=index, module=module,
-            dims=LatentDims(**{**dims.as_dict(), "n_g": up.num_groups}), scaling=float(match.scaling),
-            key_up=up.key.to(torch.float64)[per_head], value_up=up.value.to(torch.float64)[per_head],
-            rope_order=order, rope_layout=layout,
-            output_gate_width=width,
-            output_gate_projection=_gate_projection(capture, match, parameters, width),
-        ))
+    contexts = detect_blocks(dict(model.named_modules()), captured.captures)
+    blocks = [_latent_block(model, context) for context in contexts if context.detection.match is not None]
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    detections = [context.detection for context in contexts]
     left = tuple(attention_left_unchanged(captured.failures, detections))
-    return sorted(blocks, key=lambda b: order[b.path]), CandidateSummary(len(captures), left)
+    unsupported = tuple((d.module_path, d.reason) for d in detections if d.latent_but_unsupported)
+    return sorted(blocks, key=lambda b: order[b.path]), CandidateSummary(len(captured.captures), left, unsupported)
+
+
+def _latent_block(model: nn.Module, context) -> LatentBlock:
+    """A matched block (n_g and the per-group up-projections probed) as conversion reads it."""
+    from ..passes.detect import gate_width
+
+    capture, match, parameters = context.capture, context.match, context.parameters
+    module = model.get_submodule(capture.module_path)
+    dims, up = match.dims, match.up_projections
+    per_head = torch.arange(dims.n_h) // (dims.n_h // up.num_groups)
+    layout, order = _rope_layout(capture, match, parameters)
+    width = 0 if match.output_gate is None else gate_width(match.output_gate, dims)
+    return LatentBlock(
+        path=capture.module_path, layer_index=_layer_index(model, module), module=module, dims=dims,
+        scaling=float(match.scaling), key_up=up.key.to(torch.float64)[per_head],
+        value_up=up.value.to(torch.float64)[per_head], rope_order=order, rope_layout=layout,
+        output_gate_width=width, output_gate_projection=_gate_projection(capture, match, parameters, width),
+    )
 
 
 def _rope_layout(capture, match, parameters) -> tuple[str, list[int]]:
@@ -281,18 +277,16 @@ def _gate_projection(capture, match, parameters, width: int) -> str | None:
 def _recorded_feeds(capture, match, parameters, *, same_token: bool = False) -> dict:
     """Feeds for evaluating a captured graph on its recorded call (``same_token``: every token's hidden state
     the first one's)."""
+    from ..capture import recorded_inputs
     from ..passes.detect import probe_feeds
-    from torch.utils import _pytree as pytree
 
     feeds = probe_feeds(capture, match, parameters, seq=2)
-    sources = capture.graph_module.meta.get("user_input_sources", {})
+    recorded = dict(zip(capture.user_placeholders, recorded_inputs(capture)))
     hidden = match.down_projection.args[0]
     hidden = ancestors(hidden) | {hidden}
     for node in list(feeds):
-        if node.name in sources:
-            arg, leaf = sources[node.name]
-            value = capture.example_arguments[arg]
-            value = value if leaf is None else pytree.tree_leaves(value)[leaf]
+        if node.name in recorded:
+            value = recorded[node.name]
             feeds[node] = value[:, :1].expand_as(value) if same_token and node in hidden and value.dim() == 3 else value
     return feeds
 
@@ -869,6 +863,12 @@ def convert_mla(
     if output not in OUTPUTS:
         raise ConversionError(f"output={output!r} is not known; use 'family' (the source's own class) or 'gqla'")
     blocks, candidates = find_latent_blocks(model)
+    if not blocks and candidates.unsupported:
+        listed = "; ".join(f"{path}: {why}" for path, why in candidates.unsupported)
+        raise ConversionError(
+            f"{type(model).__name__} holds latent attention that cannot be converted yet ({listed}); the piece named "
+            "must be supported by the compiler (report it)"
+        )
     if not blocks:
         config = getattr(model, "config", None)
         n_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)

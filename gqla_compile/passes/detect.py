@@ -1,4 +1,5 @@
-"""Detection of latent attention, the entry module: one layer's complete detection and the detect pass.
+"""Detection of latent attention, the entry module: a model's blocks (:func:`detect_blocks`, what ``optimize``
+and ``convert`` both call), one layer's complete detection and the detect pass.
 
 Detection is split along its seams; the names other modules use are all importable from here:
 
@@ -11,15 +12,17 @@ Detection is split along its seams; the names other modules use are all importab
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from ..capture import CapturedAttention, TraceFailure
+from ..capture import CapturedAttention, TraceFailure, retrace_with_stateful_children
 from ..errors import ShapeMismatchError
 from .context import LayerContext
 from .graph import op_histogram, tensor_meta
+from .manager import PassManager
 from .match import (  # noqa: F401  re-exported: the names detection's users import from here
     ATTENTION_SINK_SHAPE,
     EAGER_ATTENTION_SHAPE,
@@ -42,6 +45,37 @@ from .match import (  # noqa: F401  re-exported: the names detection's users imp
 )
 from .probe import batch_and_seq_symbols, probe_feeds, probe_up_projections  # noqa: F401  re-exported
 from .skeleton import find_latent_attention, gate_width  # noqa: F401  re-exported
+
+
+def detect_blocks(modules: Mapping[str, nn.Module], captures: Sequence[CapturedAttention],
+                  manager: PassManager | None = None) -> list[LayerContext]:
+    """Detection of every captured block of a model, one :class:`LayerContext` each, in ``captures``' order.
+
+    The one entry point of ``optimize`` and ``convert``, so that both apply the same guards and name the same
+    reasons. Each block runs the detect pass (match, probing, and its guards: a biased up-projection is a named
+    failure); then a block whose token selection was not recognised and that holds a child module reading the
+    cache (an indexer with state of its own: its keys, the cache length) is traced again with that child as one
+    opaque call and detected again (layers of one structure share the new trace). ``manager`` keeps the detect
+    passes' records (optimize's report); without one they are not kept.
+    """
+    manager = manager if manager is not None else PassManager()
+    contexts = [_detect(manager, LayerContext.of(modules[c.module_path], c)) for c in captures]
+    traced: dict[tuple, CapturedAttention | None] = {}
+    result = []
+    for context in contexts:
+        if context.detection.match is None and LEARNED_TOKEN_SELECTION in context.detection.failures:
+            module = modules[context.module_path]
+            capture = retrace_with_stateful_children(context.capture, module, traced)
+            if capture is not None:
+                context = _detect(manager, LayerContext.of(module, capture))
+        result.append(context)
+    return result
+
+
+def _detect(manager: PassManager, context: LayerContext) -> LayerContext:
+    """Detection, probing included, as the first pass of the layer: fills ``context.detection``."""
+    manager.run([DetectLatentAttention(context)], context.capture.graph_module, context.module_path)
+    return context
 
 
 def attention_left_unchanged(failures: list[TraceFailure], detections: list[Detection]) -> list[tuple[str, str]]:
