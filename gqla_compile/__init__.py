@@ -47,11 +47,12 @@ _PUBLIC = {
     "VerificationError": "errors",
     "PartialRewriteWarning": "errors",
     "NoLatentAttentionWarning": "errors",
-    "CompileError": "compile",
-    "ReportError": "reporting",
-    "OutputExistsError": "checkpoint",
-    "UnsafeCheckpointError": "checkpoint",
-    "ModelNotFoundError": "checkpoint",
+    "CompileError": "errors",
+    "HealError": "errors",
+    "ReportError": "errors",
+    "OutputExistsError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "ModelNotFoundError": "errors",
 }
 _SUBMODULES = {"targets", "passes", "dims", "cost_model", "conversion", "paths", "errors"}
 

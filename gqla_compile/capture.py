@@ -39,6 +39,7 @@ from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import _pytree as pytree
 
+from .stateful_op import BATCH_OF_FIRST_INPUT, SEQ_OF_FIRST_INPUT, stateful_child
 from .trace_cache import TRACES, trace_key
 
 logger = logging.getLogger(__name__)
@@ -206,11 +207,9 @@ def _export_block(path: str, module: nn.Module, record: CallRecord, arguments: d
     ]
     if len(user_placeholders) != len(user_inputs):
         raise RuntimeError(f"{path}: {len(user_placeholders)} graph inputs for {len(user_inputs)} tensor arguments")
-    gm = exported.graph_module
-    gm.meta["user_input_sources"] = dict(zip(user_placeholders, user_inputs))  # read by conversion/mla.py
     return CapturedAttention(
         module_path=path,
-        graph_module=gm,
+        graph_module=exported.graph_module,
         parameter_inputs=parameter_inputs,
         user_inputs=user_inputs,
         user_placeholders=user_placeholders,
@@ -220,27 +219,6 @@ def _export_block(path: str, module: nn.Module, record: CallRecord, arguments: d
         output_arity=record.output_arity,
         example_arguments=record.arguments,
     )
-
-
-#: In a stateful child's recorded output shape: this dim is the batch (or sequence) dim of its first input.
-BATCH_OF_FIRST_INPUT, SEQ_OF_FIRST_INPUT = -1, -2
-
-
-@torch.library.custom_op("gqla_compile::stateful_child", mutates_args=())
-def stateful_child(inputs: list[torch.Tensor], child: str, arguments: str, shape: list[int],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Stands for the call of a child module that reads the cache (``child``, its path in the block), with
-    the tensors ``inputs`` passed as the comma-separated ``arguments``. Only traced, never run: the runtime
-    calls the child itself."""
-    raise RuntimeError(f"gqla_compile::stateful_child stands for {child} in a traced graph and cannot run; "
-                       "the installed runtime calls the module itself")
-
-
-@stateful_child.register_fake
-def _stateful_child_shape(inputs, child, arguments, shape, dtype):
-    first = inputs[0]
-    sizes = {BATCH_OF_FIRST_INPUT: first.shape[0], SEQ_OF_FIRST_INPUT: first.shape[1]}
-    return first.new_empty([sizes.get(d, d) for d in shape], dtype=dtype)
 
 
 def stateful_children(module: nn.Module) -> dict[str, nn.Module]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import GqlaError
+from .errors import ModelNotFoundError, OutputExistsError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +25,6 @@ __all__ = ["OutputExistsError", "UnsafeCheckpointError", "ModelNotFoundError", "
            "load_config"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-class OutputExistsError(GqlaError, FileExistsError):
-    """The output folder exists and overwriting it was not asked for."""
-
-
-class UnsafeCheckpointError(GqlaError, ValueError):
-    """A checkpoint stored only as pickle files, which are not loaded."""
-
-
-class ModelNotFoundError(GqlaError, FileNotFoundError):
-    """Neither a local model folder nor a built-in tiny config name."""
 
 
 def check_output_free(out_dir: str | os.PathLike, *, force: bool = False) -> Path:

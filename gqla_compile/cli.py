@@ -18,14 +18,18 @@ COMMANDS: tuple[str, ...] = ("convert", "export", "heal", "plan", "report", "ben
 
 
 class UsageError(Exception):
-    """Bad arguments or a missing input: exit code 2."""
+    """Bad arguments or a missing input: exit code 2.
+
+    Raised only by the sub-commands' argument checks and turned into exit code 2 by :func:`main`, so it
+    stays beside the parser rather than in ``errors.py`` (the library never raises it).
+    """
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors about what the user asked for (exit 2), wherever they are raised: a missing or unsafe model, an
     unknown target, a model without latent attention where one is needed, an output folder in the way."""
-    from .checkpoint import ModelNotFoundError, OutputExistsError, UnsafeCheckpointError
-    from .errors import NoLatentAttentionError, UnknownTargetError
+    from .errors import (ModelNotFoundError, NoLatentAttentionError, OutputExistsError, UnknownTargetError,
+                         UnsafeCheckpointError)
 
     return (UsageError, ModelNotFoundError, OutputExistsError, UnsafeCheckpointError, NoLatentAttentionError,
             UnknownTargetError)

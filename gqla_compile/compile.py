@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import GqlaError
+from .errors import CompileError
 
 logger = logging.getLogger(__name__)
 
 _RECOMPILE_LIMIT = 64
-
-
-class CompileError(GqlaError, RuntimeError):
-    """Inductor could not compile a graph of the optimized model."""
 
 
 @dataclass

@@ -1,4 +1,11 @@
-"""Errors users see: each names the problem and the fix."""
+"""Errors users see: each names the problem and the fix.
+
+Every exception and warning class gqla_compile raises on purpose lives here (the modules that raise them
+import them from here), so that a caller catches them from one place: ``gqla_compile.<Name>``. Private
+control-flow exceptions that never leave their module (``trace_cache._Unkeyable``,
+``pipeline._Ambiguous``) and the command line's ``cli.UsageError`` (turned into exit code 2 inside
+``cli.main``, never raised by the library) stay beside their only users.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,30 @@ class ConversionError(GqlaError, ValueError):
 
 class VerificationError(GqlaError, RuntimeError):
     """A rewritten layer did not reproduce the original on the check input."""
+
+
+class CompileError(GqlaError, RuntimeError):
+    """Inductor could not compile a graph of the optimized model."""
+
+
+class HealError(GqlaError, ValueError):
+    """Bad healing input, or a checkpoint that does not belong to this run."""
+
+
+class ReportError(GqlaError, ValueError):
+    """A report that cannot be made as asked (e.g. an unoptimized model and no target)."""
+
+
+class OutputExistsError(GqlaError, FileExistsError):
+    """The output folder exists and overwriting it was not asked for."""
+
+
+class UnsafeCheckpointError(GqlaError, ValueError):
+    """A checkpoint stored only as pickle files, which are not loaded."""
+
+
+class ModelNotFoundError(GqlaError, FileNotFoundError):
+    """Neither a local model folder nor a built-in tiny config name."""
 
 
 class PartialRewriteWarning(UserWarning):

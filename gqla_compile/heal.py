@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import GqlaError
+from .errors import HealError
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ Trainable = Literal["attention", "all"]
 STATE_FILE = "heal_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-class HealError(GqlaError, ValueError):
-    """Bad healing input, or a checkpoint that does not belong to this run."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import (CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates,
-                      retrace_with_stateful_children)
+from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
 from .dims import LatentDims, is_latent_config, latent_cache_elements
 from .distributed import TensorParallel, tensor_parallel_group
 from .errors import (
@@ -34,7 +33,7 @@ from .errors import (
     VerificationError,
 )
 from .passes.context import LayerContext
-from .passes.detect import LEARNED_TOKEN_SELECTION, DetectLatentAttention, attention_left_unchanged, gate_width
+from .passes.detect import attention_left_unchanged, detect_blocks, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
@@ -149,8 +148,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     manager = PassManager(dump_dir=dump_dir)
     modules = dict(model.named_modules())
     captured = capture_candidates(model)
-    contexts = [_detect(manager, LayerContext.of(modules[c.module_path], c)) for c in captured.captures]
-    contexts = _detect_stateful_selections(manager, modules, contexts)
+    contexts = detect_blocks(modules, captured.captures, manager)
     matched = [c for c in contexts if c.detection.match is not None]
     skipped = ([(f.module_path, f.reason) for f in captured.failures]
                + [(c.module_path, c.detection.reason) for c in contexts if c.detection.match is None])
@@ -190,29 +188,6 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
         state.tp, state.rank = parallel.size, parallel.rank
         state.tp_sharding = {"attention": f"sharded by {decode_path.shard_count(layers[0].dims)[1]}", **REPLICATED}
     return state
-
-
-def _detect(manager: PassManager, context: LayerContext) -> LayerContext:
-    """Detection, probing included, as the first pass of the layer: fills ``context.detection``."""
-    manager.run([DetectLatentAttention(context)], context.capture.graph_module, context.module_path)
-    return context
-
-
-def _detect_stateful_selections(manager: PassManager, modules: dict[str, nn.Module],
-                                contexts: list[LayerContext]) -> list[LayerContext]:
-    """Blocks whose token selection was not recognised and that hold a child module reading the cache (an
-    indexer with state of its own: its keys, the cache length) are traced again with that child as one
-    opaque call and detected again; layers of one structure share the new trace."""
-    traced: dict[tuple, CapturedAttention | None] = {}
-    result = []
-    for context in contexts:
-        module = modules[context.module_path]
-        if context.detection.match is None and LEARNED_TOKEN_SELECTION in context.detection.failures:
-            capture = retrace_with_stateful_children(context.capture, module, traced)
-            if capture is not None:
-                context = _detect(manager, LayerContext.of(module, capture))
-        result.append(context)
-    return result
 
 
 def _nothing_matched_message(model: nn.Module, captured: CaptureResult, contexts: list[LayerContext]) -> str:

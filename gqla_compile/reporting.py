@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GqlaError, NoLatentAttentionError, NoLatentAttentionWarning
+from .errors import NoLatentAttentionError, NoLatentAttentionWarning, ReportError
 from .paths import CORE_TRACE_CONTEXT, ORIGINAL_CACHE_LAYOUT, PATHS
 from .units import binary_bytes, duration, si
 
@@ -35,10 +35,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Report", "report"]
 
 SCHEMA_VERSION = 1
-
-
-class ReportError(GqlaError, ValueError):
-    """A report that cannot be made as asked (e.g. an unoptimized model and no target)."""
 
 
 # --------------------------------------------------------------------------------------------- Report

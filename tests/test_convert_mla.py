@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from gqla_compile.conversion.calibration import random_token_sequences
 from gqla_compile.dims import kv_cache_elements
 from gqla_compile.errors import ConversionError
 from gqla_compile.modeling_gqla import GqlaForCausalLM
+from gqla_compile.passes.match import UP_PROJECTION_BIAS
 from gqla_compile.tiny import tiny_deepseek_v2, tiny_deepseek_v3, tiny_llama
 
 CALIBRATION = random_token_sequences(256, num_samples=8, seq_len=48, seed=1)
@@ -244,6 +246,41 @@ def test_a_latent_block_the_detector_cannot_trace_is_named_in_a_warning():
     assert torch.equal(converted.model.layers[1].self_attn.kv_b_proj.weight, attention.kv_b_proj.weight)
     assert not torch.equal(converted.model.layers[0].self_attn.kv_b_proj.weight,
                            model.model.layers[0].self_attn.kv_b_proj.weight)
+
+
+def _bias_up_projection(attention, seed: int = 0) -> None:
+    """Give the block's kv_b_proj a random non-zero bias (same weight): latent attention whose up-projection
+    has a bias, which no path absorbs."""
+    old = attention.kv_b_proj
+    biased = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(old.weight)
+        biased.bias.copy_(0.15 * torch.randn(old.out_features, generator=torch.Generator().manual_seed(seed)))
+    attention.kv_b_proj = biased
+
+
+def test_optimize_and_convert_name_the_same_reason_for_a_biased_up_projection():
+    """One detection entry point: both leave the biased block as it was, with the same named reason."""
+    model = _model(tiny_deepseek_v3)
+    _bias_up_projection(model.model.layers[1].self_attn)
+    expected = re.escape(f"model.layers.1.self_attn: {UP_PROJECTION_BIAS}")
+    with pytest.warns(gqla_compile.PartialRewriteWarning, match=expected):
+        converted = gqla_compile.convert(model, num_groups=1, calibration=CALIBRATION, progress=False)
+    with pytest.warns(gqla_compile.PartialRewriteWarning, match=expected):
+        optimized = gqla_compile.optimize(copy.deepcopy(model), target="h100", compile=False)
+    assert [layer.module_path for layer in optimized.gqla_optimization.layers] == ["model.layers.0.self_attn"]
+    assert ("model.layers.1.self_attn", UP_PROJECTION_BIAS) in optimized.gqla_optimization.skipped
+    kept, source = converted.model.layers[1].self_attn.kv_b_proj, model.model.layers[1].self_attn.kv_b_proj
+    assert torch.equal(kept.weight, source.weight) and torch.equal(kept.bias, source.bias)
+    assert not torch.equal(converted.model.layers[0].self_attn.kv_b_proj.weight,
+                           model.model.layers[0].self_attn.kv_b_proj.weight)  # the other block was regrouped
+
+    for layer in model.model.layers:  # every block biased: both refuse, naming the reason
+        _bias_up_projection(layer.self_attn, seed=1)
+    with pytest.raises(ConversionError, match=re.escape(UP_PROJECTION_BIAS)):
+        gqla_compile.convert(model, num_groups=1, calibration=CALIBRATION, progress=False)
+    with pytest.raises(gqla_compile.NoLatentAttentionError, match=re.escape(UP_PROJECTION_BIAS)):
+        gqla_compile.optimize(model, target="h100", path="absorbed", compile=False)
 
 
 @pytest.mark.parametrize("factory", [tiny_deepseek_v2, tiny_deepseek_v3])

@@ -282,3 +282,21 @@ def test_a_candidate_that_computes_no_attention_is_not_traced():
                       r"more\) compute no attention"):
         model = gqla_compile.optimize(_MixerLM().eval(), target="h100", compile=False)
     assert getattr(model, "gqla_optimization", None) is None
+
+
+def test_the_match_types_sit_at_the_bottom_of_the_passes_and_the_stateful_op_is_imported_where_named():
+    """match.py imports nothing of the package but dims (every module of detection and the paths may import
+    it); the modules that name the opaque stateful-child op import the module that registers it."""
+    import ast
+
+    from gqla_compile.passes import match, selection
+
+    def package_imports(module) -> set[str]:
+        tree = ast.parse(Path(inspect.getsourcefile(module)).read_text())
+        return {("." * node.level) + (node.module or "") for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gqla_compile"))}
+
+    assert package_imports(match) == {"..dims"}
+    assert "..stateful_op" in package_imports(selection)
+    # the match of a selection is not named like the runtime module that runs one
+    assert not hasattr(detect, "TokenSelection") and detect.TokenSelectionMatch is match.TokenSelectionMatch

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from exc
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    target = targets.get(args.target)  # UnknownTargetError: exit 1 with the known names
+    target = targets.get(args.target)  # UnknownTargetError: exit 2 with the known names
     model = _model(args.model)
     common.apply_threads(args.threads)
     run_suite(args.out, quick=args.quick, only=[p for p in parts if p != "convert"], compile=not args.no_compile,

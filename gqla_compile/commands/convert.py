@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="FreqFold band size, a power of two, or 'auto' (default: chosen per layer on calibration "
                      "data; 1 when --qk-rope-head-dim is n_kv * head dim, where that is exact)")
     gqa.add_argument("--rope-allocation", choices=("freqfold", "energy"), default="freqfold",
-                     help="'energy': rank rotated pairs by key energy across frequencies (the former method)")
+                     help="'energy': rank rotated pairs by key energy across frequencies, one ranking for all "
+                     "layers (a baseline)")
     gqa.add_argument("--balance", choices=("auto", "rms"), default="auto",
                      help="key/value weighting in the joint PCA: 'auto' (default) picks per layer, on calibration "
                      "data, the RMS-norm ratio or half or twice it; 'rms': the RMS-norm ratio")

@@ -48,7 +48,8 @@ def convert(
         seed: seed of the default random calibration (and of the random-basis baseline).
         **kwargs: for GQA sources: ``rope_band_size`` ("auto": per-layer FreqFold band chosen on calibration
             data, 1 at qk_rope_head_dim = n_kv * head_dim, where that is exact; or a power of two for every layer),
-            ``rope_allocation`` ("freqfold", or "energy": the former ranking of pairs by key energy),
+            ``rope_allocation`` ("freqfold", or "energy": one ranking of pairs by key energy for all layers, a
+            baseline),
             ``balance`` ("auto": per layer, the key/value weighting of the joint PCA whose attention output is
             closest to the source's on calibration data, of the RMS-norm ratio and half and twice it; "rms": that
             ratio), ``sequential`` (True: layer i is calibrated on the outputs of the already converted layers),

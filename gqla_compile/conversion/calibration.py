@@ -34,6 +34,8 @@ __all__ = [
     "token_chunks",
     "collect_attention_input_moments",
     "equal_length_batches",
+    "padded_batches",
+    "MOMENT_DAMPING",
     "causal_mask",
     "attention_input_moment",
     "LayerStream",
@@ -42,6 +44,10 @@ __all__ = [
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
+#: Relative ridge added to a second moment C (times mean(diag C)) before it is factored or its PCA taken: the
+#: directions calibration never excited are still ranked by the weights' own energy (so a latent as wide as the
+#: weights' rank reproduces them exactly on every input), and C^{1/2}, C^{-1/2} stay finite.
+MOMENT_DAMPING = 1e-6
 
 CalibrationInput = Sequence[torch.Tensor] | Sequence[Sequence[int]] | Sequence[str] | None
 
@@ -110,7 +116,7 @@ def prepare_calibration(
     return sequences
 
 
-def _batches(sequences: Sequence[torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def padded_batches(sequences: Sequence[torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) batches, right-padded with token 0 (masked out)."""
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -177,7 +183,7 @@ def collect_attention_input_moments(
     n_batches = -(-len(sequences) // batch_size)
     try:
         with _attention_input_hooks(layers, accumulators):
-            for ids, mask in tqdm(_batches(sequences, batch_size), total=n_batches, desc="calibration",
+            for ids, mask in tqdm(padded_batches(sequences, batch_size), total=n_batches, desc="calibration",
                                   unit="batch", disable=not progress):
                 for acc in accumulators:
                     acc.token_mask = mask

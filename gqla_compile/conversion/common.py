@@ -1,9 +1,17 @@
-"""What every conversion copies from the source config unchanged (both TransGQLA directions)."""
+"""What every conversion that writes a GqlaForCausalLM shares (both TransGQLA directions): the config fields
+copied from the source unchanged, and the model built from a complete state dict."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+import torch
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from ..configuration_gqla import GqlaConfig
+from ..modeling_gqla import GqlaForCausalLM
 
 _DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -25,3 +33,22 @@ def model_wide_config_fields(source_config: Any) -> dict[str, Any]:
         tie_word_embeddings=bool(getattr(source_config, "tie_word_embeddings", False)),
         rope_parameters=rope,
     )
+
+
+def gqla_model_from_state(source: nn.Module, config: GqlaConfig, state: dict[str, torch.Tensor],
+                          dtype: torch.dtype) -> nn.Module:
+    """A GqlaForCausalLM of ``config`` holding ``state`` (every tensor it has, checked), copied to CPU in ``dtype``,
+    with the source's generation config; in eval mode."""
+    with no_init_weights():
+        model = GqlaForCausalLM(config)
+    model.load_state_dict({name: t.detach().to("cpu", dtype, copy=True) for name, t in state.items()},
+                          strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = copy.deepcopy(source.generation_config)
+    return model.eval()
+
+
+def as_float64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight as the conversion's arithmetic takes it: detached, float64, on CPU (None stays None)."""
+    return None if t is None else t.detach().to("cpu", torch.float64)

@@ -8,15 +8,12 @@ complete result) and every pass of that layer is constructed with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..capture import CapturedAttention
-
-if TYPE_CHECKING:
-    from .detect import Detection, LatentAttentionMatch
+from .match import Detection, LatentAttentionMatch
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Cut a captured attention graph down to its latent projection: hidden -> (query, latent, rope key[, gate]).
 
-A block with a token selection (sparse attention, detect.TokenSelection) is cut in two: the projection also
+A block with a token selection (sparse attention, match.TokenSelectionMatch) is cut in two: the projection also
 outputs the indexer's new index keys and the values the selection reads from the projection side; the
 selection graph (the indexer's scoring and top-k, unchanged) runs after the index-key cache update.
 
@@ -20,7 +20,8 @@ from torch import fx
 
 from ..capture import CapturedAttention
 from .context import LayerContext
-from .detect import LatentAttentionMatch, batch_and_seq_symbols
+from .match import LatentAttentionMatch
+from .probe import batch_and_seq_symbols
 from .graph import backward_closure, ancestors, append_to_graph, extract_subgraph, tensor_meta
 
 
