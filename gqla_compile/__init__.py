@@ -51,6 +51,7 @@ _PUBLIC = {
     "HealError": "errors",
     "ReportError": "errors",
     "OutputExistsError": "errors",
+    "GqlaServingError": "errors",
     "UnsafeCheckpointError": "errors",
     "ModelNotFoundError": "errors",
 }

@@ -61,6 +61,11 @@ class ModelNotFoundError(GqlaError, FileNotFoundError):
     """Neither a local model folder nor a built-in tiny config name."""
 
 
+class GqlaServingError(GqlaError, ValueError):
+    """A GQLA checkpoint that a vLLM engine cannot serve as asked (path, tensor parallelism, backend); the message
+    names the fix."""
+
+
 class PartialRewriteWarning(UserWarning):
     """Some candidate blocks were rewritten and others holding attention were not (see ``skipped``)."""
 

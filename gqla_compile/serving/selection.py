@@ -18,7 +18,7 @@ from typing import Any
 
 from ..cost_model import plan
 from ..dims import LatentDims
-from ..errors import GqlaError
+from ..errors import GqlaServingError
 from ..exporting import FORMATS as EXPORT_FORMATS
 from ..paths import PATHS, feasible_paths
 
@@ -28,10 +28,6 @@ SERVED_RECORD = "gqla_serving"  # the config attribute the engine set-up records
 PATH_OVERRIDE = "gqla_path"  # the hf_overrides key
 PATH_ENV = "GQLA_PATH"
 CHOICES = ("auto", *PATHS)
-
-
-class GqlaServingError(GqlaError, ValueError):
-    """A GQLA checkpoint that this vLLM engine cannot serve as asked; the message names the fix."""
 
 
 @dataclass(frozen=True)
