@@ -97,6 +97,10 @@ class ComputeForm:
         return new * keys * self.per_pair + new * self.per_query + keys * self.per_key
 
 
+#: Prefix lengths the plan and the report state the crossover at (with the plan's context length).
+CROSSOVER_PREFIXES: tuple[int, ...] = (0, 256, 1024, 4096)
+#: A prefill chunk after a cached prefix, as the plan and the report show it.
+CHUNK = 512
 #: The longest call the crossover search considers (new tokens): past it a form that has not won never does.
 CROSSOVER_SEARCH_LIMIT = 1 << 24
 
@@ -140,10 +144,33 @@ class FormChoice:
             low, high = (low, middle) if other(middle) else (middle, high)
         return high
 
-    def describe(self, prefixes: tuple[int, ...] = ()) -> dict[str, Any]:
-        """Plain data for the plan and the report: the forms and, per prefix length, the crossover."""
-        return {"forms": [{"name": f.name, "description": f.description} for f in self.forms],
-                "crossover": [{"prefix": p, "from_new_tokens": self.crossover(p)} for p in prefixes]}
+    def describe(self, *, s_q: int = 1, context_len: int = 4096) -> dict[str, Any]:
+        """Plain data for the plan and the report: the forms, the form each kind of call takes (a decode step
+        of ``s_q`` tokens after ``context_len``, a prefill of ``context_len``, a chunk of CHUNK after it) and,
+        per prefix length, from how many new tokens the second form runs."""
+        calls = [("decode step", s_q, context_len), ("prefill", context_len, 0), ("chunk after a prefix", CHUNK,
+                                                                                context_len)]
+        prefixes = sorted({*CROSSOVER_PREFIXES, context_len})
+        return {
+            "forms": [{"name": f.name, "description": f.description, "per_pair": f.per_pair,
+                       "per_query": f.per_query, "per_key": f.per_key} for f in self.forms],
+            "calls": [{"call": call, "new_tokens": new, "prefix": prefix, "form": self.choose(new, prefix + new).name}
+                      for call, new, prefix in calls],
+            "crossover": [{"prefix": p, "from_new_tokens": self.crossover(p)} for p in prefixes]
+            if len(self.forms) > 1 else [],
+        }
+
+
+def form_text(data: dict[str, Any]) -> str:
+    """The line ``FormChoice.describe``'s data reads as (the report renders it from JSON with this too)."""
+    forms = [f["name"] for f in data["forms"]]
+    calls = "; ".join(f"{c['call']} ({c['new_tokens']} new after {c['prefix']}): {c['form']}" for c in data["calls"])
+    if len(forms) == 1:
+        return f"one compute form ({forms[0]}) for every call: {calls}"
+    points = ", ".join(f"P={c['prefix']}: " + ("never" if c["from_new_tokens"] is None else str(c["from_new_tokens"]))
+                       for c in data["crossover"])
+    return (f"{calls}; {forms[1]} from T new tokens after a prefix of P cached tokens (fewer FLOPs than "
+            f"{forms[0]}): {points}")
 
 
 def output_flops(dims: LatentDims, value_dims: int) -> int:

@@ -68,6 +68,7 @@ class LayerRewrite:
     matmul_weights_before: list[dict] = field(default_factory=list)  # captured graph: {"op", "weight", "shape"}
     matmul_weights_after: list[dict] = field(default_factory=list)  # projection graph and core, "graph" added
     core: CoreTrace | None = None  # the attention core at one decode step (ops, code, weights)
+    compute_forms: dict = field(default_factory=dict)  # paths.FormChoice.describe: the form each call takes
 
 
 @dataclass
@@ -390,6 +391,8 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
     parameter_of = {name.replace(".", "_"): name for name in capture.parameter_inputs.values()}
     attributes = {n: (parameter_of.get(n.target, n.target), list(getattr(projection, n.target).shape))
                   for n in projection.graph.nodes if n.op == "get_attr"}
+    local_dims = TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims
+    forms = runtime.core.forms.describe(s_q=plan.s_q, context_len=plan.context_len)
     return LayerRewrite(
         module_path=context.module_path,
         layer_idx=runtime.layer_idx,
@@ -401,7 +404,8 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
         cache_elements_after=decode_path.cache_elements(dims, rope_key=plan.rope_key),
         trace_seconds=context.capture.seconds,
         cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp, rope_key=plan.rope_key),
-        local_dims=TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims,
+        local_dims=local_dims,
+        compute_forms=forms,
         output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
         matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),
         matmul_weights_after=[{"graph": "projection", **m} for m in weight_matmuls(projection, attributes.get)],
