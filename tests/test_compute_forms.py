@@ -108,6 +108,37 @@ def test_prefill_expanded_decode_absorbed_and_a_second_turn_match_the_unmodified
         assert forms == expected, (name, forms)
 
 
+CHUNKS = (20, 12, 3, 9)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_prefill_takes_the_cheaper_form_per_chunk(path, recorded_forms):
+    """A prompt fed in chunks of 20, 12, 3 and 9 tokens on one cache (a chunked prefill): every chunk's logits
+    within 1e-4 of the unmodified model's on the whole prompt, and each chunk in the form the rule picks for its
+    length after its prefix (absorbed path: 20 and 12 expanded, 3 absorbed, 9 after 35 absorbed)."""
+    from transformers import DynamicCache
+
+    reference = _windowed("deepseek_v3")
+    ids = torch.randint(0, TEXT_VOCAB, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    model = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h20", compile=False)
+    recorded_forms.clear()
+    cache, start, got = DynamicCache(config=model.config), 0, []
+    with torch.no_grad():
+        for size in CHUNKS:
+            got.append(model(input_ids=ids[:, start: start + size], use_cache=True, **{CACHE_FIELD: cache}).logits)
+            start += size
+    assert relative_error(torch.cat(got, dim=1), expected) < 1e-4
+    choice = next(m.gqla_runtime.core.forms for m in model.modules() if hasattr(m, "gqla_runtime"))
+    layers = len(model.gqla_optimization.layers)
+    forms = [recorded_forms[i * layers][2] for i in range(len(CHUNKS))]
+    prefixes = [sum(CHUNKS[:i]) for i in range(len(CHUNKS))]
+    assert forms == [choice.choose(n, p + n).name for n, p in zip(CHUNKS, prefixes)]
+    if path == "absorbed":
+        assert forms == ["expanded", "expanded", "absorbed", "absorbed"]
+
+
 def test_the_tiny_families_cross_over_where_the_sweep_needs_them():
     """The sweep's calls fall on the sides of the crossover it asserts: a fresh prompt and a 13-token turn after a
     prefix of 22 expand; one token after any prefix, or 3 after 22, stays absorbed (tiny families' dims)."""
