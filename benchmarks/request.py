@@ -218,7 +218,9 @@ from vllm.inputs import TokensPrompt
 import torch
 spec = json.loads(sys.argv[1])
 llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-          max_model_len=spec["max_len"], max_num_seqs=max(spec["batches"]))
+          max_model_len=spec["max_len"], max_num_seqs=max(spec["batches"]), enable_prefix_caching=False)
+warm = [TokensPrompt(prompt_token_ids=list(range(1, 33)))]
+llm.generate(warm, SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
 points = []
 for batch in spec["batches"]:
     for length in spec["prompts"]:
@@ -227,17 +229,22 @@ for batch in spec["batches"]:
         times = {}
         for answer in [1] + spec["answers"]:
             params = SamplingParams(max_tokens=answer, min_tokens=answer, ignore_eos=True, temperature=0.0)
-            start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            times[answer] = time.perf_counter() - start
+            runs = []
+            while not runs or (len(runs) < 3 and sum(runs) < 2.0):  # best of up to 3 where a request is short
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                runs.append(time.perf_counter() - start)
+            times[answer] = min(runs)
         points.append({"batch": batch, "prompt": length, "ttft_s": times[1], "totals": {str(a): times[a] for a in spec["answers"]}})
 print("RESULT " + json.dumps(points))
 """
 
 
 def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
-    """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint: time to first token
-    as a 1-token request, total time per answer length as its own request."""
+    """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint (prefix caching off,
+    one warm-up request): time to first token as a 1-token request, total time per answer length as its own
+    request of the same prompts (best of up to 3 where requests take under 2 s: the difference of two short
+    single runs is mostly noise on a shared machine)."""
     if not Path(python).is_file():
         return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
     with tempfile.TemporaryDirectory() as folder:

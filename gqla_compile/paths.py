@@ -7,6 +7,9 @@ A :class:`DecodePath` says, for one path, everything the rest of the compiler ne
   given ``tp`` cannot;
 - its **cost terms** for the roofline cost model: the head dims the attention core reads per cached token
   and the weights its projections read per step;
+- its **compute forms** (:class:`FormChoice`): how one call can compute its attention over that cache (the
+  absorbed path: in latent space, or with the call's keys expanded into per-group keys and values), their FLOP
+  terms, the per-call rule and the crossover between them;
 - its **builder**: the graph tail appended to the latent projection (``passes/absorb.py`` or
   ``passes/expand.py``) and the attention core (``runtime.LatentAttentionCore``) configured for it, from the
   per-group up-projections detection probed; the plan's choices are the builder's parameters;

@@ -175,7 +175,7 @@ def test_deepseek_v3_crossover_follows_the_flop_terms():
 
 @pytest.mark.slow
 def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
-    """torch.compile over five prompt lengths, each prefilled in the expanded form and decoded in the absorbed
+    """torch.compile over four prompt lengths, each prefilled in the expanded form and decoded in the absorbed
     form: the frames dynamo compiles stop growing with the length (a static first graph, then dynamic ones), no
     graph break, no eager fallback, and the tokens are the unmodified model's."""
     from torch._dynamo.utils import counters
@@ -184,7 +184,7 @@ def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
     model = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h20")
     generator = torch.Generator().manual_seed(1)
     compiles = []
-    for length in (17, 23, 31, 40, 52):
+    for length in (17, 23, 31, 40):
         ids = torch.randint(0, TEXT_VOCAB, (1, length), generator=generator)
         # the mask always passed: generate makes one only where the prompt holds the pad id, and a call with one
         # more argument is another graph whatever the attention does
@@ -197,4 +197,4 @@ def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
         assert torch.equal(got, expected), length
     stats = model.gqla_optimization.compile
     assert stats.graph_breaks == 0 and not stats.fell_back_to_eager
-    assert sum(compiles[2:]) == 0, compiles  # lengths 31, 40, 52 reuse the graphs of 17 and 23
+    assert sum(compiles[2:]) == 0, compiles  # lengths 31 and 40 reuse the graphs of 17 and 23
