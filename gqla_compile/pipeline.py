@@ -9,6 +9,7 @@ is built from.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -39,7 +40,7 @@ from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
-from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
+from .paths import PATHS, CoreTrace, DecodePath, FormChoice, check_path_argument, feasible_paths
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
 from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
 
@@ -415,7 +416,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
     """Relative error of the rewritten block against the original on the recorded call, run twice: whole, with
     no cache, and as a prefill of all but its last token into a fresh cache, then that token decoded from it
-    (what generate does; :func:`_decode_split`); the larger error. In half precision, where the two differ by
+    (what generate does; :func:`_decode_split`), each in every compute form of the core; the largest error. In half precision, where the two differ by
     more than the bound, each is judged against the original run in float32
     (``verification.half_precision_verdict``)."""
     arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
@@ -429,13 +430,31 @@ def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture
     def whole(block: nn.Module, cast) -> torch.Tensor:
         return _first(block(**cast(arguments)))
 
-    error = _verified_error(module, runtime, whole, capture.module_path, "")
     split = _decode_split(module, arguments, seq)
-    if split is not None:
-        decoding = _verified_error(module, runtime, split, capture.module_path, " decoding from its cache",
-                                   unless_original_fails=True)
-        error = error if decoding is None else max(error, decoding)
-    return error
+    errors = []
+    with contextlib.closing(_each_compute_form(runtime)) as forms:  # the core's own rule back, also on an error
+        for how in forms:
+            errors.append(_verified_error(module, runtime, whole, capture.module_path, how))
+            if split is not None:
+                decoding = _verified_error(module, runtime, split, capture.module_path,
+                                           f"{how} decoding from its cache", unless_original_fails=True)
+                errors += [] if decoding is None else [decoding]
+    return max(errors)
+
+
+def _each_compute_form(runtime: InstalledLatentAttention):
+    """Runs the checks once per compute form of the core, each forced for every call (the rule picks by length,
+    and the recorded call's length need not reach every form); yields how each is named in an error."""
+    choice = runtime.core.forms
+    if choice is None or len(choice.forms) == 1:
+        yield ""
+        return
+    try:
+        for form in choice.forms:
+            runtime.core.forms = FormChoice((form,))
+            yield f" in the {form.name} compute form"
+    finally:
+        runtime.core.forms = choice
 
 
 def _verified_error(module: nn.Module, runtime: InstalledLatentAttention, run, module_path: str, how: str, *,

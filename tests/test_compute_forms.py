@@ -198,3 +198,17 @@ def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
     stats = model.gqla_optimization.compile
     assert stats.graph_breaks == 0 and not stats.fell_back_to_eager
     assert sum(compiles[2:]) == 0, compiles  # lengths 31 and 40 reuse the graphs of 17 and 23
+
+
+def test_verification_checks_each_compute_form(monkeypatch):
+    """optimize checks each form of the core, forced for every call: an expanded form that computed wrong values
+    is refused (and the model left as it was) however the rule would pick forms for the recorded call."""
+    from gqla_compile.runtime import ExpandedForm
+
+    expand = ExpandedForm.forward
+    monkeypatch.setattr(ExpandedForm, "forward", lambda self, key: tuple(1.1 * t for t in expand(self, key)))
+    model = copy.deepcopy(_windowed("deepseek_v3"))
+    forward = model.model.layers[0].self_attn.forward
+    with pytest.raises(gqla_compile.VerificationError, match="in the expanded compute form"):
+        gqla_compile.optimize(model, path="absorbed", target="h20", compile=False)
+    assert model.model.layers[0].self_attn.forward == forward and getattr(model, "gqla_optimization", None) is None
