@@ -281,7 +281,6 @@ class LatentAttentionCore(nn.Module):
         # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
         self.process_group = process_group
 
-
     def cache_views(self, key: torch.Tensor, value: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(key parts [B, h_i, S, d_i], values [B, h_v, S, d_v]) as views of one layer's cached tensors."""
         if self.latent_value_dims is not None:
