@@ -29,10 +29,12 @@ from .paths import (
     PATHS,
     QUERY_ABSORPTION,
     ROPE_KEYS,
+    ComputeForm,
     DecodePath,
     Matmul,
     check_path_argument,
     feasible_paths,
+    form_text,
 )
 from .targets import DTYPE_BYTES, KERNEL_GEMV, Target, attention_kernel, dtype_name
 from .units import duration, si
@@ -137,6 +139,8 @@ class Plan:
     layers: tuple[LayerPlan, ...] = field(hash=False, repr=False)
     top_k: int | None = None  # sparse attention (DSA): tokens each query attends to; None: dense
     index_dims: tuple[int, int] | None = None  # its indexer's (heads, key dims), priced; None: not priced
+    #: per feasible path: its compute forms (``FormChoice.describe``), each call kind priced in every form
+    forms: Mapping[str, dict] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def ridge(self) -> float:
@@ -175,7 +179,22 @@ class Plan:
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
                           for p, c in self.costs.items())
         absorption = f"absorbed path applies W_UK as {QUERY_ABSORPTION}, W_UV as {self.output_absorption}"
-        return "\n".join([header, table, f"cache per token and layer: {cache}", absorption, self.reason])
+        return "\n".join([header, table, f"cache per token and layer: {cache}", absorption, self.reason,
+                          self.explain_forms()])
+
+    def explain_forms(self) -> str:
+        """The compute form each kind of call takes on each path, the crossover, and each form's predicted time."""
+        from tabulate import tabulate
+
+        rows = [[f"{path} *" if path == self.path else path, call["call"], call["new_tokens"], call["prefix"],
+                 call["form"], ", ".join(f"{form} {duration(t)}" for form, t in call["time_s"].items())]
+                for path, data in self.forms.items() for call in data["calls"]]
+        lines = [f"compute form per call (the cache layout is the path's; the form with fewer FLOPs runs; times per "
+                 f"layer and batch of {self.batch_size} at the roofline):",
+                 tabulate(rows, headers=["path", "call", "new tokens", "prefix", "form", "time per form"],
+                          tablefmt="simple", disable_numparse=True)]
+        lines += [f"{path}: {form_text(data)}" for path, data in self.forms.items()]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure, JSON-serialisable."""
@@ -193,6 +212,7 @@ class Plan:
             "output_absorption": self.output_absorption,
             "paths": {p: c.to_dict() for p, c in self.costs.items()},
             "layers": [{"index": layer.index, "path": layer.path} for layer in self.layers],
+            "forms": dict(self.forms),
         }
 
 
@@ -276,6 +296,25 @@ def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> P
     whole_elements = path.cache_elements(step.dims, rope_key=step.rope_key)
     return PathCost(path.name, parts, num_layers, whole_elements * step.dtype_bytes,
                     rank_elements * step.dtype_bytes)
+
+
+def call_time_s(form: ComputeForm, step: _Step, new: int, prefix: int) -> float:
+    """One layer's attention for one call of ``new`` tokens after ``prefix`` cached ones in ``form``, for the
+    step's batch on one rank (the form's terms are the rank's): max(bytes / bandwidth, FLOPs / peak)."""
+    keys = prefix + new
+    part = step.part("call", step.batch_size * keys * form.elements_per_key,
+                     step.batch_size * form.flops(new, keys))
+    return part.time_s
+
+
+def _forms(path: DecodePath, step: _Step, output: str) -> dict[str, Any]:
+    """A path's compute forms for the plan: the description, each call kind priced in every form."""
+    choice = path.compute_forms(path.rank_dims(step.dims, step.tp), output_absorption=output)
+    data = choice.describe(s_q=step.s_q, context_len=step.context_len)
+    for call in data["calls"]:
+        call["time_s"] = {form.name: call_time_s(form, step, call["new_tokens"], call["prefix"])
+                          for form in choice.forms}
+    return data
 
 
 def _fastest_rope_key(step: _Step, grouped_feasible: bool) -> str:
@@ -424,8 +463,9 @@ def plan(
     reason = _reason(chosen, auto, costs, step, chip, path != "auto", peak / chip.memory_bandwidth)
     logger.debug("%s", reason)
     layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
+    forms = {p: _forms(PATHS[p], step, output) for p in feasible}
     return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
-                costs, output, layers, top_k, index_dims if top_k is not None else None)
+                costs, output, layers, top_k, index_dims if top_k is not None else None, forms)
 
 
 def reference_configs() -> dict[str, Any]:

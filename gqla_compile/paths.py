@@ -7,6 +7,9 @@ A :class:`DecodePath` says, for one path, everything the rest of the compiler ne
   given ``tp`` cannot;
 - its **cost terms** for the roofline cost model: the head dims the attention core reads per cached token
   and the weights its projections read per step;
+- its **compute forms** (:class:`FormChoice`): how one call can compute its attention over that cache (the
+  absorbed path: in latent space, or with the call's keys expanded into per-group keys and values), their FLOP
+  terms, the per-call rule and the crossover between them;
 - its **builder**: the graph tail appended to the latent projection (``passes/absorb.py`` or
   ``passes/expand.py``) and the attention core (``runtime.LatentAttentionCore``) configured for it, from the
   per-group up-projections detection probed; the plan's choices are the builder's parameters;
@@ -73,6 +76,111 @@ def down_projection(dims: LatentDims) -> Matmul:
     return linear("kv_a_proj", dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
 
 
+@dataclass(frozen=True)
+class ComputeForm:
+    """How one call computes its attention over a path's cache, with its FLOP terms for one layer and sequence.
+
+    The path fixes what is cached; a form is how one call (T new tokens over S keys, the new ones among them)
+    reads it. ``flops(T, S) = T S per_pair + T per_query + S per_key``: the scores and weighted sums, what each
+    new token costs besides (moving its query into latent space, W_UV and o_proj after attention), and what
+    each key costs before (expanding its latent into per-group keys and values). Integers, so that the
+    runtime's choice on symbolic shapes under torch.compile is one guard, not a graph per length.
+    """
+
+    name: str
+    description: str
+    per_pair: int
+    per_query: int
+    per_key: int
+    elements_per_key: int  # what the call reads per key (and writes, for an expansion), in elements
+    expands_cache: bool = False  # the call expands the latent cache into per-group keys and values first
+
+    def flops(self, new, keys):
+        """FLOPs of a call with ``new`` new tokens over ``keys`` keys (ints or torch SymInts)."""
+        return new * keys * self.per_pair + new * self.per_query + keys * self.per_key
+
+
+#: Prefix lengths the plan and the report state the crossover at (with the plan's context length).
+CROSSOVER_PREFIXES: tuple[int, ...] = (0, 256, 1024, 4096)
+#: A prefill chunk after a cached prefix, as the plan and the report show it.
+CHUNK = 512
+#: The longest call the crossover search considers (new tokens): past it a form that has not won never does.
+CROSSOVER_SEARCH_LIMIT = 1 << 24
+
+
+@dataclass(frozen=True)
+class FormChoice:
+    """A path's compute forms and the rule that picks one per call: the fewest FLOPs (the compute side of the
+    roofline, which a call with many new tokens is bound by; a call with few is the first form's).
+
+    The first form is what a decode step takes; :meth:`crossover` says from how many new tokens another runs.
+    """
+
+    forms: tuple[ComputeForm, ...]
+
+    def choose(self, new, keys) -> ComputeForm:
+        """The form of a call with ``new`` new tokens over ``keys`` keys (the prefix and the new tokens)."""
+        best = self.forms[0]
+        for form in self.forms[1:]:
+            if form.flops(new, keys) < best.flops(new, keys):
+                best = form
+        return best
+
+    def crossover(self, prefix: int) -> int | None:
+        """The fewest new tokens after ``prefix`` cached ones from which a form other than the first runs (None:
+        never, or with one form). The FLOP difference is a quadratic in the new tokens that is negative at 0
+        and, where another form ever wins, grows past its one positive root: a binary search finds it."""
+        if len(self.forms) == 1:
+            return None
+
+        def other(new: int) -> bool:
+            return self.choose(new, prefix + new) is not self.forms[0]
+
+        high = 1
+        while not other(high):
+            if high >= CROSSOVER_SEARCH_LIMIT:
+                return None
+            high *= 2
+        low = high // 2  # other(low) is False, or low == 0
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if other(middle) else (middle, high)
+        return high
+
+    def describe(self, *, s_q: int = 1, context_len: int = 4096) -> dict[str, Any]:
+        """Plain data for the plan and the report: the forms, the form each kind of call takes (a decode step
+        of ``s_q`` tokens after ``context_len``, a prefill of ``context_len``, a chunk of CHUNK after it) and,
+        per prefix length, from how many new tokens the second form runs."""
+        calls = [("decode step", s_q, context_len), ("prefill", context_len, 0), ("chunk after a prefix", CHUNK,
+                                                                                context_len)]
+        prefixes = sorted({*CROSSOVER_PREFIXES, context_len})
+        return {
+            "forms": [{"name": f.name, "description": f.description, "per_pair": f.per_pair,
+                       "per_query": f.per_query, "per_key": f.per_key} for f in self.forms],
+            "calls": [{"call": call, "new_tokens": new, "prefix": prefix, "form": self.choose(new, prefix + new).name}
+                      for call, new, prefix in calls],
+            "crossover": [{"prefix": p, "from_new_tokens": self.crossover(p)} for p in prefixes]
+            if len(self.forms) > 1 else [],
+        }
+
+
+def form_text(data: dict[str, Any]) -> str:
+    """The line ``FormChoice.describe``'s data reads as (the report renders it from JSON with this too)."""
+    forms = [f["name"] for f in data["forms"]]
+    calls = "; ".join(f"{c['call']} ({c['new_tokens']} new after {c['prefix']}): {c['form']}" for c in data["calls"])
+    if len(forms) == 1:
+        return f"one compute form ({forms[0]}) for every call: {calls}"
+    points = ", ".join(f"P={c['prefix']}: " + ("never" if c["from_new_tokens"] is None else str(c["from_new_tokens"]))
+                       for c in data["crossover"])
+    return (f"{calls}; {forms[1]} from T new tokens after a prefix of P cached tokens (fewer FLOPs than "
+            f"{forms[0]}): {points}")
+
+
+def output_flops(dims: LatentDims, value_dims: int) -> int:
+    """o_proj's FLOPs per new token over ``value_dims`` inputs per head."""
+    return 2 * dims.hidden_size * dims.n_h * value_dims
+
+
 #: Cached tokens in the attention core's trace for the report: one decode step over this many.
 CORE_TRACE_CONTEXT = 16
 
@@ -121,7 +229,19 @@ class DecodePath:
         return self.cache_elements(self.rank_dims(dims, tp), rope_key=rope_key)
 
     def query_head_dims(self, dims: LatentDims) -> int:
-        """Width of each head's query as the attention core receives it."""
+        """Width of each head's query as the decode attention (``runtime.attention_over_cache``) reads the
+        path's cache with it."""
+        raise NotImplementedError
+
+    def core_query_dims(self, dims: LatentDims) -> int:
+        """Width of each head's query as the path's tail hands it to the attention core: [q_n ; q_R] on every
+        path (the absorbed core moves q_n into latent space itself, only in the forms that read the latent)."""
+        return dims.d_n + dims.d_R
+
+    # ---- compute forms (per call; the cache layout is the path's)
+    def compute_forms(self, dims: LatentDims, *, output_absorption: str = "bmm") -> FormChoice:
+        """The forms one call over this path's cache can take, with their cost terms (``dims``: what this rank
+        computes); the first is the decode step's."""
         raise NotImplementedError
 
     # ---- sharding
@@ -189,7 +309,7 @@ class DecodePath:
         first = next(iter(weights.values()))
         like = dict(dtype=first.dtype, device=first.device)
         key_shape, value_shape = self.cache_shapes(dims, 1, context, rope_key=rope_key)
-        query = torch.zeros(1, dims.n_h, 1, self.query_head_dims(dims), **like)
+        query = torch.zeros(1, dims.n_h, 1, self.core_query_dims(dims), **like)
         key, value = torch.zeros(key_shape, **like), torch.zeros(value_shape, **like)
 
         def step(weights, query, key, value):
@@ -253,23 +373,50 @@ class AbsorbedPath(DecodePath):
             output = [per_group("w_uv (bmm)", dims, dims.d_v), linear("o_proj", dims.hidden_size, dims.n_h * dims.d_v)]
         return [*query, down_projection(dims), *output]
 
+    def compute_forms(self, dims: LatentDims, *, output_absorption: str = "bmm") -> FormChoice:
+        """Absorbed: the query moves into latent space and every head reads [c ; k_R] (decode). Expanded: the
+        call's keys' latents (prefix and new tokens) become per-group keys and values, the heads attend over
+        them in GQA form and o_proj takes their d_v values; the cache still receives only the latent."""
+        _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
+        latent = dims.d_c + dims.d_R
+        query_up = 2 * dims.n_h * dims.d_n * dims.d_c  # W_UK on each new token's query
+        if output_absorption == "folded":
+            output = output_flops(dims, dims.d_c)
+        else:
+            output = 2 * dims.n_h * dims.d_v * dims.d_c + output_flops(dims, dims.d_v)
+        grouped = GroupedPath()
+        absorbed = ComputeForm(
+            "absorbed", "the query in latent space over the cached [c ; k_R] (MQA, head dim d_c + d_R)",
+            per_pair=2 * dims.n_h * self.attention_head_dims(dims), per_query=query_up + output, per_key=0,
+            elements_per_key=latent)
+        expanded = ComputeForm(
+            "expanded", "the keys' latents expanded into per-group keys and values (GQA over n_g groups), "
+                        "the cache still receiving only the latent",
+            per_pair=2 * dims.n_h * grouped.attention_head_dims(dims), per_query=output_flops(dims, dims.d_v),
+            per_key=2 * dims.n_g * (dims.d_n + dims.d_v) * dims.d_c,
+            elements_per_key=latent + 2 * dims.n_g * (dims.d_n + dims.d_R + dims.d_v), expands_cache=True)
+        return FormChoice((absorbed, expanded))
+
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
         from .passes.absorb import AbsorbQuery
-        from .passes.fold import fold_value_up_projection
-        from .runtime import LatentAttentionCore
+        from .passes.fold import fold_value_up_projection, stack_group_up_projections
+        from .runtime import ExpandedForm, LatentAttentionCore
 
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
         _check_choice("query_absorption", query_absorption, (QUERY_ABSORPTION,))
+        expanded = ExpandedForm(stack_group_up_projections(up.key, up.value), o_weight, n_g=dims.n_g, d_n=dims.d_n)
+        common = dict(latent_value_dims=dims.d_c, attention_sink=attention_sink, process_group=process_group,
+                      query_up=up.key, forms=self.compute_forms(dims, output_absorption=output_absorption),
+                      expanded=expanded)
         if output_absorption == "folded":
             folded = fold_value_up_projection(o_weight, up.value, dims.n_h, layer=module_path)
-            core = LatentAttentionCore(folded, o_bias, scaling, latent_value_dims=dims.d_c,
-                                       attention_sink=attention_sink, process_group=process_group)
+            core = LatentAttentionCore(folded, o_bias, scaling, **common)
             value_side = {"o_proj_folded (W_O,h W_UV^g(h))": folded}
         else:
-            core = LatentAttentionCore(o_weight, o_bias, scaling, latent_value_dims=dims.d_c, value_up=up.value,
-                                       attention_sink=attention_sink, process_group=process_group)
+            core = LatentAttentionCore(o_weight, o_bias, scaling, value_up=up.value, **common)
             value_side = {"value_up (W_UV^g per group, after attention)": up.value}
+        value_side["w_ukv (W_UK^g ; W_UV^g stacked per group, expanded form)"] = expanded.key_value_up
         return BuiltPath(AbsorbQuery(up.key, output_absorption, value_side), core)
 
 
@@ -314,6 +461,15 @@ class GroupedPath(DecodePath):
         return [*query_matmuls(dims), down_projection(dims), expand,
                 linear("o_proj", dims.hidden_size, dims.n_h * dims.d_v)]
 
+    def compute_forms(self, dims: LatentDims, *, output_absorption: str = "bmm") -> FormChoice:
+        """One form: the cache already holds per-group keys and values, so every call is GQA over them (the
+        tail expands each new token's latent once, when it is cached)."""
+        return FormChoice((ComputeForm(
+            "grouped", "GQA over the cached per-group keys and values (n_g KV heads)",
+            per_pair=2 * dims.n_h * self.attention_head_dims(dims),
+            per_query=2 * dims.n_g * (dims.d_n + dims.d_v) * dims.d_c + output_flops(dims, dims.d_v), per_key=0,
+            elements_per_key=self.cache_elements(dims)),))
+
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
         from .passes.expand import ExpandNewTokens
@@ -325,7 +481,8 @@ class GroupedPath(DecodePath):
                                rope_key=rope_key)
         shared = (dims.n_g, dims.d_R) if rope_key == "shared" else None
         return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, shared_rope_key=shared,
-                                                   attention_sink=attention_sink, process_group=process_group))
+                                                   attention_sink=attention_sink, process_group=process_group,
+                                                   forms=self.compute_forms(dims)))
 
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.

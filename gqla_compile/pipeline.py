@@ -9,6 +9,7 @@ is built from.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -38,7 +39,7 @@ from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
-from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths
+from .paths import PATHS, CoreTrace, DecodePath, FormChoice, check_path_argument, feasible_paths
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
 from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
 
@@ -67,6 +68,7 @@ class LayerRewrite:
     matmul_weights_before: list[dict] = field(default_factory=list)  # captured graph: {"op", "weight", "shape"}
     matmul_weights_after: list[dict] = field(default_factory=list)  # projection graph and core, "graph" added
     core: CoreTrace | None = None  # the attention core at one decode step (ops, code, weights)
+    compute_forms: dict = field(default_factory=dict)  # paths.FormChoice.describe: the form each call takes
 
 
 @dataclass
@@ -365,6 +367,8 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
     parameter_of = {name.replace(".", "_"): name for name in capture.parameter_inputs.values()}
     attributes = {n: (parameter_of.get(n.target, n.target), list(getattr(projection, n.target).shape))
                   for n in projection.graph.nodes if n.op == "get_attr"}
+    local_dims = TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims
+    forms = runtime.core.forms.describe(s_q=plan.s_q, context_len=plan.context_len)
     return LayerRewrite(
         module_path=context.module_path,
         layer_idx=runtime.layer_idx,
@@ -376,7 +380,8 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
         cache_elements_after=decode_path.cache_elements(dims, rope_key=plan.rope_key),
         trace_seconds=context.capture.seconds,
         cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp, rope_key=plan.rope_key),
-        local_dims=TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims,
+        local_dims=local_dims,
+        compute_forms=forms,
         output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
         matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),
         matmul_weights_after=[{"graph": "projection", **m} for m in weight_matmuls(projection, attributes.get)],
@@ -386,7 +391,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
 def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
     """Relative error of the rewritten block against the original on the recorded call, run twice: whole, with
     no cache, and as a prefill of all but its last token into a fresh cache, then that token decoded from it
-    (what generate does; :func:`_decode_split`); the larger error. In half precision, where the two differ by
+    (what generate does; :func:`_decode_split`), each in every compute form of the core; the largest error. In half precision, where the two differ by
     more than the bound, each is judged against the original run in float32
     (``verification.half_precision_verdict``)."""
     arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
@@ -400,13 +405,31 @@ def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture
     def whole(block: nn.Module, cast) -> torch.Tensor:
         return _first(block(**cast(arguments)))
 
-    error = _verified_error(module, runtime, whole, capture.module_path, "")
     split = _decode_split(module, arguments, seq)
-    if split is not None:
-        decoding = _verified_error(module, runtime, split, capture.module_path, " decoding from its cache",
-                                   unless_original_fails=True)
-        error = error if decoding is None else max(error, decoding)
-    return error
+    errors = []
+    with contextlib.closing(_each_compute_form(runtime)) as forms:  # the core's own rule back, also on an error
+        for how in forms:
+            errors.append(_verified_error(module, runtime, whole, capture.module_path, how))
+            if split is not None:
+                decoding = _verified_error(module, runtime, split, capture.module_path,
+                                           f"{how} decoding from its cache", unless_original_fails=True)
+                errors += [] if decoding is None else [decoding]
+    return max(errors)
+
+
+def _each_compute_form(runtime: InstalledLatentAttention):
+    """Runs the checks once per compute form of the core, each forced for every call (the rule picks by length,
+    and the recorded call's length need not reach every form); yields how each is named in an error."""
+    choice = runtime.core.forms
+    if choice is None or len(choice.forms) == 1:
+        yield ""
+        return
+    try:
+        for form in choice.forms:
+            runtime.core.forms = FormChoice((form,))
+            yield f" in the {form.name} compute form"
+    finally:
+        runtime.core.forms = choice
 
 
 def _verified_error(module: nn.Module, runtime: InstalledLatentAttention, run, module_path: str, how: str, *,

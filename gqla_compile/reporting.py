@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import NoLatentAttentionError, NoLatentAttentionWarning, ReportError
-from .paths import CORE_TRACE_CONTEXT, ORIGINAL_CACHE_LAYOUT, PATHS
+from .paths import CORE_TRACE_CONTEXT, ORIGINAL_CACHE_LAYOUT, PATHS, form_text
 from .units import binary_bytes, duration, si
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def _plan_section(plan: Any) -> dict[str, Any]:
         "rope_key": plan.rope_key,
         "output_absorption": plan.output_absorption,
         "top_k": getattr(plan, "top_k", None),
+        "forms": dict(getattr(plan, "forms", {})),
         "paths": paths,
     }
 
@@ -299,6 +300,7 @@ def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
             code_before.strip("\n").splitlines(), code_after.splitlines(),
             "before: captured attention graph (" + final.module_path + ")",
             "after: projection graph + attention core", lineterm="")),
+        "compute_forms": dict(layer.compute_forms),
         "cache": {
             "layout_before": ORIGINAL_CACHE_LAYOUT,
             "layout_after": decode_path.cache_layout,
@@ -406,6 +408,8 @@ def _sections(data: dict, fmt: str, *, verbose: bool, markdown: bool) -> list[st
         parts.append(f"folded weights: {folded}")
         if g.get("absorption"):
             parts.append("absorption: " + ", ".join(f"{k}={v}" for k, v in sorted(g["absorption"].items())))
+        if g.get("compute_forms"):
+            parts.append("compute form per call: " + form_text(g["compute_forms"]))
         c = g["cache"]
         parts.append(f"cache per token and layer: {c['elements_before']} -> {c['elements_after']} elements "
                      f"({c['bytes_before']} -> {c['bytes_after']} B); after: {c['layout_after']}")
@@ -584,6 +588,8 @@ def render_html(data: dict) -> str:
             body.append(_html_table(rows, ["graph", "op", "weight", "shape"]))
             body.append("<p>Folded weights:</p>")
             body.append(_html_table([[k, str(v)] for k, v in g["folded_weights"].items()], ["weight", "shape"]))
+            if g.get("compute_forms"):
+                body.append(f"<p>Compute form per call: {html.escape(form_text(g['compute_forms']))}</p>")
             c = g["cache"]
             body.append(_html_table([["before", c["layout_before"], c["elements_before"], c["bytes_before"]],
                                      ["after", c["layout_after"], c["elements_after"], c["bytes_after"]]],

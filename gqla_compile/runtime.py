@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .capture import CACHE_ARGUMENTS, argument_leaf
 from .kernels import SCORE_ROWS_ONEDNN, score_matmul, value_matmul
+from .passes.expand import expand_new_tokens
 
 #: The cache method transformers' DSA families keep their indexer's keys with (``DynamicIndexedLayer``).
 UPDATE_INDEXER = "update_indexer"
@@ -202,6 +203,34 @@ def causal_attention(
     return attention_over_cache(query, keys, value, mask, scale, sink)
 
 
+def absorb_query(query: torch.Tensor, query_up: torch.Tensor) -> torch.Tensor:
+    """query [B, n_h, T, d_n + d_R] and W_UK [n_g, d_n, d_c] -> the query in latent space [B, n_h, T, d_c + d_R]:
+    each head's no-RoPE part times its group's W_UK (one batched matmul per group), the RoPE part kept."""
+    n_g, d_n, _ = query_up.shape
+    q_nope, q_rope = query[..., :d_n], query[..., d_n:]
+    q_latent = torch.matmul(q_nope.unflatten(1, (n_g, -1)), query_up.unsqueeze(1)).flatten(1, 2)
+    return torch.cat([q_latent, q_rope], dim=-1)
+
+
+class ExpandedForm(nn.Module):
+    """The expanded compute form over a latent cache (``paths.AbsorbedPath.compute_forms``): every key's latent
+    [c ; k_R] -> per-group keys [B, n_g, S, d_n + d_R] and values [B, n_g, S, d_v] (the grouped path's tail on
+    the whole call), so the heads attend in GQA form and o_proj, unfolded, takes their d_v values."""
+
+    def __init__(self, key_value_up: torch.Tensor, o_weight: torch.Tensor, *, n_g: int, d_n: int):
+        super().__init__()
+        self.register_buffer("key_value_up", key_value_up, persistent=False)  # [n_g (d_n + d_v), d_c]
+        self.register_buffer("o_weight", o_weight, persistent=False)  # the block's own o_proj (this rank's)
+        self.n_g, self.d_n = n_g, d_n
+        self.d_v = key_value_up.shape[0] // n_g - d_n
+
+    def forward(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d_c = self.key_value_up.shape[1]
+        _, keys, values = expand_new_tokens(None, key[:, 0, :, :d_c], key[:, 0, :, d_c:], self.key_value_up,
+                                            n_g=self.n_g, d_n=self.d_n, d_v=self.d_v)
+        return keys, values
+
+
 class LatentAttentionCore(nn.Module):
     """Attention over the cache, then the output projection: one module for both paths.
 
@@ -214,6 +243,13 @@ class LatentAttentionCore(nn.Module):
     - grouped, RoPE key copied: keys [B, n_g, S, d_n + d_R], values [B, n_g, S, d_v].
     - grouped, RoPE key shared (``shared_rope_key`` = (n_g, d_R)): key [B, 1, S, n_g d_n + d_R] holds the
       groups' no-RoPE keys then k_R once; value [B, 1, S, n_g d_v]. Scores are q_n . K_g + q_R . k_R.
+
+    How one call computes (``forms``, a ``paths.FormChoice``: the path's compute forms and the rule that picks
+    one from the call's new tokens T and keys S): the grouped path has one form. The absorbed path's core
+    (``query_up`` = W_UK [n_g, d_n, d_c] given) receives the un-absorbed query [q_n ; q_R]: in the absorbed form
+    it moves q_n into latent space itself; in the expanded form (``expanded``: :class:`ExpandedForm`) it
+    expands the call's keys into per-group keys and values and attends over them with q_n as it is. Without
+    ``query_up`` the query arrives in the cache's space (the core as the targets' calibration runs it).
     """
 
     def __init__(
@@ -227,22 +263,23 @@ class LatentAttentionCore(nn.Module):
         shared_rope_key: tuple[int, int] | None = None,
         attention_sink: torch.Tensor | None = None,
         process_group=None,
+        query_up: torch.Tensor | None = None,
+        forms=None,
+        expanded: ExpandedForm | None = None,
     ):
         super().__init__()
         self.register_buffer("o_weight", o_weight, persistent=False)
+        self.register_buffer("query_up", query_up, persistent=False)  # W_UK [n_g, d_n, d_c]: absorbed path
+        self.forms = forms  # paths.FormChoice, or None: one form, the cache's own
+        self.expanded = expanded
         self.register_buffer("o_bias", o_bias, persistent=False)
         self.register_buffer("value_up", value_up, persistent=False)
         self.register_buffer("attention_sink", attention_sink, persistent=False)  # learned sinks [n_h] or None
         self.scale = scale
         self.latent_value_dims = latent_value_dims
         self.shared_rope_key = shared_rope_key
-        self.num_groups = value_up.shape[0] if value_up is not None else None
         # Tensor parallel (passes/shard.py): o_weight holds this rank's columns; partial outputs are summed.
         self.process_group = process_group
-
-    def _attend_selected(self, query, key, value, mask):
-        keys, value = self.cache_views(key, value)
-        return attention_over_cache(query, keys, value, mask, self.scale, self.attention_sink)
 
     def cache_views(self, key: torch.Tensor, value: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(key parts [B, h_i, S, d_i], values [B, h_v, S, d_v]) as views of one layer's cached tensors."""
@@ -260,24 +297,42 @@ class LatentAttentionCore(nn.Module):
         output (d_v, after W_UV on the absorbed path; a per-head gate may also meet W_UV folded into o_proj).
         ``indices``: the block's optional token selection [B, T, k] (sparse attention): each query reads only
         those cached rows."""
+        form = self.forms.choose(query.shape[-2], key.shape[-2]) if self.forms is not None else None
+        if form is not None and form.expands_cache:
+            key, value = self.expanded(key)
+            out = self._attend(query, key, value, attention_mask, indices, lambda k, v: ([k], v))
+            return self._output(out, gate, None, self.expanded.o_weight)
+        if self.query_up is not None:
+            query = absorb_query(query, self.query_up)
+        out = self._attend(query, key, value, attention_mask, indices, self.cache_views)
+        return self._output(out, gate, self.value_up, self.o_weight)
+
+    def _attend(self, query, key, value, attention_mask, indices, views):
+        """Attention over ``key`` / ``value`` as ``views`` reads them: dense (causal), or each query over its
+        selected rows."""
         if indices is None:
-            keys, value = self.cache_views(key, value)
-            out = causal_attention(query, keys, value, attention_mask, self.scale, self.attention_sink)
-        else:
-            out = selected_attention(
-                query, key, value, attention_mask, indices, self._attend_selected,
-                lambda mask: causal_attention(query, *self.cache_views(key, value), mask, self.scale,
-                                              self.attention_sink),
-            )
-        if self.value_up is not None:
-            grouped = out.unflatten(1, (self.num_groups, -1))  # [B, n_g, heads per group, T, d_c]
-            out = torch.matmul(grouped, self.value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
+            return causal_attention(query, *views(key, value), attention_mask, self.scale, self.attention_sink)
+
+        def attend_selected(query, key, value, mask):
+            return attention_over_cache(query, *views(key, value), mask, self.scale, self.attention_sink)
+
+        return selected_attention(
+            query, key, value, attention_mask, indices, attend_selected,
+            lambda mask: causal_attention(query, *views(key, value), mask, self.scale, self.attention_sink),
+        )
+
+    def _output(self, out, gate, value_up, o_weight):
+        """Attention output [B, n_h, T, d] -> the block's output: W_UV per group (latent values), the gate,
+        o_proj, and the tensor-parallel sum."""
+        if value_up is not None:
+            grouped = out.unflatten(1, (value_up.shape[0], -1))  # [B, n_g, heads per group, T, d_c]
+            out = torch.matmul(grouped, value_up.transpose(1, 2).unsqueeze(1)).flatten(1, 2)
         if gate is not None:
             out = out * gate.transpose(1, 2)
         out = out.transpose(1, 2).flatten(2)
         if self.process_group is None:
-            return F.linear(out, self.o_weight, self.o_bias)
-        return all_reduce_output(F.linear(out, self.o_weight), self.o_bias, self.process_group)
+            return F.linear(out, o_weight, self.o_bias)
+        return all_reduce_output(F.linear(out, o_weight), self.o_bias, self.process_group)
 
 
 def all_reduce_output(partial: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:

@@ -185,3 +185,29 @@ def test_quick_dsa(tmp_path):
             assert all(_positive(row[variant][k]) for k in ("step_s", "attention_s", "indexer_s"))
     assert json.loads((tmp_path / "dsa.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert "speedup vs unmodified" in (tmp_path / "dsa.md").read_text()
+
+
+def test_quick_request(tmp_path):
+    """Whole requests in quick mode (eager, no vLLM): every variant's points with TTFT, decode rate and total, the
+    greedy tokens of the rewritten paths equal to the unmodified model's, and each compute form's attention on
+    the longest prefill against the measured matmul rate (the plan runs the expanded form there)."""
+    from benchmarks import request
+
+    data = request.run(str(tmp_path), quick=True, log=lambda *_: None)
+    assert json.loads((tmp_path / "request.json").read_text())["part"] == "request"
+    assert "Whole requests" in (tmp_path / "request.md").read_text()
+    cfg = data["settings"]
+    for name in ("transformers eager", "absorbed", "grouped"):
+        points = data["results"][name]["points"]
+        assert {(p["batch"], p["prompt"]) for p in points} == {(b, n) for b in cfg["batches"] for n in cfg["prompts"]}
+        for point in points:
+            for answer in cfg["answers"]:
+                figures = point[f"answer_{answer}"]
+                assert _positive(figures["ttft_s"]) and _positive(figures["decode_tokens_per_s"])
+                assert figures["total_s"] > figures["ttft_s"]
+    assert "skipped" in data["results"]["transformers static+compile"]  # quick mode does not compile
+    assert data["identical_tokens"] and all(data["identical_tokens"].values())
+    roofline = data["attention_roofline"]
+    assert roofline["chosen_form"] == "expanded" and set(roofline["forms"]) == {"absorbed", "expanded"}
+    assert roofline["forms"]["expanded"]["flops"] < roofline["forms"]["absorbed"]["flops"]
+    assert all(_positive(f["over_roofline"]) for f in roofline["forms"].values())

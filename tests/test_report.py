@@ -53,8 +53,17 @@ def test_absorbed_removes_the_up_projection_matmul(absorbed_report):
     # the core's attention at one decode step: attention_over_cache's one softmax, no sdpa kernel
     assert sum(n for op, n in row["ops_after"].items() if "softmax" in op) == 1
     assert "aten.scaled_dot_product_attention" not in row["ops_after"]
-    # the query absorption (W_UK per group) shows as a matmul in the projection graph
-    assert any(m["graph"] == "projection" and m["shape"] == [4, 16, 32] for m in row["matmul_weights_after"])
+    # the query absorption (W_UK per group) shows as a matmul in the attention core at a decode step (the core
+    # applies it in the calls that read the latent; the projection graph hands it [q_n ; q_R]), once
+    w_uk = [m for m in row["matmul_weights_after"] if m["weight"] == "core.query_up"]
+    assert [(m["graph"], m["shape"]) for m in w_uk] == [("core", [4, 16, 32])]
+    # the decode step runs the absorbed form; the report says from which length the expanded form takes over
+    forms = row["compute_forms"]
+    assert [f["name"] for f in forms["forms"]] == ["absorbed", "expanded"]
+    assert {c["call"]: c["form"] for c in forms["calls"]}["decode step"] == "absorbed"
+    assert {c["call"]: c["form"] for c in forms["calls"]}["prefill"] == "expanded"
+    assert all(c["from_new_tokens"] >= 1 for c in forms["crossover"])
+    assert "compute form per call: decode step" in str(absorbed_report)
 
 
 def test_grouped_keeps_the_up_projection_on_new_tokens(grouped_report):
@@ -88,9 +97,12 @@ def test_cache_bytes_follow_the_design_table(absorbed_report, grouped_report):
 def test_diff_names_the_folded_weights(absorbed_report, grouped_report):
     [a], [g] = absorbed_report.layers, grouped_report.layers
     assert set(a["folded_weights"]) == {"w_uk (W_UK^g per group, applied to the query)",
-                                        "value_up (W_UV^g per group, after attention)"}
+                                        "value_up (W_UV^g per group, after attention)",
+                                        "w_ukv (W_UK^g ; W_UV^g stacked per group, expanded form)"}
     assert a["folded_weights"]["w_uk (W_UK^g per group, applied to the query)"] == [4, 16, 32]
-    assert "w_uk" in a["diff"] and "kv_b_proj" in a["diff"]
+    # W_UK is applied in the attention core (a decode step's trace, its weights by position in the diff's code):
+    # the text names it through the core's matmul weights
+    assert "kv_b_proj" in a["diff"] and "matmul(core.query_up [4, 16, 32])" in str(absorbed_report)
     assert g["folded_weights"] == {"w_ukv (W_UK^g ; W_UV^g stacked per group)": [64, 32]}
     assert "w_ukv" in g["diff"]
     text = str(absorbed_report)

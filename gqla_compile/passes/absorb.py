@@ -1,12 +1,13 @@
-"""The absorbed-MQA path: the query moves into latent space; every head attends over [c ; k_R].
+"""The absorbed-MQA path's tail: the new tokens' cache entry [c ; k_R], the query handed on as it is.
 
-W_UK^g is applied to the query as one batched matmul per group (the report records this as "bmm"); the
-cache entry per token is the latent and the RoPE key, d_c + d_R values shared by all heads.
+The cache entry per token is the latent and the RoPE key, d_c + d_R values shared by all heads. W_UK^g is not
+applied here: it moves the query into latent space inside the attention core (``runtime.absorb_query``, one
+batched matmul per group, the report's "bmm"), in the calls that read the latent (the absorbed compute form,
+every decode step); a call with many new tokens expands the keys instead and needs the query's no-RoPE part as
+it is (``paths.AbsorbedPath.compute_forms``). The tail hands the core [q_n ; q_R], which both forms start from.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import fx
@@ -15,35 +16,28 @@ from ..paths import QUERY_ABSORPTION
 from .graph import append_to_graph, optional_output_count
 
 
-def absorb_query(query, latent, rope_key, w_uk, *, d_n: int, n_g: int):
-    """query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope_key [B, T, d_R], W_UK [n_g, d_n, d_c] ->
-    (query in latent space [B, n_h, T, d_c + d_R], key [B, 1, T, d_c + d_R], value [B, 1, T, 0]).
+def latent_key(query, latent, rope_key):
+    """query [B, n_h, T, d_n + d_R], latent [B, T, d_c], rope_key [B, T, d_R] -> (query, key [B, 1, T, d_c + d_R],
+    value [B, 1, T, 0]).
 
     The value is zero-width: the attention core reads the latent part of the key as its values, so the
-    cache holds d_c + d_R elements per token.
-
-    Plain PyTorch: it runs eagerly and is also traced onto the graph (dims are passed in because FX
-    proxies have no concrete shapes).
+    cache holds d_c + d_R elements per token. Plain PyTorch, traced onto the graph.
     """
-    q_nope, q_rope = query[..., :d_n], query[..., d_n:]
-    q_latent = torch.matmul(q_nope.unflatten(1, (n_g, -1)), w_uk.unsqueeze(1)).flatten(1, 2)
     key = torch.cat([latent, rope_key], dim=-1).unsqueeze(1)
-    return torch.cat([q_latent, q_rope], dim=-1), key, key[..., :0]
+    return query, key, key[..., :0]
 
 
-def absorb_latent_attention(projection: fx.GraphModule, w_uk: torch.Tensor) -> fx.GraphModule:
-    """Append the query absorption to a latent projection graph (outputs: query, key, zero-width value)."""
-    n_g, d_n, _ = w_uk.shape
-    tail = functools.partial(absorb_query, d_n=d_n, n_g=n_g)
-    return append_to_graph(projection, tail, {"w_uk": w_uk}, class_name="AbsorbedProjection",
+def absorb_latent_attention(projection: fx.GraphModule) -> fx.GraphModule:
+    """Append the latent cache entry to a latent projection graph (outputs: query, key, zero-width value)."""
+    return append_to_graph(projection, latent_key, {}, class_name="AbsorbedProjection",
                            passthrough=optional_output_count(projection))
 
 
 class AbsorbQuery:
-    """Pass: the absorbed path's projection (query into latent space, [c ; k_R] cache entry).
+    """Pass: the absorbed path's projection ([c ; k_R] cache entry; the query for the core's compute forms).
 
-    The value side (W_UV per group after attention, or folded into o_proj: the plan's choice, applied
-    by runtime.LatentAttentionCore) is recorded here with the other folded weights.
+    The weights the core folds in (W_UK on the query, W_UV per group after attention or folded into o_proj: the
+    plan's choice; W_UK and W_UV stacked for the expanded form) are recorded here.
     """
 
     name = "absorb"
@@ -52,7 +46,7 @@ class AbsorbQuery:
         self.w_uk, self.output_absorption, self.value_side = w_uk, output_absorption, value_side
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return absorb_latent_attention(gm, self.w_uk)
+        return absorb_latent_attention(gm)
 
     def summary(self) -> dict:
         weights = {"w_uk (W_UK^g per group, applied to the query)": list(self.w_uk.shape)}

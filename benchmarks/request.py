@@ -1,0 +1,356 @@
+"""Whole requests (issue 24): a prompt, then the answer. Time to first token, decode tokens/s and total time for
+the unmodified transformers model (eager, DynamicCache), transformers with a StaticCache and torch.compile, both
+paths of ``gqla_compile.optimize`` (compiled, StaticCache) and, where /work/vllm-env (or ``--vllm-python``) runs
+vLLM's CPU build, vLLM serving the same weights saved as a DeepSeek-V3 checkpoint; then the attention part of the
+longest prefill against its FLOP roofline at the measured matmul rate (``targets.resolve("cpu")``).
+
+    python -m benchmarks.request [--quick [--compile] [--vllm]] [--no-compile] [--no-vllm] [--out benchmarks/results]
+
+The model is DeepSeek-V3-shaped where attention is concerned (16 heads, d_c 512, d_R 64, d_n 128, d_v 128, n_g =
+n_h), with one layer and a small MLP so that the grid (prompts 256, 1k, 4k, 8k; answers 128 and 512; batch 1
+and 4) stays within about 15-30 minutes on one thread (the 8k x 4 prefills dominate: about 100 s per variant). One request per (prompt, batch) decodes the
+longest answer; the shorter answer's figures are the same request's first tokens. A variant's request stops
+decoding when its time budget is spent (the eager model re-expands the whole context at every step): its
+remaining steps are counted at its last measured step time, and the record says how many were measured.
+Compiled variants are warmed up on two short prompts of different lengths first (dynamic shapes from then on),
+and the record counts the graphs dynamo compiled during the timed requests (0: no recompiling per length).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+
+PART = "request"
+VLLM_PYTHON = "/work/vllm-env/bin/python"
+VARIANTS = ("transformers eager", "transformers static+compile", "absorbed", "grouped")
+logger = logging.getLogger(__name__)
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"prompts": [48, 160], "answers": [4, 8], "batches": [1, 2], "layers": 1, "hidden": 256,
+                "budget_s": 5.0, "warmup_prompts": [20, 28], "vllm": False, "compile": False}
+    return {"prompts": [256, 1024, 4096, 8192], "answers": [128, 512], "batches": [1, 4], "layers": 1, "hidden": 1024,
+            "budget_s": 15.0, "warmup_prompts": [64, 96], "vllm": True, "compile": True}
+
+
+def model_config(cfg: dict[str, Any]):
+    """DeepSeek-V3's attention shape (16 heads here), few layers, dense MLPs."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"], num_attention_heads=16, num_key_value_heads=16,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, q_lora_rank=None,
+        intermediate_size=2 * cfg["hidden"], vocab_size=8192, max_position_embeddings=16384,
+        first_k_dense_replace=cfg["layers"], n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=1, n_group=1, topk_group=1, tie_word_embeddings=False)
+
+
+def _variant(reference, name: str, compile: bool):
+    """(model, cache kind) for one variant; None where it needs compile and compile is off."""
+    import gqla_compile
+
+    if name == "transformers eager":
+        return reference, "dynamic"
+    if name == "transformers static+compile":
+        if not compile:
+            return None
+        model = copy.deepcopy(reference)
+        model.forward = torch.compile(model.forward)
+        return model, "static"
+    model = gqla_compile.optimize(copy.deepcopy(reference), target="cpu", path=name, compile=compile)
+    return model, "static"
+
+
+def _cache(model, kind: str, batch: int, length: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def _step(model, ids, cache, positions):
+    from gqla_compile.compat import CACHE_FIELD
+
+    mask = torch.ones(ids.shape[0], int(positions[-1]) + 1, dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(ids.shape[0], -1),
+                cache_position=positions, use_cache=True, **{CACHE_FIELD: cache})
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def run_request(model, kind: str, prompt: torch.Tensor, answer: int, budget_s: float) -> dict[str, Any]:
+    """One request: prefill (time to first token), then greedy decode steps while the budget lasts."""
+    batch, length = prompt.shape
+    cache = _cache(model, kind, batch, length + answer)
+    with torch.no_grad():
+        start = time.perf_counter()
+        token = _step(model, prompt, cache, torch.arange(length))
+        ttft = time.perf_counter() - start
+        tokens, steps = [token], []
+        deadline = time.perf_counter() + budget_s
+        for position in range(length, length + answer - 1):
+            if time.perf_counter() > deadline:
+                break
+            start = time.perf_counter()
+            token = _step(model, token, cache, torch.tensor([position]))
+            steps.append(time.perf_counter() - start)
+            tokens.append(token)
+    return {"ttft_s": ttft, "step_s": steps, "tokens": torch.cat(tokens, 1)}
+
+
+def _figures(request: dict[str, Any], answer: int, batch: int) -> dict[str, Any]:
+    """Time to first token, decode tokens/s and total time for an answer of ``answer`` tokens."""
+    needed = answer - 1
+    measured = request["step_s"][:needed]
+    extrapolated = needed - len(measured)
+    decode = sum(measured) + extrapolated * (measured[-1] if measured else request["ttft_s"])
+    return {"ttft_s": request["ttft_s"], "decode_tokens_per_s": batch * needed / decode if decode else None,
+            "total_s": request["ttft_s"] + decode, "measured_steps": len(measured),
+            "extrapolated_steps": extrapolated}
+
+
+def _warm_up(model, kind: str, cfg: dict[str, Any], batch: int, vocab: int) -> None:
+    """Two short requests of different lengths: dynamo compiles its graphs, dynamic from the second on."""
+    for length in cfg["warmup_prompts"]:
+        prompt = torch.randint(0, vocab, (batch, length))
+        run_request(model, kind, prompt, 3, budget_s=1e9)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def measure_variants(reference, cfg: dict[str, Any], *, compile: bool, log=print) -> dict[str, Any]:
+    vocab = reference.config.vocab_size
+    longest = max(cfg["answers"])
+    results: dict[str, Any] = {}
+    tokens: dict[tuple, torch.Tensor] = {}
+    for name in VARIANTS:
+        built = _variant(reference, name, compile)
+        if built is None:
+            results[name] = {"skipped": "compile is off (--no-compile)"}
+            continue
+        model, kind = built
+        entry: dict[str, Any] = {"cache": kind, "points": []}
+        compiled = name != "transformers eager" and compile
+        for batch in cfg["batches"]:
+            if compiled:
+                _warm_up(model, kind, cfg, batch, vocab)
+            before = _unique_graphs()
+            for length in cfg["prompts"]:
+                prompt = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+                log(f"[request] {name}: batch {batch}, prompt {length}")
+                request = run_request(model, kind, prompt, longest, cfg["budget_s"])
+                tokens[(name, batch, length)] = request["tokens"]
+                entry["points"].append({"batch": batch, "prompt": length, **{
+                    f"answer_{answer}": _figures(request, answer, batch) for answer in cfg["answers"]}})
+            entry.setdefault("graphs_compiled_during_requests", {})[str(batch)] = _unique_graphs() - before
+        results[name] = entry
+        del model
+    return {"results": results, "identical_tokens": _identical(tokens)}
+
+
+def _identical(tokens: dict[tuple, torch.Tensor]) -> dict[str, bool]:
+    """Whether each variant's greedy tokens equal the unmodified eager model's, over the steps both decoded."""
+    out = {}
+    for (name, batch, length), got in tokens.items():
+        want = tokens.get(("transformers eager", batch, length))
+        if want is None or name == "transformers eager":
+            continue
+        n = min(want.shape[1], got.shape[1])
+        out[f"{name}/b{batch}/p{length}"] = bool(torch.equal(want[:, :n], got[:, :n]))
+    return out
+
+
+def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The attention core of one layer on the longest prompt (batch 1), in the expanded form the plan runs and in
+    the absorbed form, against the expanded form's FLOPs at the measured matmul rate."""
+    import gqla_compile
+    from gqla_compile import targets
+    from gqla_compile.paths import FormChoice
+
+    model = gqla_compile.optimize(copy.deepcopy(reference), target="cpu", path="absorbed", compile=False)
+    core = next(m.gqla_runtime.core for m in model.modules() if hasattr(m, "gqla_runtime"))
+    layer = model.gqla_optimization.layers[0]
+    dims = layer.dims
+    length = max(cfg["prompts"])
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, dims.n_h, length, dims.d_n + dims.d_R, generator=generator)
+    key = torch.randn(1, 1, length, dims.d_c + dims.d_R, generator=generator)
+    peak = targets.resolve("cpu").peak("float32")
+    choice = core.forms
+    out = {"prompt": length, "matmul_rate_flops": peak, "forms": {}}
+    for form in choice.forms:
+        core.forms = FormChoice((form,))
+        with torch.no_grad():
+            timing = common.time_call(lambda: core(query, key, key[..., :0], None), warmup=1, min_repeats=2,
+                                      max_repeats=3, budget_s=0.0)
+        flops = form.flops(length, length)
+        out["forms"][form.name] = {"seconds": timing.median, "flops": flops, "roofline_s": flops / peak,
+                                   "over_roofline": timing.median / (flops / peak)}
+    core.forms = choice
+    expanded = out["forms"]["expanded"]
+    out["expanded_over_expanded_roofline"] = expanded["seconds"] / expanded["roofline_s"]
+    out["chosen_form"] = choice.choose(length, length).name
+    return out
+
+
+_VLLM_SCRIPT = r"""
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+import torch
+spec = json.loads(sys.argv[1])
+llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+          max_model_len=spec["max_len"], max_num_seqs=max(spec["batches"]), enable_prefix_caching=False)
+warm = [TokensPrompt(prompt_token_ids=list(range(1, 33)))]
+llm.generate(warm, SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
+points = []
+for batch in spec["batches"]:
+    for length in spec["prompts"]:
+        g = torch.Generator().manual_seed(length)
+        prompts = [TokensPrompt(prompt_token_ids=row) for row in torch.randint(0, spec["vocab"], (batch, length), generator=g).tolist()]
+        times = {}
+        for answer in (1, max(spec["answers"])):
+            params = SamplingParams(max_tokens=answer, min_tokens=answer, ignore_eos=True, temperature=0.0)
+            runs = []
+            while not runs or (len(runs) < 3 and sum(runs) < 2.0):  # best of up to 3 where a request is short
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                runs.append(time.perf_counter() - start)
+            times[answer] = min(runs)
+        points.append({"batch": batch, "prompt": length, "ttft_s": times[1], "total_s": times[max(spec["answers"])]})
+print("RESULT " + json.dumps(points))
+"""
+
+
+def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
+    """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint (prefix caching off,
+    one warm-up request): time to first token as a 1-token request, the longest answer as a request of the same
+    prompts (best of up to 3 where requests take under 2 s: the difference of two short single runs is mostly
+    noise on a shared machine); a shorter answer's total counts its steps at the longest's mean step
+    (``interpolated``), which saves one more prefill per point."""
+    if not Path(python).is_file():
+        return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder, safe_serialization=True)
+        spec = {"model": folder, "prompts": cfg["prompts"], "answers": cfg["answers"], "batches": cfg["batches"],
+                "vocab": reference.config.vocab_size, "max_len": max(cfg["prompts"]) + max(cfg["answers"]) + 8}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               "OMP_NUM_THREADS": str(torch.get_num_threads()), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        done = subprocess.run([python, "-c", _VLLM_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=3600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] }"}
+    points = []
+    longest = max(cfg["answers"])
+    for point in json.loads(lines[-1][len("RESULT "):]):
+        entry = {"batch": point["batch"], "prompt": point["prompt"]}
+        step = (point["total_s"] - point["ttft_s"]) / (longest - 1)  # mean decode step of the longest answer
+        for answer in cfg["answers"]:
+            decode = step * (answer - 1)
+            entry[f"answer_{answer}"] = {"ttft_s": point["ttft_s"], "total_s": point["ttft_s"] + decode,
+                                         "decode_tokens_per_s": point["batch"] * (answer - 1) / decode if decode > 0
+                                         else None, "measured_steps": longest - 1, "extrapolated_steps": 0,
+                                         "interpolated": answer != longest}
+        points.append(entry)
+    return {"cache": "vLLM paged (MLA backend)", "points": points}
+
+
+def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: bool | None = None,
+        vllm_python: str = VLLM_PYTHON, log=print, **_: Any) -> dict[str, Any]:
+    """``compile`` / ``vllm``: None takes the mode's default (quick mode: neither, so that it runs in about a
+    minute; Inductor's compiles alone take minutes here)."""
+    cfg = settings(quick)
+    compile = cfg["compile"] if compile is None else compile
+    machine = common.machine_info()
+    reference = common.build_model(model_config(cfg))
+    payload: dict[str, Any] = {"part": PART, "quick": quick, "settings": cfg, "machine": machine,
+                               "parameters": common.parameter_count(reference), "dtype": "float32",
+                               "threads": torch.get_num_threads()}
+    payload.update(measure_variants(reference, cfg, compile=compile, log=log))
+    if cfg["vllm"] if vllm is None else vllm:
+        log("[request] vLLM")
+        payload["results"]["vllm"] = measure_vllm(reference, cfg, vllm_python)
+    payload["attention_roofline"] = attention_roofline(reference, cfg)
+    payload["load_average_after"] = common.load_average()
+    common.write_json(out, PART, payload)
+    (Path(out) / f"{PART}.md").write_text(summary(payload) + "\n")
+    return payload
+
+
+def summary(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = ["## Whole requests (issue 24)", "",
+             f"DeepSeek-V3-shaped model ({payload['parameters'] / 1e6:.0f}M parameters: {s['layers']} layers, hidden "
+             f"{s['hidden']}, 16 heads, d_c 512, d_R 64, d_n 128, d_v 128), float32, {payload['threads']} thread(s). "
+             "TTFT: the prefill call; decode tokens/s: the batch's tokens over the decode steps; total: both. "
+             "Steps past a variant's time budget are counted at its last step time (`extrapolated` column).", ""]
+    rows = []
+    for name, entry in payload["results"].items():
+        if "points" not in entry:
+            rows.append([name, "-", "-", "-", "-", "-", "-", entry.get("skipped") or entry.get("error")])
+            continue
+        for point in entry["points"]:
+            for answer in s["answers"]:
+                f = point[f"answer_{answer}"]
+                rows.append([name, point["batch"], point["prompt"], answer, f["ttft_s"], f["decode_tokens_per_s"],
+                             f["total_s"], f["extrapolated_steps"] or ""])
+    lines += [common.markdown_table(["variant", "batch", "prompt", "answer", "TTFT s", "decode tokens/s", "total s",
+                                     "extrapolated"], rows), ""]
+    compiled = {n: e["graphs_compiled_during_requests"] for n, e in payload["results"].items()
+                if "graphs_compiled_during_requests" in e}
+    if compiled:
+        lines += ["Graphs dynamo compiled during the timed requests (after the warm-up), per batch size: "
+                  + "; ".join(f"{n}: {v}" for n, v in compiled.items()), ""]
+    same = payload.get("identical_tokens") or {}
+    lines += [f"Greedy tokens identical to transformers eager over the steps both decoded: "
+              f"{sum(same.values())} of {len(same)} requests.", ""]
+    r = payload["attention_roofline"]
+    rows = [[form, f["seconds"], f["flops"] / 1e9, f["roofline_s"], f["over_roofline"]] for form, f in r["forms"].items()]
+    lines += [f"Attention of one layer on a {r['prompt']}-token prefill (batch 1), each compute form, against its FLOPs "
+              f"at the measured matmul rate ({r['matmul_rate_flops'] / 1e9:.0f} GFLOP/s); the plan runs "
+              f"**{r['chosen_form']}**, {r['expanded_over_expanded_roofline']:.2f}x the expanded form's FLOP time. "
+              "FLOPs as the forms count them: every (query, key) pair and the expansion; sdpa's causal kernel (the "
+              "expanded form without sinks) skips most of the masked half, so under 1x is possible.", "",
+              common.markdown_table(["form", "seconds", "GFLOP", "roofline s", "x roofline"], rows), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.request", description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser)
+    parser.add_argument("--no-vllm", action="store_true", help="leave vLLM out (quick mode leaves it out anyway)")
+    parser.add_argument("--vllm", action="store_true", help="run vLLM in quick mode too")
+    parser.add_argument("--compile", action="store_true", help="compile in quick mode too")
+    parser.add_argument("--vllm-python", default=VLLM_PYTHON, help="the Python of vLLM's environment")
+    args = parser.parse_args(argv)
+    common.apply_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    vllm = False if args.no_vllm else (True if args.vllm else None)
+    compile = False if args.no_compile else (True if args.compile else None)
+    print(summary(run(args.out, quick=args.quick, compile=compile, vllm=vllm, vllm_python=args.vllm_python)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
