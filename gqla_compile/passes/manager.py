@@ -31,10 +31,20 @@ class GraphPass(Protocol):
 
 
 def pass_uuid(graph_pass: GraphPass) -> str:
-    """Hash of the source file that defines the pass: changes whenever its behaviour (or a helper beside
-    it) can."""
-    source = Path(inspect.getsourcefile(type(graph_pass))).read_bytes()
-    return hashlib.sha256(source).hexdigest()[:16]
+    """Hash of the source files that define the pass: its own module's and those of every package module whose
+    functions, classes or module it imports (detection's matcher, probes and match types live beside it), so it
+    changes whenever its behaviour can."""
+    module = inspect.getmodule(type(graph_pass))
+    package = module.__name__.split(".")[0]
+    files = {inspect.getsourcefile(module)}
+    for value in vars(module).values():
+        owner = value if inspect.ismodule(value) else inspect.getmodule(value)
+        if owner is not None and owner.__name__.split(".")[0] == package and hasattr(owner, "__file__"):
+            files.add(inspect.getsourcefile(owner))
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
