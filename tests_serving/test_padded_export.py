@@ -155,23 +155,16 @@ def _mla_inputs(tokens: int = 7, heads: int = 4):
     return torch.tensor([0, 1, 2, 3, 50, 200, 255])[:tokens], query, latent
 
 
-def test_apply_rotary_is_exact_where_vllms_cpu_op_is_not(rotary):
+def test_vllms_cpu_rotary_op_rotates_the_wrong_vectors_of_a_multi_head_query(rotary):
+    """The upstream bug itself (docs/vllm_cpu_rope_bug.md): the op on DeepSeek's [T, H, 64] query view is far off
+    vLLM's own forward_native, while the [T, 1, 64] key is exact."""
     from vllm import _custom_ops as ops
-
-    from gqla_compile.serving.rope import apply_rotary
 
     positions, query, latent = _mla_inputs()
     want_q, want_k = rotary.forward_native(positions, query[..., 16:].clone(), latent[..., 512:].clone())
     broken_q, broken_k = query[..., 16:].clone(), latent[..., 512:].clone()
     ops.rotary_embedding(positions, broken_q, broken_k, 64, rotary.cos_sin_cache, False)  # what forward_cpu runs
-    assert (broken_q - want_q).abs().max() > 1 and torch.equal(broken_k, want_k)  # the upstream bug
-    q_view, k_view = query[..., 16:], latent[..., 512:]
-    got_q, got_k = apply_rotary(rotary, positions, q_view, k_view)
-    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
-    assert torch.equal(query[..., 16:], want_q) and torch.equal(latent[..., 512:], want_k)  # in place, as the op
-    # a flat [T, H * 64] query goes to the op as it is
-    flat_q, _ = apply_rotary(rotary, positions, _mla_inputs()[1][..., 16:].reshape(7, -1).clone(), None)
-    assert torch.equal(flat_q.view(7, 4, 64), want_q)
+    assert (broken_q - want_q).abs().max() > 1 and torch.equal(broken_k, want_k)
 
 
 def test_install_rotary_fix_is_idempotent_logs_once_and_fixes_forward_cpu(caplog):
@@ -191,3 +184,6 @@ def test_install_rotary_fix_is_idempotent_logs_once_and_fixes_forward_cpu(caplog
     want_q, want_k = fixed.forward_native(positions, query[..., 16:].clone(), latent[..., 512:].clone())
     got_q, got_k = fixed.forward_cpu(positions, query[..., 16:], latent[..., 512:])
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and torch.equal(query[..., 16:], want_q)
+    # a flat [T, H * 64] query (Llama-style callers) goes to the op as it is, and is right too
+    flat_q, _ = fixed.forward_cpu(positions, _mla_inputs()[1][..., 16:].reshape(7, -1).clone(), None)
+    assert torch.equal(flat_q.view(7, 4, 64), want_q)

@@ -22,29 +22,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_rotary", "install_rotary_fix"]
+__all__ = ["install_rotary_fix"]
 
 #: Marks the installed ``forward_cpu`` (idempotence: installing twice wraps once).
 _FIX_MARK = "_gqla_rotary_layout_fix"
-
-
-def apply_rotary(rotary_emb: Any, positions: torch.Tensor, query: torch.Tensor,
-                 key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``rotary_emb(positions, query, key)`` for a vLLM rotary embedding, right for every query layout on every
-    platform: where the embedding dispatches to vLLM's CPU op as vLLM ships it, the query and key go to it in
-    the flattened layout its kernel reads; everywhere else (CUDA, PyTorch-native forwards, the fix installed)
-    the embedding runs as it is. Returns (query, key) in their shapes; like the op, updates them in place."""
-    method = getattr(getattr(rotary_emb, "_forward_method", None), "__func__", None)
-    op_forward = _shipped_forward_cpu()
-    if method is not None and method is op_forward:
-        return _in_op_layout(op_forward, rotary_emb, positions, query, key)
-    return rotary_emb(positions, query, key)
 
 
 def install_rotary_fix() -> bool:
@@ -71,14 +59,6 @@ def install_rotary_fix() -> bool:
                 "and rotates the wrong vectors (docs/vllm_cpu_rope_bug.md); RotaryEmbedding.forward_cpu now hands "
                 "it the flattened layout (DeepSeek MLA/MHA layers with a plain RoPE are the stock users affected)")
     return True
-
-
-def _shipped_forward_cpu() -> Callable:
-    """vLLM's ``RotaryEmbedding.forward_cpu`` as vLLM ships it (the fix installed or not)."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-    forward = RotaryEmbedding.forward_cpu
-    return forward.__wrapped__ if getattr(forward, _FIX_MARK, False) else forward
 
 
 def _in_op_layout(op_forward: Callable, rotary_emb: Any, positions: torch.Tensor, query: torch.Tensor,
