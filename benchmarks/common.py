@@ -36,6 +36,9 @@ import torch
 from gqla_compile.paths import PATH_NAMES as PATHS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: The Python of the environment with vLLM's CPU build that .ci/run builds (GQLA_VLLM_ENV, default .venv-vllm).
+VLLM_PYTHON = str(Path(os.environ.get("GQLA_VLLM_ENV", Path(__file__).resolve().parents[1] / ".venv-vllm"))
+                  / "bin" / "python")
 VARIANTS: tuple[str, ...] = ("original", *PATHS)  # original: the unmodified transformers model
 
 

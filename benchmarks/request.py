@@ -1,6 +1,6 @@
 """Whole requests (issue 24): a prompt, then the answer. Time to first token, decode tokens/s and total time for
 the unmodified transformers model (eager, DynamicCache), transformers with a StaticCache and torch.compile, both
-paths of ``gqla_compile.optimize`` (compiled, StaticCache) and, where /work/vllm-env (or ``--vllm-python``) runs
+paths of ``gqla_compile.optimize`` (compiled, StaticCache) and, where .venv-vllm (.ci/run builds it; or ``--vllm-python``) runs
 vLLM's CPU build, vLLM serving the same weights saved as a DeepSeek-V3 checkpoint; then the attention part of the
 longest prefill against its FLOP roofline at the measured matmul rate (``targets.resolve("cpu")``).
 
@@ -34,7 +34,6 @@ import torch
 from . import common
 
 PART = "request"
-VLLM_PYTHON = "/work/vllm-env/bin/python"
 VARIANTS = ("transformers eager", "transformers static+compile", "absorbed", "grouped")
 logger = logging.getLogger(__name__)
 
@@ -275,7 +274,7 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
 
 
 def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: bool | None = None,
-        vllm_python: str = VLLM_PYTHON, log=print, **_: Any) -> dict[str, Any]:
+        vllm_python: str = common.VLLM_PYTHON, log=print, **_: Any) -> dict[str, Any]:
     """``compile`` / ``vllm``: None takes the mode's default (quick mode: neither, so that it runs in about a
     minute; Inductor's compiles alone take minutes here)."""
     cfg = settings(quick)
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-vllm", action="store_true", help="leave vLLM out (quick mode leaves it out anyway)")
     parser.add_argument("--vllm", action="store_true", help="run vLLM in quick mode too")
     parser.add_argument("--compile", action="store_true", help="compile in quick mode too")
-    parser.add_argument("--vllm-python", default=VLLM_PYTHON, help="the Python of vLLM's environment")
+    parser.add_argument("--vllm-python", default=common.VLLM_PYTHON, help="the Python of vLLM's environment")
     args = parser.parse_args(argv)
     common.apply_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
