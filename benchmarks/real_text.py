@@ -7,7 +7,9 @@ suites and vendored folders are skipped (they are large, repetitive and not alwa
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sysconfig
 import zlib
 from collections.abc import Callable, Sequence
@@ -21,9 +23,18 @@ EVAL_SHARE = 4  # one file in EVAL_SHARE goes to evaluation
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, sorted by relative path (tests and vendored code left out)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not SKIPPED_FOLDERS.intersection(p.relative_to(root).parts[:-1])]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return list(_stdlib_files(sysconfig.get_paths()["stdlib"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_files(stdlib: str) -> tuple[Path, ...]:
+    """The walk behind :func:`stdlib_files`, once per process: skipped folders are pruned, not walked (the
+    stdlib folder may hold site-packages, with every installed package, which is most of what a full walk reads)."""
+    root, files = Path(stdlib), []
+    for folder, subfolders, names in os.walk(root):  # like rglob: symlinked folders are not entered
+        subfolders[:] = [name for name in subfolders if name not in SKIPPED_FOLDERS]
+        files.extend(Path(folder, name) for name in names if name.endswith(".py"))
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
 def _is_eval_file(path: Path) -> bool:

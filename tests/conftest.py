@@ -1,10 +1,13 @@
 """Shared test set-up: fixed seeds, quiet logs, one torch thread per pytest-xdist worker.
 
-The suite runs with ``-n auto --dist load`` (pyproject.toml): one worker per core, each with one torch thread
-(tiny models gain little from a second thread, a second worker doubles the throughput); each worker builds
-the module- and session-scoped fixtures (compiled models, process groups) its tests need. Keeping the tests
-that share a fixture in one worker (``--dist loadgroup``) saved about 50 s on a warm Inductor cache, but a
-fresh clone (cold cache) ran 949 s that way, over CI's 15 minutes: the groups are few, large and uneven.
+The suite runs with ``-n auto --dist loadgroup`` (pyproject.toml): one worker per core, each with one torch
+thread (tiny models gain little from a second thread, a second worker doubles the throughput); each worker
+builds the module- and session-scoped fixtures (compiled models, process groups) its tests need. Tests without
+an ``xdist_group`` mark are spread one by one as with ``--dist load``; a group runs whole on one worker, and
+the largest group is handed out first. Groups are kept few and only where tests share costly per-process work
+(test_regroup_families.py: every family's detection, about 4 s CPU per family, and conversion), because an
+earlier split of the whole suite into groups (one per fixture) made them few, large and uneven: a fresh clone
+(cold Inductor cache) ran 949 s that way.
 """
 
 import os

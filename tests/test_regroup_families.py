@@ -28,6 +28,10 @@ from gqla_compile.conversion.mla import RECORD_FIELD, find_latent_blocks
 from gqla_compile.dims import kv_cache_elements
 from gqla_compile.errors import ConversionError
 
+# One worker runs this whole file (pyproject's --dist loadgroup), so that the detections and conversions cached
+# above (_gated, _converted, the trace cache) are made once: the gate test alone detects every family.
+pytestmark = pytest.mark.xdist_group("regroup_families")
+
 SUPPORTED = sorted(set(FAMILIES) - set(UNSUPPORTED))
 CALIBRATION = random_token_sequences(TEXT_VOCAB, num_samples=4, seq_len=24, seed=1)
 PROMPT, DECODE = 8, 4

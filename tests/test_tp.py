@@ -87,21 +87,39 @@ def _equivalence(rank: int, world_size: int, cases, compile: bool = False) -> di
 ALL_CASES = [(name, path, rope_key) for name in MODELS for path, rope_key in LAYOUTS]
 RUNS = [
     pytest.param((2, ALL_CASES, False), id="tp2"),
-    # tp=4 covers each model and each layout here; the other combinations run with -m slow.
+    # tp=4 covers each model and each layout here; the other combinations run with -m slow. Both on one worker
+    # (xdist_group), where one launch of 4 processes runs the cases of both (_launch).
     pytest.param((4, [("gqla", "grouped", "copied"), ("deepseek_v3", "grouped", "shared"),
-                      ("deepseek_v3", "absorbed", "copied")], False), id="tp4"),
+                      ("deepseek_v3", "absorbed", "copied")], False), id="tp4", marks=pytest.mark.xdist_group("tp4")),
     pytest.param((4, [("gqla", "absorbed", "copied"), ("deepseek_v3", "grouped", "copied"),
-                      ("gqla", "grouped", "shared")], False), id="tp4-rest", marks=pytest.mark.slow),
+                      ("gqla", "grouped", "shared")], False), id="tp4-rest",
+                 marks=[pytest.mark.slow, pytest.mark.xdist_group("tp4")]),
     pytest.param((2, [("gqla", "grouped", "shared"), ("deepseek_v3", "absorbed", "copied")], True),
                  id="tp2-inductor", marks=pytest.mark.slow),
 ]
+
+_LAUNCHES: dict[tuple, list[dict]] = {}
+
+
+def _launch(session, world_size: int, compile: bool) -> list[dict]:
+    """Each rank's results for every case of the runs with this world size and mode that this session selected,
+    from one launch of ``world_size`` processes per pytest process (a launch costs each rank a Python start and
+    its own traces)."""
+    params = (getattr(getattr(item, "callspec", None), "params", {}).get("parallel_results") for item in session.items)
+    runs = {repr(p): p for p in params if p is not None and (p[0], p[2]) == (world_size, compile)}.values()
+    cases = list(dict.fromkeys(case for _, run_cases, _ in runs for case in run_cases))
+    key = (world_size, compile, tuple(cases))
+    if key not in _LAUNCHES:
+        timeout = TIMEOUT * len(runs) if not compile else 900
+        _LAUNCHES[key] = run_parallel(_equivalence, world_size, cases, compile, timeout=timeout)
+    return _LAUNCHES[key]
 
 
 @pytest.fixture(scope="module", params=RUNS)
 def parallel_results(request):
     world_size, cases, compile = request.param
-    timeout = TIMEOUT if not compile else 900
-    return world_size, run_parallel(_equivalence, world_size, cases, compile, timeout=timeout)
+    per_rank = _launch(request.session, world_size, compile)
+    return world_size, [{case: results[case] for case in cases} for results in per_rank]
 
 
 def test_sharded_decode_matches_single_process(parallel_results):
