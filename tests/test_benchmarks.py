@@ -185,3 +185,29 @@ def test_quick_dsa(tmp_path):
             assert all(_positive(row[variant][k]) for k in ("step_s", "attention_s", "indexer_s"))
     assert json.loads((tmp_path / "dsa.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert "speedup vs unmodified" in (tmp_path / "dsa.md").read_text()
+
+
+def test_quick_serving_without_vllm(tmp_path, monkeypatch):
+    """The serving benchmark where no vLLM is available (this suite's environment): the vLLM rows are recorded
+    as skipped with the reason, the transformers rows of both optimized paths are measured at every point of
+    the quick grid and compared, and the JSON and Markdown are written."""
+    import importlib.util
+
+    from benchmarks import serving
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here: the serving benchmark would start engines (run it by hand)")
+    monkeypatch.delenv(serving.VLLM_PYTHON_ENV, raising=False)
+    data = serving.run(str(tmp_path), quick=True, compile=False)
+    cfg = serving.settings(True)
+    assert data["vllm_python"] is None and "vLLM is not importable" in data["vllm_skipped"] and data["engines"] == []
+    points = {(r["path"], r["threads"], r["context"], r["batch"]) for r in data["rows"]}
+    assert points == {(p, t, c, b) for p in serving.PATHS for t in cfg["threads"] for c in cfg["contexts"]
+                      for b in cfg["batches"]}
+    assert all(_positive(r["tokens_per_s"]) and r["row"].startswith("transformers") for r in data["rows"])
+    assert len(data["comparisons"]) == len(cfg["threads"]) * len(cfg["contexts"]) * len(cfg["batches"])
+    assert all(c["faster"] in serving.PATHS and c["auto_choice"] in serving.PATHS
+               and c["auto_was_faster"] == (c["auto_choice"] == c["faster"]) for c in data["comparisons"])
+    assert data["model"]["parameters"] > 1e7 and data["model"]["kv_lora_rank"] == 512
+    assert json.loads((tmp_path / "serving.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    assert "vLLM rows skipped" in (tmp_path / "serving.md").read_text()
