@@ -295,20 +295,22 @@ def vllm_rows(python: str, checkpoints: dict[str, Any], cfg: dict[str, Any], tmp
 
 def compare_paths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (engine kind, threads, spec, context, batch): the faster forced path, the auto choice, whether it
-    was the faster one, and grouped tokens/s over absorbed tokens/s."""
+    was the faster one, grouped tokens/s over absorbed tokens/s, and stock vLLM's tokens/s at that point."""
     out = []
     for kind in ("vLLM", "transformers"):
-        keyed = {(r["path"], r["threads"], r["spec_tokens"], r["context"], r["batch"]): r for r in rows
-                 if r["row"].startswith(kind) and r["path"]}
+        keyed = {(r["path"] or "stock", r["threads"], r["spec_tokens"], r["context"], r["batch"]): r for r in rows
+                 if r["row"].startswith(kind)}
         for (path, threads, spec, context, batch), absorbed in keyed.items():
             grouped = keyed.get(("grouped", threads, spec, context, batch))
             if path != "absorbed" or grouped is None:
                 continue
             faster = "grouped" if grouped["tokens_per_s"] > absorbed["tokens_per_s"] else "absorbed"
             choice = absorbed.get("auto_choice") or grouped.get("auto_choice")
+            stock = keyed.get(("stock", threads, spec, context, batch))
             out.append({"engine": kind, "threads": threads, "spec_tokens": spec, "context": context, "batch": batch,
                         "absorbed_tokens_per_s": absorbed["tokens_per_s"], "grouped_tokens_per_s": grouped["tokens_per_s"],
                         "grouped_over_absorbed": common.ratio(grouped["tokens_per_s"], absorbed["tokens_per_s"]),
+                        "stock_tokens_per_s": stock["tokens_per_s"] if stock else None,
                         "faster": faster, "auto_choice": choice,
                         "auto_was_faster": None if choice is None else choice == faster})
     return out
@@ -381,14 +383,14 @@ def summary(payload: dict[str, Any]) -> str:
         ["row", "threads", "s_q", "context", "batch", "tokens/s", "accepted / draft tokens"],
         [[r["row"], r["threads"], 1 + r["spec_tokens"], r["context"], r["batch"], r["tokens_per_s"], _accepted(r)]
          for r in payload["rows"]]), ""]
-    lines += ["Absorbed vs grouped, and the plugin's \"auto\" choice (vLLM: `serving_plan` for an engine of that "
-              "batch, context and s_q):", "",
+    lines += ["Absorbed vs grouped, and \"auto\" (vLLM: the plugin's `serving_plan` for an engine of that batch, "
+              "context and s_q; transformers: the plan of `optimize(path=\"auto\")` at that batch and context):", "",
               common.markdown_table(
                   ["engine", "threads", "s_q", "context", "batch", "absorbed tok/s", "grouped tok/s", "grouped / absorbed",
-                   "faster", "auto choice", "auto was faster"],
+                   "stock vLLM tok/s", "faster", "auto choice", "auto was faster"],
                   [[c["engine"], c["threads"], 1 + c["spec_tokens"], c["context"], c["batch"], c["absorbed_tokens_per_s"],
-                    c["grouped_tokens_per_s"], c["grouped_over_absorbed"], c["faster"], c["auto_choice"],
-                    c["auto_was_faster"]] for c in payload["comparisons"]]), ""]
+                    c["grouped_tokens_per_s"], c["grouped_over_absorbed"], c["stock_tokens_per_s"], c["faster"],
+                    c["auto_choice"], c["auto_was_faster"]] for c in payload["comparisons"]]), ""]
     lines += [f"- {line}" for line in payload["grouped_overtakes"]]
     return "\n".join(lines)
 
