@@ -2,7 +2,7 @@
 DeepSeek-V3 export), beside the same model through ``gqla_compile.optimize`` in transformers (issue 22).
 
     python -m benchmarks.serving --vllm-python /work/vllm-env/bin/python --quick   # about 2 minutes, 2 cores
-    python -m benchmarks.serving --vllm-python /work/vllm-env/bin/python           # the grid, about 10 minutes
+    python -m benchmarks.serving --vllm-python /work/vllm-env/bin/python           # the grid: 9 engines, ~15-20 min
     python -m benchmarks --only serving ...                                         # same, with $GQLA_VLLM_PYTHON
 
 The engines run under ``--vllm-python`` (default ``$GQLA_VLLM_PYTHON``, else this Python when it can import
@@ -20,13 +20,14 @@ changes its tokens, not its cost.)
 vLLM rows: one engine per (row, threads, speculative decoding), each in its own process with
 ``VLLM_CPU_OMP_THREADS_BIND`` = "0" or "0-1" (vLLM's CPU worker pins its OpenMP threads there and refuses a
 later ``torch.set_num_threads``). The GQLA rows force their path with ``hf_overrides={"gqla_path": ...}``.
-Prefix caching is on and every prompt is prefilled once before timing; a point's prompts (batch of distinct
-prompts, each the first ``context`` tokens of that sequence's longest prompt) then hit the cache, so
-decode tokens/s = batch x N / (time(N + 1 tokens) - time(1 token)), median of the repeats, is the decode
-speed at that context with the prefill cost taken out. The prompts repeat a random 64-token block, so that
-vLLM's n-gram proposer (``speculative_config`` method "ngram", ``s_q`` = 1 + k tokens per step) always
-finds a draft; random weights accept few drafts, so the speculative rows show what verification of k extra
-tokens per step costs and buys on each path (acceptance is recorded where vLLM reports it).
+Prefix caching is asked for (vLLM turns it off for MLA on CPU: the
+absorbed and stock engines prefill every point). Per (context, batch): the batch's prompts (distinct, each
+the first ``context`` tokens of that sequence's longest prompt) are added to the engine, the engine is stepped
+until every request has its first token, one more step, then N timed engine steps with the whole batch
+decoding: decode tokens/s = tokens those steps produced / their time (the median step time is recorded too).
+The prompts repeat a random 64-token block, so that vLLM's n-gram proposer (``speculative_config`` method
+"ngram", ``s_q`` = 1 + k tokens per step) always finds a draft; how many drafted tokens the random model
+accepts is recorded from vLLM's counters.
 
 transformers rows: ``gqla_compile.optimize(path=..., compile=True)`` on the same weights, one decode step on a
 ``StaticCache`` holding ``context`` tokens (``common.DecodeTimer``, as ``benchmarks/decode.py`` measures),
@@ -67,11 +68,12 @@ BLOCK = 64  # the prompts repeat a random block of this many tokens (n-gram draf
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """One layer: the prefill of 8 prompts of 8192 tokens, once per engine, is what bounds the grid's time."""
+    """One layer: the prefills of 8 prompts of 8192 tokens (every point on the MLA engines, vLLM-CPU has no prefix
+    cache for MLA) are what bound the grid's time."""
     if quick:  # 3 engines, 1 thread, no speculative engine
-        return {"layers": 1, "contexts": [512], "batches": [1, 8], "threads": [1], "steps": 8, "repeats": 1,
+        return {"layers": 1, "contexts": [512], "batches": [1, 8], "threads": [1], "steps": 16,
                 "spec_tokens": 3, "spec_threads": [], "spec_rows": [], "kv_cache_gib": 1, "tf_budget_s": 0.2}
-    return {"layers": 1, "contexts": [2048, 8192], "batches": [1, 8], "threads": [1, 2], "steps": 16, "repeats": 2,
+    return {"layers": 1, "contexts": [2048, 8192], "batches": [1, 8], "threads": [1, 2], "steps": 32,
             "spec_tokens": 3, "spec_threads": [2], "spec_rows": [name for name, _, _ in ENGINES], "kv_cache_gib": 2,
             "tf_budget_s": 0.5}
 
@@ -130,20 +132,62 @@ def _auto_choice(llm, batch: int, context: int) -> str:
     return serving_plan(config, engine, log=False).path
 
 
-def _spec_counts(llm) -> dict[str, float]:
-    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens) so far."""
-    counts: dict[str, float] = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode_num_") and hasattr(metric, "value"):
-            counts[metric.name.removeprefix("vllm:spec_decode_num_")] = metric.value
-    return counts
+def _counters(llm, prefix: str) -> dict[str, float]:
+    """vLLM's counters named ``vllm:<prefix>...`` so far (speculative drafts and accepted tokens, prefix-cache
+    queries and hits)."""
+    return {m.name.removeprefix(f"vllm:{prefix}"): m.value for m in llm.get_metrics()
+            if m.name.startswith(f"vllm:{prefix}") and hasattr(m, "value")}
+
+
+def decode_steps(llm, batch_prompts: list[list[int]], steps: int, spec_tokens: int) -> dict[str, Any]:
+    """Add the batch's requests, step the engine until every one has its first token (prefill, from the
+    prefix cache where vLLM keeps one: on CPU its MLA backends do not), one untimed decode step, then ``steps``
+    timed engine steps with the whole batch decoding: tokens/s = tokens they produced / their time."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    # enough tokens that no request finishes inside the timed steps, even with every draft accepted
+    params = SamplingParams(temperature=0.0, max_tokens=2 + (steps + 1) * (1 + spec_tokens), ignore_eos=True,
+                            detokenize=False)
+    ids = [f"b{len(batch_prompts)}-c{len(p)}-{i}-{time.monotonic_ns()}" for i, p in enumerate(batch_prompts)]
+    for request_id, prompt in zip(ids, batch_prompts):
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+    produced = dict.fromkeys(ids, 0)
+
+    def step() -> tuple[int, float]:
+        begin = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - begin
+        new = 0
+        for out in outputs:
+            count = len(out.outputs[0].token_ids)
+            new, produced[out.request_id] = new + count - produced[out.request_id], count
+        return new, seconds
+
+    start = time.perf_counter()
+    while min(produced.values()) == 0:
+        step()
+    prefill_s = time.perf_counter() - start
+    step()  # every request decoding from here on
+    spec_before = _counters(llm, "spec_decode_num_")
+    timed = [step() for _ in range(steps)]
+    spec_after = _counters(llm, "spec_decode_num_")
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    tokens, seconds = sum(n for n, _ in timed), sum(t for _, t in timed)
+    point = {"prefill_s": prefill_s, "decode_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+             "step_s": statistics.median(t for _, t in timed), "step_s_all": [t for _, t in timed]}
+    if spec_tokens and spec_after:
+        point["spec_counts"] = {k: spec_after[k] - spec_before.get(k, 0) for k in spec_after}
+    return point
 
 
 def engine_run(request: dict[str, Any]) -> dict[str, Any]:
     """One engine: check what it serves, prefill every prompt once, then decode tokens/s per (context, batch)."""
     begin = time.perf_counter()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     import_s = time.perf_counter() - begin
     extra = {"hf_overrides": {"gqla_path": request["path"]}} if request["path"] else {}
@@ -165,31 +209,18 @@ def engine_run(request: dict[str, Any]) -> dict[str, Any]:
     if not request["path"] and (served or probe["gqla_modules"]):
         raise RuntimeError(f"stock vLLM was asked for, but the engine used the GQLA plugin's layers: {probe}")
 
-    def timed(batch_prompts, tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
-        call = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch_prompts], params, use_tqdm=False)
-        return time.perf_counter() - call
-
     longest = prompts(max(batches), max(contexts))
-    result["prefill_s"] = timed(longest, 1)  # fills the prefix cache: later points prefill nothing
     points = []
     for context in contexts:
-        for batch in batches:
-            batch_prompts = [p[:context] for p in longest[:batch]]
-            timed(batch_prompts, 2)  # warm-up
-            before = _spec_counts(llm)
-            decode_s = [timed(batch_prompts, steps + 1) - timed(batch_prompts, 1) for _ in range(request["repeats"])]
-            after = _spec_counts(llm)
-            seconds = statistics.median(decode_s)
-            point = {"context": context, "batch": batch, "decode_s": seconds, "decode_s_all": decode_s,
-                     "tokens_per_s": batch * steps / seconds}
-            if request["spec_tokens"] and after:
-                point["spec_counts"] = {k: after[k] - before.get(k, 0) for k in after}
+        for batch in sorted(batches, reverse=True):  # batch 1's prompt is batch 8's first: a prefix-cache hit
+            point = decode_steps(llm, [p[:context] for p in longest[:batch]], steps, request["spec_tokens"])
+            point.update(context=context, batch=batch)
             if request["path"]:
                 point["auto_choice"] = _auto_choice(llm, batch, context)
             points.append(point)
     result["points"] = points
+    result["prefill_s"] = sum(p["prefill_s"] for p in points)
+    result["prefix_cache_tokens"] = _counters(llm, "prefix_cache_")  # hits ~ queries: the contexts were not prefilled again
     result["in_process_s"] = time.perf_counter() - begin
     return result
 
@@ -278,7 +309,7 @@ def vllm_rows(python: str, checkpoints: dict[str, Any], cfg: dict[str, Any], tmp
              for row, ckpt, path in ENGINES if row in cfg["spec_rows"]]
     for row, ckpt, path, threads, spec in runs:
         request = {"row": row, "model": checkpoints[ckpt], "path": path, "contexts": cfg["contexts"],
-                   "batches": cfg["batches"], "steps": cfg["steps"], "repeats": cfg["repeats"], "spec_tokens": spec}
+                   "batches": cfg["batches"], "steps": cfg["steps"], "spec_tokens": spec}
         result = start_engine(python, request, threads, cfg["kv_cache_gib"], tmp)
         record = {"row": row, "threads": threads, "spec_tokens": spec, "load_average": common.load_average(),
                   **{k: v for k, v in result.items() if k != "points"}}
@@ -288,8 +319,8 @@ def vllm_rows(python: str, checkpoints: dict[str, Any], cfg: dict[str, Any], tmp
         for point in result.get("points", []):
             rows.append({"row": f"vLLM {row}", "path": path, "threads": threads, "spec_tokens": spec,
                          "context": point["context"], "batch": point["batch"], "tokens_per_s": point["tokens_per_s"],
-                         "step_s": None, **{k: point[k] for k in ("decode_s", "decode_s_all", "auto_choice",
-                                                                  "spec_counts") if k in point}})
+                         **{k: point[k] for k in ("step_s", "step_s_all", "tokens", "decode_s", "prefill_s",
+                                                  "auto_choice", "spec_counts") if k in point}})
     return rows, engines
 
 
@@ -362,8 +393,9 @@ def summary(payload: dict[str, Any]) -> str:
              f"{m['kv_lora_rank']} + {m['qk_rope_head_dim']}, d_n {m['qk_nope_head_dim']}, d_v {m['v_head_dim']}, "
              f"float32{' (quick mode)' if payload['quick'] else ''}. Machine: {machine['cpu']}, {machine['cores']} "
              f"cores, load average {machine['load_average']} at the start, {payload['load_average_after']} at the end "
-             "(shared machine: compare rows of one run only). vLLM rows: decode tokens/s after the context was "
-             "prefilled (prefix cache), eager engine, threads bound with VLLM_CPU_OMP_THREADS_BIND; transformers "
+             "(shared machine: compare rows of one run only). vLLM rows: tokens/s of "
+             f"{payload['settings']['steps']} engine steps with the whole batch decoding after its prefill, eager "
+             "engine, threads bound with VLLM_CPU_OMP_THREADS_BIND; transformers "
              "rows: optimize()'d model, " + ("compiled" if any(r.get("compiled") for r in payload["rows"]) else "eager")
              + ", one step on a StaticCache of that context.", ""]
     if payload["vllm_skipped"]:
@@ -376,9 +408,10 @@ def summary(payload: dict[str, Any]) -> str:
     ran = [e for e in payload["engines"] if "error" not in e]
     if ran:
         lines += [common.markdown_table(
-            ["engine", "threads", "spec tokens", "model class", "served path", "start s", "prefill s"],
+            ["engine", "threads", "spec tokens", "model class", "served path", "start s", "prefill s",
+             "prefix-cache hit / query tokens"],
             [[e["row"], e["threads"], e["spec_tokens"], e["model_class"].rsplit(".", 1)[-1], e["served_path"] or "stock",
-              e["engine_start_s"], e["prefill_s"]] for e in ran]), ""]
+              e["engine_start_s"], e["prefill_s"], _hits(e.get("prefix_cache_tokens") or {})] for e in ran]), ""]
     lines += [common.markdown_table(
         ["row", "threads", "s_q", "context", "batch", "tokens/s", "accepted / draft tokens"],
         [[r["row"], r["threads"], 1 + r["spec_tokens"], r["context"], r["batch"], r["tokens_per_s"], _accepted(r)]
@@ -393,6 +426,10 @@ def summary(payload: dict[str, Any]) -> str:
                     c["auto_choice"], c["auto_was_faster"]] for c in payload["comparisons"]]), ""]
     lines += [f"- {line}" for line in payload["grouped_overtakes"]]
     return "\n".join(lines)
+
+
+def _hits(counts: dict[str, float]) -> str:
+    return f"{counts['hits']:.0f} / {counts['queries']:.0f}" if "hits" in counts and "queries" in counts else "-"
 
 
 def _accepted(row: dict[str, Any]) -> str:
