@@ -24,7 +24,7 @@ Prefix caching is asked for (vLLM turns it off for MLA on CPU: the
 absorbed and stock engines prefill every point). Per (context, batch): the batch's prompts (distinct, each
 the first ``context`` tokens of that sequence's longest prompt) are added to the engine, the engine is stepped
 until every request has its first token, one more step, then N timed engine steps with the whole batch
-decoding: decode tokens/s = tokens those steps produced / their time (the median step time is recorded too).
+decoding: decode tokens/s = tokens those steps produced per step / the median step time.
 The prompts repeat a random 64-token block, so that vLLM's n-gram proposer (``speculative_config`` method
 "ngram", ``s_q`` = 1 + k tokens per step) always finds a draft; how many drafted tokens the random model
 accepts is recorded from vLLM's counters.
@@ -139,17 +139,22 @@ def _counters(llm, prefix: str) -> dict[str, float]:
             if m.name.startswith(f"vllm:{prefix}") and hasattr(m, "value")}
 
 
+def max_new_tokens(batch: int, steps: int, spec_tokens: int) -> int:
+    """Enough that no request finishes inside the timed steps: the first requests decode while the later ones
+    are prefilled (one prompt per step on CPU MLA), and every draft may be accepted."""
+    return (steps + batch + 2) * (1 + spec_tokens)
+
+
 def decode_steps(llm, batch_prompts: list[list[int]], steps: int, spec_tokens: int) -> dict[str, Any]:
     """Add the batch's requests, step the engine until every one has its first token (prefill, from the
     prefix cache where vLLM keeps one: on CPU its MLA backends do not), one untimed decode step, then ``steps``
-    timed engine steps with the whole batch decoding: tokens/s = tokens they produced / their time."""
+    timed engine steps with the whole batch decoding: tokens/s = tokens per step / median step time."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    # enough tokens that no request finishes inside the timed steps, even with every draft accepted
-    params = SamplingParams(temperature=0.0, max_tokens=2 + (steps + 1) * (1 + spec_tokens), ignore_eos=True,
-                            detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens(len(batch_prompts), steps, spec_tokens),
+                            ignore_eos=True, detokenize=False)
     ids = [f"b{len(batch_prompts)}-c{len(p)}-{i}-{time.monotonic_ns()}" for i, p in enumerate(batch_prompts)]
     for request_id, prompt in zip(ids, batch_prompts):
         engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
@@ -173,12 +178,16 @@ def decode_steps(llm, batch_prompts: list[list[int]], steps: int, spec_tokens: i
     spec_before = _counters(llm, "spec_decode_num_")
     timed = [step() for _ in range(steps)]
     spec_after = _counters(llm, "spec_decode_num_")
+    if max(produced.values()) >= params.max_tokens:
+        raise RuntimeError(f"a request finished inside the timed steps ({produced}): the batch was not whole")
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    tokens, seconds = sum(n for n, _ in timed), sum(t for _, t in timed)
-    point = {"prefill_s": prefill_s, "decode_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-             "step_s": statistics.median(t for _, t in timed), "step_s_all": [t for _, t in timed]}
+    tokens, step_s = sum(n for n, _ in timed), statistics.median(t for _, t in timed)
+    # tokens per step (1 per sequence, more with accepted drafts) over the median step: a step preempted by
+    # another job on the shared machine does not move it
+    point = {"prefill_s": prefill_s, "decode_s": sum(t for _, t in timed), "tokens": tokens,
+             "tokens_per_s": tokens / steps / step_s, "step_s": step_s, "step_s_all": [t for _, t in timed]}
     if spec_tokens and spec_after:
         point["spec_counts"] = {k: spec_after[k] - spec_before.get(k, 0) for k in spec_after}
     return point
@@ -197,7 +206,8 @@ def engine_run(request: dict[str, Any]) -> dict[str, Any]:
     contexts, batches, steps = request["contexts"], request["batches"], request["steps"]
     start = time.perf_counter()
     llm = LLM(model=request["model"], skip_tokenizer_init=True, dtype="float32", seed=0, enforce_eager=True,
-              max_model_len=max(contexts) + steps + request["spec_tokens"] + 8, max_num_seqs=max(batches),
+              max_model_len=max(contexts) + max_new_tokens(max(batches), steps, request["spec_tokens"]) + 8,
+              max_num_seqs=max(batches),
               enable_prefix_caching=True, disable_log_stats=False, **extra)
     result: dict[str, Any] = {"import_s": import_s, "engine_start_s": time.perf_counter() - start}
     served = getattr(llm.llm_engine.vllm_config.model_config.hf_config, "gqla_serving", None)
@@ -413,9 +423,9 @@ def summary(payload: dict[str, Any]) -> str:
             [[e["row"], e["threads"], e["spec_tokens"], e["model_class"].rsplit(".", 1)[-1], e["served_path"] or "stock",
               e["engine_start_s"], e["prefill_s"], _hits(e.get("prefix_cache_tokens") or {})] for e in ran]), ""]
     lines += [common.markdown_table(
-        ["row", "threads", "s_q", "context", "batch", "tokens/s", "accepted / draft tokens"],
-        [[r["row"], r["threads"], 1 + r["spec_tokens"], r["context"], r["batch"], r["tokens_per_s"], _accepted(r)]
-         for r in payload["rows"]]), ""]
+        ["row", "threads", "s_q", "context", "batch", "tokens/s", "step ms (min-max)", "accepted / draft tokens"],
+        [[r["row"], r["threads"], 1 + r["spec_tokens"], r["context"], r["batch"], r["tokens_per_s"], _steps(r),
+          _accepted(r)] for r in payload["rows"]]), ""]
     lines += ["Absorbed vs grouped, and \"auto\" (vLLM: the plugin's `serving_plan` for an engine of that batch, "
               "context and s_q; transformers: the plan of `optimize(path=\"auto\")` at that batch and context):", "",
               common.markdown_table(
@@ -426,6 +436,14 @@ def summary(payload: dict[str, Any]) -> str:
                     c["auto_choice"], c["auto_was_faster"]] for c in payload["comparisons"]]), ""]
     lines += [f"- {line}" for line in payload["grouped_overtakes"]]
     return "\n".join(lines)
+
+
+def _steps(row: dict[str, Any]) -> str:
+    """Median step in ms and its spread: vLLM's per-step times, transformers' timing."""
+    times = row.get("step_s_all") or ([row["timing"]["min"], row["timing"]["max"]] if row.get("timing") else [])
+    if not times or not row.get("step_s"):
+        return "-"
+    return f"{row['step_s'] * 1e3:.3g} ({min(times) * 1e3:.3g}-{max(times) * 1e3:.3g})"
 
 
 def _hits(counts: dict[str, float]) -> str:
