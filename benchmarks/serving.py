@@ -63,7 +63,7 @@ MODEL = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_atte
              kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=16384)
 # (row name, checkpoint, forced GQLA path or None for stock vLLM)
 ENGINES = (("absorbed", "gqla", "absorbed"), ("grouped", "gqla", "grouped"), ("stock deepseek_v3", "export", None))
-PATHS = ("absorbed", "grouped")
+PATHS = common.PATHS  # the decoding paths, as gqla_compile.paths names them
 BLOCK = 64  # the prompts repeat a random block of this many tokens (n-gram drafts always found)
 
 
