@@ -1,12 +1,14 @@
 """The benchmark suite: one entry point for every part, each writing ``<out>/<part>.json``, and a Markdown
 summary ``<out>/SUMMARY.md`` with the machine, the load and every part's tables.
 
-    python -m benchmarks [--quick] [--only decode,cost_model,sq,prompt_lookup,dsa,request,cache,compile,convert]
+    python -m benchmarks [--quick] [--only decode,cost_model,sq,prompt_lookup,dsa,request,serving,cache,compile,convert]
                          [--no-compile] [--threads 1] [--out benchmarks/results]
 
 ``cache`` and ``compile`` are reported by the decode part (cache bytes per token, optimize and first-call
 times), so naming either runs decode. ``convert`` is the TransGQLA conversion benchmark
-(``benchmarks/convert.py``), run through its own ``main(argv)`` when that module is present.
+(``benchmarks/convert.py``), run through its own ``main(argv)`` when that module is present. ``serving`` is
+vLLM serving (``benchmarks/serving.py``): its engines run under ``$GQLA_VLLM_PYTHON`` (a Python with vLLM and
+this package), else .ci/run's .venv-vllm, else this Python if it imports vLLM; without one its vLLM rows are recorded as skipped.
 The same suite runs as ``gqla-compile bench MODEL --target T``.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from . import common
 
-PARTS: tuple[str, ...] = ("decode", "cost_model", "sq", "prompt_lookup", "dsa", "request", "convert")
+PARTS: tuple[str, ...] = ("decode", "cost_model", "sq", "prompt_lookup", "dsa", "request", "serving", "convert")
 ALIASES = {"cache": "decode", "compile": "decode", "compile_time": "decode"}
 
 
@@ -51,7 +53,7 @@ def run_suite(out: str | Path, *, quick: bool = False, only: Sequence[str] | Non
               log=print) -> dict[str, Any]:
     """Run the parts and write the summary; returns {part: payload} (a part's error is recorded, not raised,
     unless every part fails)."""
-    from . import cost_model, decode, dsa, prompt_lookup, request, sq
+    from . import cost_model, decode, dsa, prompt_lookup, request, serving, sq
 
     parts = list(only) if only else list(PARTS)
     out = Path(out)
@@ -78,6 +80,8 @@ def run_suite(out: str | Path, *, quick: bool = False, only: Sequence[str] | Non
                 payloads[part] = dsa.run(str(out), quick=quick)
             elif part == "request":  # its own DeepSeek-V3-shaped model; quick mode runs eagerly, without vLLM
                 payloads[part] = request.run(str(out), quick=quick, compile=None if quick else compile, log=log)
+            elif part == "serving":  # its own checkpoint, vLLM engines in their own processes
+                payloads[part] = serving.run(str(out), quick=quick, compile=compile)
             elif part in ("cost_model", "sq"):
                 payloads[part] = modules[part].run(str(out), quick=quick, compile=compile, pool=grid,
                                                    measurements=grid_runs)
@@ -114,10 +118,11 @@ def _run_convert(out: Path, quick: bool) -> dict[str, Any]:
 
 def write_summary(out: Path, payloads: dict[str, Any], machine: dict[str, Any], timings: dict[str, float],
                   quick: bool) -> Path:
-    from . import cost_model, decode, dsa, prompt_lookup, request, sq
+    from . import cost_model, decode, dsa, prompt_lookup, request, serving, sq
 
     summaries = {"decode": decode.summary, "cost_model": cost_model.summary, "sq": sq.summary,
-                 "prompt_lookup": prompt_lookup.summary, "dsa": dsa.summary, "request": request.summary}
+                 "prompt_lookup": prompt_lookup.summary, "dsa": dsa.summary, "request": request.summary,
+                 "serving": serving.summary}
     lines = [
         "# Benchmark results" + (" (quick mode: tiny models, not representative)" if quick else ""), "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch thread(s); "

@@ -36,9 +36,8 @@ import torch
 from gqla_compile.paths import PATH_NAMES as PATHS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-#: The Python of the environment with vLLM's CPU build that .ci/run builds (GQLA_VLLM_ENV, default .venv-vllm).
-VLLM_PYTHON = str(Path(os.environ.get("GQLA_VLLM_ENV", Path(__file__).resolve().parents[1] / ".venv-vllm"))
-                  / "bin" / "python")
+#: Names a Python with vLLM and this package installed, for the parts that run vLLM engines.
+VLLM_PYTHON_ENV = "GQLA_VLLM_PYTHON"
 VARIANTS: tuple[str, ...] = ("original", *PATHS)  # original: the unmodified transformers model
 
 
@@ -490,3 +489,21 @@ def part_main(module_name: str, doc: str, run, summary, argv=None, *, compiles: 
     options = {"compile": not args.no_compile} if compiles else {}
     print(summary(run(args.out, quick=args.quick, **options)))
     return 0
+
+
+def vllm_python(explicit: str | None = None) -> tuple[str | None, str | None]:
+    """(the Python that runs vLLM engines, None) or (None, why there is none): ``explicit``, else
+    ``$GQLA_VLLM_PYTHON``, else the environment .ci/run builds (``$GQLA_VLLM_ENV``, default .venv-vllm beside
+    this checkout), else this Python when it imports vLLM."""
+    import importlib.util
+    import sys
+
+    if explicit or os.environ.get(VLLM_PYTHON_ENV):
+        return explicit or os.environ[VLLM_PYTHON_ENV], None
+    built = Path(os.environ.get("GQLA_VLLM_ENV", Path(__file__).resolve().parents[1] / ".venv-vllm")) / "bin" / "python"
+    if built.exists():
+        return str(built), None
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, None
+    return None, (f"vLLM is not importable here, no --vllm-python / ${VLLM_PYTHON_ENV} names a Python that has it "
+                  "and .ci/run's .venv-vllm does not exist")

@@ -274,7 +274,7 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
 
 
 def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: bool | None = None,
-        vllm_python: str = common.VLLM_PYTHON, log=print, **_: Any) -> dict[str, Any]:
+        vllm_python: str | None = None, log=print, **_: Any) -> dict[str, Any]:
     """``compile`` / ``vllm``: None takes the mode's default (quick mode: neither, so that it runs in about a
     minute; Inductor's compiles alone take minutes here)."""
     cfg = settings(quick)
@@ -286,8 +286,12 @@ def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: boo
                                "threads": torch.get_num_threads()}
     payload.update(measure_variants(reference, cfg, compile=compile, log=log))
     if cfg["vllm"] if vllm is None else vllm:
-        log("[request] vLLM")
-        payload["results"]["vllm"] = measure_vllm(reference, cfg, vllm_python)
+        python, why_not = common.vllm_python(vllm_python)
+        if python is None:
+            payload["vllm_skipped"] = why_not
+        else:
+            log("[request] vLLM")
+            payload["results"]["vllm"] = measure_vllm(reference, cfg, python)
     payload["attention_roofline"] = attention_roofline(reference, cfg)
     payload["load_average_after"] = common.load_average()
     common.write_json(out, PART, payload)
@@ -341,7 +345,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-vllm", action="store_true", help="leave vLLM out (quick mode leaves it out anyway)")
     parser.add_argument("--vllm", action="store_true", help="run vLLM in quick mode too")
     parser.add_argument("--compile", action="store_true", help="compile in quick mode too")
-    parser.add_argument("--vllm-python", default=common.VLLM_PYTHON, help="the Python of vLLM's environment")
+    parser.add_argument("--vllm-python", default=None, help="the Python of vLLM's environment")
     args = parser.parse_args(argv)
     common.apply_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

@@ -211,3 +211,30 @@ def test_quick_request(tmp_path):
     assert roofline["chosen_form"] == "expanded" and set(roofline["forms"]) == {"absorbed", "expanded"}
     assert roofline["forms"]["expanded"]["flops"] < roofline["forms"]["absorbed"]["flops"]
     assert all(_positive(f["over_roofline"]) for f in roofline["forms"].values())
+
+
+def test_quick_serving_without_vllm(tmp_path, monkeypatch):
+    """The serving benchmark where no vLLM is available (this suite's environment): the vLLM rows are recorded
+    as skipped with the reason, the transformers rows of both optimized paths are measured at every point of
+    the quick grid and compared, and the JSON and Markdown are written."""
+    import importlib.util
+
+    from benchmarks import serving
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here: the serving benchmark would start engines (run it by hand)")
+    monkeypatch.delenv(serving.VLLM_PYTHON_ENV, raising=False)
+    monkeypatch.setenv("GQLA_VLLM_ENV", str(tmp_path / "no-vllm-env"))  # not .ci/run's .venv-vllm either
+    data = serving.run(str(tmp_path), quick=True, compile=False)
+    cfg = serving.settings(True)
+    assert data["vllm_python"] is None and "vLLM is not importable" in data["vllm_skipped"] and data["engines"] == []
+    points = {(r["path"], r["threads"], r["context"], r["batch"]) for r in data["rows"]}
+    assert points == {(p, t, c, b) for p in serving.PATHS for t in cfg["threads"] for c in cfg["contexts"]
+                      for b in cfg["batches"]}
+    assert all(_positive(r["tokens_per_s"]) and r["row"].startswith("transformers") for r in data["rows"])
+    assert len(data["comparisons"]) == len(cfg["threads"]) * len(cfg["contexts"]) * len(cfg["batches"])
+    assert all(c["faster"] in serving.PATHS and c["auto_choice"] in serving.PATHS
+               and c["auto_was_faster"] == (c["auto_choice"] == c["faster"]) for c in data["comparisons"])
+    assert data["model"]["parameters"] > 1e7 and data["model"]["kv_lora_rank"] == 512
+    assert json.loads((tmp_path / "serving.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    assert "vLLM rows skipped" in (tmp_path / "serving.md").read_text()

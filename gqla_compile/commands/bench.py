@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> None:
     target = targets.get(args.target)  # UnknownTargetError: exit 2 with the known names
     model = _model(args.model)
     common.apply_threads(args.threads)
-    # convert and request measure models of their own (a GQA checkpoint; a DeepSeek-V3-shaped one beside vLLM)
-    run_suite(args.out, quick=args.quick, only=[p for p in parts if p not in ("convert", "request")],
-              compile=not args.no_compile,
-              model=model, target=target)
+    # convert, request and serving measure models of their own (a GQA checkpoint; a DeepSeek-V3-shaped one beside
+    # vLLM; vLLM engines on a fixed GQLA checkpoint), not MODEL
+    run_suite(args.out, quick=args.quick, only=[p for p in parts if p not in ("convert", "request", "serving")],
+              compile=not args.no_compile, model=model, target=target)
     print(f"wrote {Path(args.out) / 'SUMMARY.md'}")
