@@ -5,8 +5,8 @@ such, partial rewrites and compile fallbacks to eager said out loud; n_g is prob
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,9 @@ from transformers import AutoModelForCausalLM
 
 import gqla_compile
 from gqla_compile.capture import capture_attention_candidates
-from gqla_compile.passes import detect
+from gqla_compile import tiny
+from gqla_compile.passes import detect, skeleton
+from gqla_compile.passes.manager import pass_uuid
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_llama
 
 
@@ -156,7 +158,7 @@ def test_n_g_is_probed_per_layer_and_planned_with():
                 assert relative_error(a, e) < 1e-4, path
 
 
-def test_one_pass_manager_records_every_layer_and_uuids_hash_the_source_file():
+def test_one_pass_manager_records_every_layer_and_uuids_hash_the_sources():
     optimized = gqla_compile.optimize(HandWrittenLatentLM().eval(), target="h100", path="absorbed", compile=False)
     state = optimized.gqla_optimization
     assert [(r.module_path, r.pass_name) for r in state.records] == [
@@ -165,8 +167,15 @@ def test_one_pass_manager_records_every_layer_and_uuids_hash_the_source_file():
     ]
     for layer in state.layers:
         assert layer.records == [r for r in state.records if r.module_path == layer.module_path]
-    detect_source = Path(inspect.getsourcefile(detect)).read_bytes()
-    assert state.records[0].uuid == hashlib.sha256(detect_source).hexdigest()[:16]
+    # the detect pass's uuid changes with its own file and with the matcher beside it (skeleton.py), nothing else
+    uuid = state.records[0].uuid
+    detect_pass = object.__new__(detect.DetectLatentAttention)
+    assert pass_uuid(detect_pass) == uuid
+    read_bytes = Path.read_bytes
+    for changed, changes_uuid in ((detect, True), (skeleton, True), (tiny, False)):
+        edited = Path(inspect.getsourcefile(changed))
+        with mock.patch.object(Path, "read_bytes", lambda self: read_bytes(self) + b"#" * (self == edited)):
+            assert (pass_uuid(detect_pass) != uuid) == changes_uuid, changed
 
 
 def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report():
