@@ -86,7 +86,7 @@ def compile_model(model: nn.Module, *, backend: str = "inductor") -> CompileStat
             blocks = sorted({str(v[0]) for n in gm.graph.nodes for v in (n.meta.get("nn_module_stack") or {}).values()
                              if "attn" in str(v[0])})[:4]
             raise CompileError(
-                f"Inductor failed on a graph holding {', '.join(blocks) or 'the model'}: {exc}. "
+                f"Inductor failed on a graph holding {', '.join(blocks) or 'the model'}: {type(exc).__name__}: {exc}. "
                 "Retry with gqla_compile.optimize(model, ..., compile=False)"
             ) from exc
         stats.graphs += 1
