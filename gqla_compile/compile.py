@@ -82,6 +82,10 @@ def compile_model(model: nn.Module, *, backend: str = "inductor") -> CompileStat
         start = time.perf_counter()
         try:
             compiled = compile_fx(gm, example_inputs)
+        except (torch._dynamo.exc.TorchDynamoException, IndexError):
+            # Dynamo's own signals (a restart after a scalar became a tensor, a skipped frame) and the user's dim
+            # errors, which Dynamo passes on as they are: wrapping them would turn a restart into a failure
+            raise
         except Exception as exc:  # noqa: BLE001 - re-raised with the blocks named
             blocks = sorted({str(v[0]) for n in gm.graph.nodes for v in (n.meta.get("nn_module_stack") or {}).values()
                              if "attn" in str(v[0])})[:4]

@@ -200,6 +200,38 @@ def test_compile_fallback_to_eager_is_in_the_statistics_and_the_report():
     assert "FELL BACK TO EAGER" in str(gqla_compile.report(model))
 
 
+def test_dynamos_restart_signal_from_inductor_passes_through_the_backend(monkeypatch):
+    """Inductor asks Dynamo to restart a frame (TensorifyScalarRestartAnalysis: a float scalar turned into a
+    tensor, as happens once a process has compiled other frames); the backend hands that signal on instead of
+    reporting a failed compile, and the restarted frame compiles and runs."""
+    import torch._inductor.compile_fx as inductor
+
+    from gqla_compile.compile import compile_model
+
+    class FreshLM(HandWrittenLatentLM):
+        def forward(self, input_ids, cache=None, use_cache=False):  # its own code object: its own dynamo cache
+            return super().forward(input_ids, cache=cache, use_cache=use_cache)
+
+    calls = []
+
+    def compile_fx(gm, example_inputs):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise torch._dynamo.exc.TensorifyScalarRestartAnalysis()
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    torch.manual_seed(0)
+    model = gqla_compile.optimize(FreshLM().eval(), target="h100", path="absorbed", compile=False)
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        expected = model(ids)
+        stats = compile_model(model)
+        got = model(ids)
+    assert len(calls) >= 2 and stats.graphs >= 1 and not stats.fell_back_to_eager
+    assert torch.equal(got, expected)
+
+
 def test_error_classes_are_importable_from_the_package():
     from gqla_compile import (
         CompileError,
