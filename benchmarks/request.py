@@ -274,10 +274,13 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
 
 
 def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: bool | None = None,
-        vllm_python: str | None = None, log=print, **_: Any) -> dict[str, Any]:
+        vllm_python: str | None = None, batches: list[int] | None = None, log=print, **_: Any) -> dict[str, Any]:
     """``compile`` / ``vllm``: None takes the mode's default (quick mode: neither, so that it runs in about a
-    minute; Inductor's compiles alone take minutes here)."""
+    minute; Inductor's compiles alone take minutes here). ``batches``: a part of the mode's batch sizes (the
+    full grid's batch 4 at 8k needs more memory than 24 GiB for transformers' eager attention scores)."""
     cfg = settings(quick)
+    if batches:
+        cfg["batches"] = list(batches)
     compile = cfg["compile"] if compile is None else compile
     machine = common.machine_info()
     reference = common.build_model(model_config(cfg))
@@ -346,12 +349,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm", action="store_true", help="run vLLM in quick mode too")
     parser.add_argument("--compile", action="store_true", help="compile in quick mode too")
     parser.add_argument("--vllm-python", default=None, help="the Python of vLLM's environment")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=None,
+                        help="batch sizes to run instead of the mode's (comma-separated)")
     args = parser.parse_args(argv)
     common.apply_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     vllm = False if args.no_vllm else (True if args.vllm else None)
     compile = False if args.no_compile else (True if args.compile else None)
-    print(summary(run(args.out, quick=args.quick, compile=compile, vllm=vllm, vllm_python=args.vllm_python)))
+    print(summary(run(args.out, quick=args.quick, compile=compile, vllm=vllm, vllm_python=args.vllm_python,
+                      batches=args.batches)))
     return 0
 
 
