@@ -1,8 +1,8 @@
 """Decode speed of one GQLA checkpoint served by vLLM (absorbed and grouped path, and stock vLLM on its
 DeepSeek-V3 export), beside the same model through ``gqla_compile.optimize`` in transformers (issue 22).
 
-    python -m benchmarks.serving --vllm-python /work/vllm-env/bin/python --quick   # about 2 minutes, 2 cores
-    python -m benchmarks.serving --vllm-python /work/vllm-env/bin/python           # the grid: 9 engines, ~15-20 min
+    python -m benchmarks.serving --quick   # about 2 minutes, 2 cores (engines under .venv-vllm by default)
+    python -m benchmarks.serving           # the grid: 9 engines, ~15-20 min
     python -m benchmarks --only serving ...                                         # same, with $GQLA_VLLM_PYTHON
 
 The engines run under ``--vllm-python`` (default ``$GQLA_VLLM_PYTHON``, else .ci/run's ``.venv-vllm``, else this

@@ -1,6 +1,6 @@
 """Shared set-up of the serving tests (vLLM): tiny random checkpoints, a vLLM runner and the transformers
 reference. Run with the vLLM environment's Python:
-``/work/vllm-env/bin/python -m pytest -n 0 -p no:cacheprovider tests_serving`` (see docs/serving.md).
+``.venv-vllm/bin/python -m pytest -n 0 -m serving tests_serving`` (.ci/run builds .venv-vllm) (see docs/serving.md).
 
 Each vLLM engine runs in its own process (``_run_vllm.py``): a start costs 20-40 s on two cores, so tests
 share engines through session-scoped fixtures and group their assertions per engine.

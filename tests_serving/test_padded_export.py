@@ -9,7 +9,7 @@ prompt log-probabilities agree at position 0 (one key: the score does not matter
 same export with its RoPE rows zeroed agrees with transformers without the plugin.
 
 Five engine starts, each in its own process (vLLM loads plugins per process, and the fix cannot be undone
-inside one). Run with ``/work/vllm-env/bin/python -m pytest -n 0 -p no:cacheprovider tests_serving``.
+inside one). Run with ``.venv-vllm/bin/python -m pytest -n 0 -m serving tests_serving`` (.ci/run builds .venv-vllm).
 """
 
 from __future__ import annotations
