@@ -59,7 +59,7 @@ KERNEL_GEMV = "gemv"
 def attention_kernel(path: str, rope_key: str = "copied", *, multi_token: bool = False) -> str:
     """The kernel class of a decoding path's attention core (the grouped path's shared RoPE key is a layout
     of its own: its keys are strided views; several new tokens per sequence run another kernel than one,
-    see runtime.KEYS_MAJOR_ROWS)."""
+    see attention.KEYS_MAJOR_ROWS)."""
     name = f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
     return f"{name}_multi_token" if multi_token else name
 
@@ -340,7 +340,8 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
     one head per cached head."""
     from .dims import LatentDims
     from .paths import PATHS
-    from .runtime import LatentAttentionCore, attention_over_cache
+    from .attention import attention_over_cache
+    from .runtime import LatentAttentionCore
 
     s, d = CALIBRATION_CONTEXT, CLASS_DIMS
     dims = LatentDims(n_h=d["n_g"], n_g=d["n_g"], d_c=d["d_c"], d_R=d["d_R"], d_n=d["d_n"], d_v=d["d_v"],

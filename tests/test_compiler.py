@@ -161,7 +161,7 @@ def test_static_cache_holds_the_rewritten_layout(eager_pair):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_prefill_longer_than_the_decode_threshold(eager_pair, padded):
     """40 tokens in one step: past FOLD_QUERY_HEADS_UP_TO, the attention core's prefill branch."""
-    from gqla_compile.runtime import FOLD_QUERY_HEADS_UP_TO
+    from gqla_compile.attention import FOLD_QUERY_HEADS_UP_TO
 
     reference, optimized, _ = eager_pair
     length = 40
