@@ -12,6 +12,7 @@ import logging
 import math
 import warnings
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
@@ -187,7 +188,7 @@ def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
     core = layer.core
     ops_projection = dict(layer.records[-1].ops_after)
     ops_core = dict(core.ops) if core else {}
-    detect_summary = detect.summary if detect else {}
+    match = detect.summary if detect else None  # passes.summaries.MatchSummary: the layer was matched
     error = layer.verification_error
     return {
         "module": layer.module_path,
@@ -195,10 +196,11 @@ def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
         "dims": layer.dims.as_dict(),
         "path": layer.path,
         "traced_by": layer.traced_by,
-        "attention": detect_summary.get("attention"),
-        "sparse": detect_summary.get("sparse"),  # the token selection (k, its source), None: dense
+        "attention": match.attention if match else None,
+        # the token selection (k, its source), None: dense
+        "sparse": asdict(match.sparse) if match and match.sparse is not None else None,
         "verification_error": None if error is None or math.isnan(error) else float(error),
-        "projections": detect_summary.get("weights", {}),
+        "projections": dict(match.weights) if match else {},
         "ops_before": dict(detect.ops_before) if detect else {},
         "ops_after": dict(Counter(ops_projection) + Counter(ops_core)),
         "ops_after_projection": ops_projection,
@@ -206,7 +208,7 @@ def _layer_row(layer: Any, dtype_bytes: int) -> dict[str, Any]:
         "matmul_weights_before": [{"graph": "captured", **m} for m in layer.matmul_weights_before],
         "matmul_weights_after": list(layer.matmul_weights_after),
         **_folding(layer.records),
-        "removed": (records["split"].summary.get("removed", {}) if "split" in records else {}),
+        "removed": dict(records["split"].summary.removed) if "split" in records else {},
         "passes": [{"name": r.pass_name, "uuid": r.uuid, "seconds": round(r.seconds, 4)} for r in layer.records],
         "diff": _graph_diff(layer, detect),
         "compute_forms": dict(layer.compute_forms),
@@ -219,9 +221,8 @@ def _folding(records: list[Any]) -> dict[str, Any]:
     folded: dict[str, list[int]] = {}
     absorption: dict[str, Any] = {}
     for record in records:
-        summary = record.summary
-        folded.update({k: list(v) for k, v in summary.get("folded_weights", {}).items()})
-        absorption.update({k: summary[k] for k in ("query_absorption", "output_absorption") if k in summary})
+        folded.update({k: list(v) for k, v in record.summary.folded().items()})
+        absorption.update(record.summary.absorption())
     return {"folded_weights": folded, "absorption": absorption}
 
 
