@@ -72,47 +72,36 @@ def _no_latent_report(model: nn.Module, message: str | None, target: Any) -> Rep
         f"{type(model).__name__} holds no latent attention: nothing was rewritten. "
         "Convert a GQA model with gqla_compile.convert first"
     )
-    return Report({
-        "schema": SCHEMA_VERSION,
-        "model": type(model).__name__,
-        "dry_run": True,
-        "latent_attention": False,
-        "message": message,
-        "target": {"name": getattr(target, "name", str(target))},
-        "path": None,
-        "layers": [],
-        "skipped": [],
-        "compile": None,
-    })
+    return _document(model, dry_run=True, latent_attention=False, message=message,
+                     target={"name": getattr(target, "name", str(target))}, path=None, layers=[], skipped=[],
+                     compile=None)
+
+
+def _document(model: nn.Module, **facts: Any) -> Report:
+    return Report({"schema": SCHEMA_VERSION, "model": type(model).__name__, **facts})
 
 
 def _build(model: nn.Module, state: Any, *, dry_run: bool) -> Report:
     plan = state.plan
     dtype_bytes = DTYPE_BYTES.get(plan.dtype, 4)
     rows = [_layer_row(layer, dtype_bytes) for layer in state.layers]
-    return Report({
-        "schema": SCHEMA_VERSION,
-        "model": type(model).__name__,
-        "dry_run": dry_run,
-        "latent_attention": True,
-        "message": None,
-        "path": state.path,
-        "target": {
-            "name": plan.target.name,
-            "dtype": plan.dtype,
-            "peak_flops": plan.peak_flops,
-            "memory_bandwidth": plan.target.memory_bandwidth,
-            "ridge": plan.ridge,
-        },
-        "plan": _plan_section(plan),
-        "layers": _fold_identical(rows),
-        "rewritten_layers": len(state.layers),
-        "cache": _whole_model_cache(rows, plan, dtype_bytes),
-        "compile": state.compile.to_dict() if state.compile is not None else None,
-        "tensor_parallel": {"tp": state.tp, "rank": state.rank, "sharding": dict(state.tp_sharding)},
-        "skipped": [{"module": m, "reason": r} for m, r in state.skipped],
-        "seconds": round(float(state.seconds), 3),
-    })
+    return _document(
+        model,
+        dry_run=dry_run,
+        latent_attention=True,
+        message=None,
+        path=state.path,
+        target={"name": plan.target.name, "dtype": plan.dtype, "peak_flops": plan.peak_flops,
+                "memory_bandwidth": plan.target.memory_bandwidth, "ridge": plan.ridge},
+        plan=_plan_section(plan),
+        layers=_fold_identical(rows),
+        rewritten_layers=len(state.layers),
+        cache=_whole_model_cache(rows, plan, dtype_bytes),
+        compile=state.compile.to_dict() if state.compile is not None else None,
+        tensor_parallel={"tp": state.tp, "rank": state.rank, "sharding": dict(state.tp_sharding)},
+        skipped=[{"module": m, "reason": r} for m, r in state.skipped],
+        seconds=round(float(state.seconds), 3),
+    )
 
 
 def _fold_identical(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
