@@ -18,7 +18,8 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
-from ..capture import CapturedAttention, TraceFailure, retrace_with_stateful_children
+from ..capture import CapturedAttention, TraceFailure
+from ..capture_stateful import retrace_with_stateful_children
 from ..errors import ShapeMismatchError
 from .context import LayerContext
 from .graph import op_histogram, tensor_meta
