@@ -29,11 +29,14 @@ from vllm.model_executor.models import deepseek_v2
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.selector import get_attn_backend
 
+from .. import targets
 from ..dims import LatentDims
 from ..modeling_gqla import compute_gqla_inv_freq, default_softmax_scale
+from . import backend_costs
 from .attention import AttentionSpec, GqlaServingAttention, LatentPadding
 from .selection import SERVED_RECORD, EngineShape, GqlaServingError, choose_path, is_regrouped
 
@@ -52,7 +55,7 @@ class ServingPlan:
     head_size: int | None  # grouped path
 
 
-def _engine_shape(vllm_config: VllmConfig) -> EngineShape:
+def _engine_shape(vllm_config: VllmConfig, target: Any) -> EngineShape:
     spec = vllm_config.speculative_config
     return EngineShape(
         tp=vllm_config.parallel_config.tensor_parallel_size,
@@ -60,7 +63,14 @@ def _engine_shape(vllm_config: VllmConfig) -> EngineShape:
         tokens_per_step=1 + (spec.num_speculative_tokens if spec is not None else 0),
         max_model_len=vllm_config.model_config.max_model_len,
         dtype=vllm_config.model_config.dtype,
+        target=target,
     )
+
+
+def _engine_target(backends: dict[str, str], padding: dict[str, float]) -> tuple[Any, str]:
+    """The target of this platform (``targets.resolve("auto")``) with its attention kernels priced as the vLLM
+    backends each path runs on measured, and as padded (``backend_costs``); and what was applied."""
+    return backend_costs.engine_target(targets.resolve("auto"), current_platform.device_type, backends, padding)
 
 
 def _backend_sizes(vllm_config: VllmConfig, head_size: int, use_mla: bool) -> tuple[str, list[int]]:
@@ -71,26 +81,26 @@ def _backend_sizes(vllm_config: VllmConfig, head_size: int, use_mla: bool) -> tu
     return backend.get_name(), list(backend.get_supported_head_sizes())
 
 
-def _latent_padding(dims: LatentDims, vllm_config: VllmConfig) -> tuple[LatentPadding | None, str | None]:
+def _latent_padding(dims: LatentDims, vllm_config: VllmConfig) -> tuple[str, LatentPadding | None, str | None]:
     need = dims.d_c + dims.d_R
     name, sizes = _backend_sizes(vllm_config, _MLA_LATENT + _MLA_ROPE, use_mla=True)
     if not sizes or need in sizes:
-        return LatentPadding(dims.d_c, dims.d_R), None
+        return name, LatentPadding(dims.d_c, dims.d_R), None
     if _MLA_LATENT + _MLA_ROPE in sizes and dims.d_c <= _MLA_LATENT and dims.d_R <= _MLA_ROPE:
-        return LatentPadding(_MLA_LATENT, _MLA_ROPE), None
-    return None, (f"vLLM's {name} MLA backend takes latent + RoPE-key sizes {sizes}, not {dims.d_c} + {dims.d_R}; "
+        return name, LatentPadding(_MLA_LATENT, _MLA_ROPE), None
+    return name, None, (f"vLLM's {name} MLA backend takes latent + RoPE-key sizes {sizes}, not {dims.d_c} + {dims.d_R}; "
                   f"export the model with a latent of at most {_MLA_LATENT} + {_MLA_ROPE}")
 
 
-def _grouped_head_size(dims: LatentDims, vllm_config: VllmConfig) -> tuple[int | None, str | None]:
+def _grouped_head_size(dims: LatentDims, vllm_config: VllmConfig) -> tuple[str, int | None, str | None]:
     need = max(dims.d_n + dims.d_R, dims.d_v)
     name, sizes = _backend_sizes(vllm_config, need, use_mla=False)
     fitting = [s for s in sorted(sizes) if s >= need]
     if not sizes:
-        return need, None
+        return name, need, None
     if fitting:
-        return fitting[0], None
-    return None, (f"vLLM's {name} attention backend takes head sizes up to {max(sizes)}, the grouped path needs "
+        return name, fitting[0], None
+    return name, None, (f"vLLM's {name} attention backend takes head sizes up to {max(sizes)}, the grouped path needs "
                   f"{need} (d_n + d_R = {dims.d_n + dims.d_R}, d_v = {dims.d_v})")
 
 
@@ -106,12 +116,17 @@ def recorded_plan(config: Any) -> ServingPlan | None:
 def serving_plan(config: Any, vllm_config: VllmConfig, *, log: bool = True) -> ServingPlan:
     """Choose the path for ``config`` on this engine and platform, with its padding; log it when ``log``."""
     dims = LatentDims.from_config(config)
-    padding, absorbed_problem = _latent_padding(dims, vllm_config)
-    head_size, grouped_problem = _grouped_head_size(dims, vllm_config)
-    served_sizes = {"grouped": {"qk_nope_head_dim": head_size - dims.d_R, "v_head_dim": head_size}} if head_size else {}
+    absorbed_backend, padding, absorbed_problem = _latent_padding(dims, vllm_config)
+    grouped_backend, head_size, grouped_problem = _grouped_head_size(dims, vllm_config)
+    # the grouped path pads only inside the attention kernel (its projections keep the model's sizes): priced
+    # as that kernel's extra work; the absorbed path's padded latent also widens its projections: served sizes
+    grouped_work = 2 * head_size / (dims.d_n + dims.d_R + dims.d_v) if head_size else 1.0
+    target, pricing = _engine_target({"absorbed": absorbed_backend, "grouped": grouped_backend},
+                                     {"grouped": grouped_work})
+    served_sizes = {}
     if padding is not None:
         served_sizes["absorbed"] = {"kv_lora_rank": padding.d_c, "qk_rope_head_dim": padding.d_R}
-    choice = choose_path(config, _engine_shape(vllm_config),
+    choice = choose_path(config, _engine_shape(vllm_config, target),
                          {"absorbed": absorbed_problem, "grouped": grouped_problem}, served_sizes)
     detail = ""
     if choice.path == "absorbed" and (padding.d_c, padding.d_R) != (dims.d_c, dims.d_R):
@@ -122,9 +137,9 @@ def serving_plan(config: Any, vllm_config: VllmConfig, *, log: bool = True) -> S
         detail = (f"; query/key/value heads zero-padded from {dims.d_n + dims.d_R} (values {dims.d_v}) to "
                   f"{head_size} for the attention backend: {head_size / (dims.d_n + dims.d_R):.2f}x the key bytes")
     if log:
-        logger.info("GQLA: serving %s (n_h=%d, n_g=%d, d_c=%d, d_R=%d) on the %s path: %s%s",
+        logger.info("GQLA: serving %s (n_h=%d, n_g=%d, d_c=%d, d_R=%d) on the %s path: %s%s; %s",
                     getattr(config, "model_type", "?"), dims.n_h, dims.n_g, dims.d_c, dims.d_R, choice.path,
-                    choice.reason, detail)
+                    choice.reason, detail, pricing)
     return ServingPlan(choice.path, padding if choice.path == "absorbed" else None,
                        head_size if choice.path == "grouped" else None)
 
