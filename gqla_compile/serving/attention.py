@@ -36,7 +36,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from ..dims import LatentDims
-from ..paths import get_path
+from ..paths import PATHS, get_path
 from .selection import GqlaServingError
 
 
@@ -163,8 +163,8 @@ class GqlaServingAttention(nn.Module):
         # give the model's normalised values exactly.
         shrink = dims.d_c / self.d_c
         self.kv_a_layernorm = RMSNorm(self.d_c, eps=spec.eps * shrink) if spec.latent_norm else nn.Identity()
-        self.kv_b_proj = ColumnParallelLinear(self.d_c, self.layout.up_projections * (dims.d_n + dims.d_v), bias=False,
-                                              quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+        self.kv_b_proj = ColumnParallelLinear(self.d_c, self.layout.up_projections * (dims.d_n + dims.d_v),
+                                              bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(dims.n_h * dims.d_v, dims.hidden_size, bias=spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
@@ -213,7 +213,9 @@ class GqlaServingAttention(nn.Module):
                     f"{dims.n_g} groups of {dims.n_h // dims.n_g} neighbouring heads (gqla_conversion), the weights "
                     "do not hold that grouping; regroup the model again with gqla_compile.convert(..., "
                     "num_groups=G) (grouping='neighbour'), or serve it on a path whose layer holds one "
-                    "up-projection per head (hf_overrides={'gqla_path': 'absorbed'})")
+                    "up-projection per head: " + ", ".join(f"hf_overrides={{'gqla_path': '{name}'}}" for name, path
+                                                           in PATHS.items()
+                                                           if path.serving_layout(dims).up_projections == dims.n_h))
             blocks = heads[:, 0]
         return torch.nn.functional.pad(blocks.reshape(-1, dims.d_c), (0, self.d_c - dims.d_c))
 
