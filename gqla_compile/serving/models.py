@@ -142,9 +142,9 @@ def _padding_note(path: DecodePath, dims: LatentDims, served: _Served) -> str:
         return (f"; latent zero-padded from {dims.d_c} + {dims.d_R} to {served.padding.d_c} + {served.padding.d_R} "
                 f"for the MLA backend: {served.head_size / layout.head_size:.2f}x the cache bytes and attention "
                 "reads per token")
-    return (f"; query/key/value heads zero-padded from {dims.d_n + dims.d_R} (values {dims.d_v}) to "
-            f"{served.head_size} for the attention backend: {_kernel_work(path, dims, served):.2f}x the cache "
-            "bytes and attention reads per token")
+    return (f"; query/key/value heads zero-padded to {served.head_size} (keys {dims.d_n + dims.d_R}, values "
+            f"{dims.d_v}) for the attention backend: {_kernel_work(path, dims, served):.2f}x the cache bytes and "
+            "attention reads per token")
 
 
 def recorded_plan(config: Any) -> ServingPlan | None:
