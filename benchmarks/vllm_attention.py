@@ -1,8 +1,9 @@
 """Decode-attention cost of vLLM's attention backends on this platform, the table the GQLA plugin's load-time
 path choice prices vLLM's kernels with (``gqla_compile.serving.backend_costs``).
 
-    <vLLM python> -m benchmarks.vllm_attention            # writes gqla_compile/serving/backend_attention.json
-    <vLLM python> -m benchmarks.vllm_attention --out DIR  # somewhere else (also vllm_attention.md there)
+    <vLLM python> -m benchmarks.vllm_attention            # gqla_compile/serving/backend_attention.json and
+                                                          # benchmarks/results/vllm_attention.md
+    <vLLM python> -m benchmarks.vllm_attention --out DIR  # both into DIR instead
 
 Why: the cost model's measured CPU target carries the efficiency of the attention kernels of this project's
 torch runtime; inside vLLM the attention core is vLLM's kernel instead (on CPU: ``CPU_MLA``'s
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False, suffix=".tmp") as f:
         json.dump(table, f, indent=1)
     os.replace(f.name, args.out / "backend_attention.json")
-    (ROOT / "benchmarks" / "results" / "vllm_attention.md").write_text(markdown(table))
+    results = ROOT / "benchmarks" / "results" if args.out == DEFAULT_OUT else args.out
+    (results / "vllm_attention.md").write_text(markdown(table))
     print(markdown(table))
     return 0
 
