@@ -102,6 +102,8 @@ def test_backend_costs_price_the_engine_kernels(monkeypatch):
     priced, note = engine_target(chip, "cpu", backends, {"grouped": 1.5}, table=table)
     assert priced.efficiency(attention_kernel("absorbed"), 16) == pytest.approx(1 / 20)
     assert priced.efficiency(attention_kernel("grouped"), 4) == pytest.approx(1 / 1.5)
+    assert priced.efficiency(attention_kernel("grouped", multi_token=True), 8) == pytest.approx(1 / 1.5)
+    assert attention_kernel("absorbed", multi_token=True) not in priced.kernels  # not measured: the target's
     assert note.startswith("attention priced as vLLM's measured absorbed: MLA (measure, vLLM x, today)")
     elsewhere, note = engine_target(chip, "cuda", backends, table=table)
     assert elsewhere.kernels == chip.kernels and "no measured cost" in note

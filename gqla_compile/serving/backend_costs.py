@@ -69,12 +69,12 @@ def engine_target(target: Target, platform: str, backends: Mapping[str, str],
     kernels = dict(target.kernels)
     applied = []
     for path, backend in backends.items():
-        kernel = attention_kernel(path)
-        if measured.get(backend):
-            kernels[kernel] = backend_efficiency(measured[backend], target, dtype)
+        if measured.get(backend):  # one-token decode: what the table measures
+            kernels[attention_kernel(path)] = backend_efficiency(measured[backend], target, dtype)
             applied.append(f"{path}: {backend}")
         if (padding or {}).get(path, 1.0) != 1.0:
-            kernels[kernel] = padded_efficiency(kernels.get(kernel), padding[path])
+            for kernel in (attention_kernel(path), attention_kernel(path, multi_token=True)):
+                kernels[kernel] = padded_efficiency(kernels.get(kernel), padding[path])
     if applied:
         p = table["provenance"]
         note = f"attention priced as vLLM's measured {', '.join(applied)} ({p['command']}, vLLM {p['vllm']}, {p['date']})"

@@ -164,8 +164,11 @@ def serving_plan(config: Any, vllm_config: VllmConfig, *, log: bool = True) -> S
                                      {name: _kernel_work(PATHS[name], dims, s) for name, s in served.items()})
     served_sizes = {name: {"kv_lora_rank": s.padding.d_c, "qk_rope_head_dim": s.padding.d_R}
                     for name, s in served.items() if s.padding is not None}
-    choice = choose_path(config, _engine_shape(vllm_config, target),
-                         {name: s.problem for name, s in served.items()}, served_sizes)
+    shape = _engine_shape(vllm_config, target)
+    if shape.tokens_per_step > 1:  # the table measures one-token decode kernels (docs/serving.md, Limits)
+        pricing += (f"; at {shape.tokens_per_step} tokens per step the attention is priced by the target's "
+                    "multi-token kernels, not measured in vLLM")
+    choice = choose_path(config, shape, {name: s.problem for name, s in served.items()}, served_sizes)
     chosen = served[choice.path]
     if log:
         logger.info("GQLA: serving %s (n_h=%d, n_g=%d, d_c=%d, d_R=%d) on the %s path: %s%s; %s",
