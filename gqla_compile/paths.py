@@ -329,6 +329,11 @@ class DecodePath:
     def __repr__(self) -> str:
         return f"<DecodePath {self.name}>"
 
+    # ---- serving engines
+    def serving_layout(self, dims: LatentDims) -> ServingLayout:
+        """How a serving engine (vLLM) holds this path: what it caches and which attention layer runs it."""
+        raise NotImplementedError
+
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -419,6 +424,9 @@ class AbsorbedPath(DecodePath):
         value_side["w_ukv (W_UK^g ; W_UV^g stacked per group, expanded form)"] = expanded.key_value_up
         return BuiltPath(AbsorbQuery(up.key, output_absorption, value_side), core)
 
+    def serving_layout(self, dims: LatentDims) -> ServingLayout:
+        return ServingLayout(mla=True, kv_heads=1, head_size=dims.d_c + dims.d_R, up_projections=dims.n_h)
+
 
 class GroupedPath(DecodePath):
     """Grouped GQA: only the new tokens' latents are expanded, into per-group keys and values."""
@@ -484,6 +492,10 @@ class GroupedPath(DecodePath):
                                                    attention_sink=attention_sink, process_group=process_group,
                                                    forms=self.compute_forms(dims)))
 
+    def serving_layout(self, dims: LatentDims) -> ServingLayout:
+        return ServingLayout(mla=False, kv_heads=dims.n_g, head_size=max(dims.d_n + dims.d_R, dims.d_v),
+                             up_projections=dims.n_g)
+
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.
 PATHS: dict[str, DecodePath] = {path.name: path for path in (AbsorbedPath(), GroupedPath())}
@@ -511,3 +523,13 @@ def check_path_argument(path: str) -> None:
 def feasible_paths(dims: LatentDims, tp: int) -> dict[str, str | None]:
     """For each path, why ``tp`` ranks cannot shard it (None when they can)."""
     return {name: path.shard_problem(dims, tp) for name, path in PATHS.items()}
+
+
+@dataclass(frozen=True)
+class ServingLayout:
+    """A path as a serving engine holds it (``DecodePath.serving_layout``; gqla_compile.serving asks this)."""
+
+    mla: bool  # the engine's MLA attention over one latent head [c ; k_R]; False: its GQA attention
+    kv_heads: int  # cached heads per layer, whole model (a backend may pad their size, never their count)
+    head_size: int  # cached head size the model needs (keys and values share one size on the GQA layout)
+    up_projections: int  # blocks of kv_b_proj rows the engine's layer holds: one per query head (MLA) or group

@@ -83,3 +83,36 @@ def test_which_configs_the_plugin_serves():
     assert is_regrouped(stock)
     stock.gqla_conversion = {"num_groups": 4}  # regrouped into as many groups as heads: plain MLA
     assert not is_regrouped(stock)
+
+
+def test_backend_costs_price_the_engine_kernels(monkeypatch):
+    """A measured backend point becomes that path's attention efficiency against the planned target (roofline
+    time over measured time); a grouped kernel's padded heads divide it; other platforms keep the target's;
+    and the measured CPU backends make a slow MLA kernel turn the choice to the grouped path."""
+    from gqla_compile import targets
+    from gqla_compile.serving.backend_costs import engine_target, load_table
+    from gqla_compile.targets import attention_kernel
+
+    monkeypatch.delenv("GQLA_PATH", raising=False)
+    chip = targets.get("h100")
+    slow_mla = [{"rows": 16, "bytes": 1e9, "flops": 1e9, "seconds": 1e9 / chip.memory_bandwidth * 20}]
+    table = {"platform": "cpu", "backends": {"MLA": slow_mla}, "provenance": {
+        "command": "measure", "vllm": "x", "date": "today", "dtype": "float32"}}
+    backends = {"absorbed": "MLA", "grouped": "GQA"}
+    priced, note = engine_target(chip, "cpu", backends, {"grouped": 1.5}, table=table)
+    assert priced.efficiency(attention_kernel("absorbed"), 16) == pytest.approx(1 / 20)
+    assert priced.efficiency(attention_kernel("grouped"), 4) == pytest.approx(1 / 1.5)
+    assert priced.efficiency(attention_kernel("grouped", multi_token=True), 8) == pytest.approx(1 / 1.5)
+    assert attention_kernel("absorbed", multi_token=True) not in priced.kernels  # not measured: the target's
+    assert note.startswith("attention priced as vLLM's measured absorbed: MLA (measure, vLLM x, today)")
+    elsewhere, note = engine_target(chip, "cuda", backends, table=table)
+    assert elsewhere.kernels == chip.kernels and "no measured cost" in note
+
+    config = GqlaConfig(**DEEPSEEK_LIKE)
+    at = dict(tp=1, max_num_seqs=1, tokens_per_step=1, max_model_len=4096, dtype="float32")
+    assert choose_path(config, EngineShape(**at, target=chip), {}).path == "absorbed"
+    assert choose_path(config, EngineShape(**at, target=priced), {}).path == "grouped"
+
+    committed = load_table()  # the measured table shipped with the package
+    assert committed["platform"] == "cpu" and {"CPU_MLA", "CPU_ATTN"} <= set(committed["backends"])
+    assert all(p["seconds"] > 0 and p["bytes"] > 0 for points in committed["backends"].values() for p in points)

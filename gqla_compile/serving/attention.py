@@ -36,6 +36,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from ..dims import LatentDims
+from ..paths import PATHS, get_path
 from .selection import GqlaServingError
 
 
@@ -134,10 +135,11 @@ class GqlaServingAttention(nn.Module):
         super().__init__()
         dims = spec.dims
         tp = get_tensor_model_parallel_world_size()
+        self.layout = get_path(path).serving_layout(dims)
         self.dims, self.path, self.attn_prefix = dims, path, prefix
         self.num_local_heads = dims.n_h // tp
         self.num_local_groups = dims.n_g // tp
-        padding = padding if path == "absorbed" and padding is not None else LatentPadding(dims.d_c, dims.d_R)
+        padding = padding if self.layout.mla and padding is not None else LatentPadding(dims.d_c, dims.d_R)
         self.d_c, self.d_r = padding.d_c, padding.d_R
         self.q_head = dims.d_n + self.d_r
         rope_index = rope_rows(dims.d_R, self.d_r, spec.rope_neox)
@@ -161,9 +163,8 @@ class GqlaServingAttention(nn.Module):
         # give the model's normalised values exactly.
         shrink = dims.d_c / self.d_c
         self.kv_a_layernorm = RMSNorm(self.d_c, eps=spec.eps * shrink) if spec.latent_norm else nn.Identity()
-        groups = dims.n_h if path == "absorbed" else dims.n_g  # absorbed: one up-projection per head
-        self.kv_b_proj = ColumnParallelLinear(self.d_c, groups * (dims.d_n + dims.d_v), bias=False,
-                                              quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+        self.kv_b_proj = ColumnParallelLinear(self.d_c, self.layout.up_projections * (dims.d_n + dims.d_v),
+                                              bias=False, quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(dims.n_h * dims.d_v, dims.hidden_size, bias=spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
@@ -179,10 +180,9 @@ class GqlaServingAttention(nn.Module):
             _transform_loader(self.kv_a_layernorm.weight,
                               lambda w: torch.nn.functional.pad(w * math.sqrt(shrink), (0, self.d_c - dims.d_c)))
         self.up_projection_per_head = spec.up_projection_per_head
-        _transform_loader(self.kv_b_proj.weight,
-                          self._per_head_up_projection if path == "absorbed" else self._per_group_up_projection)
+        _transform_loader(self.kv_b_proj.weight, self._served_up_projection)
 
-        if path == "absorbed":
+        if self.layout.mla:
             self.attn = MLAAttention(
                 num_heads=self.num_local_heads, scale=spec.scale, qk_nope_head_dim=dims.d_n,
                 qk_rope_head_dim=self.d_r, v_head_dim=dims.d_v, q_lora_rank=dims.q_lora_rank,
@@ -190,34 +190,34 @@ class GqlaServingAttention(nn.Module):
                 quant_config=quant_config, prefix=f"{prefix}.attn")
             self.head_size = self.d_c + self.d_r
         else:
-            self.head_size = head_size or max(dims.d_n + dims.d_R, dims.d_v)
+            self.head_size = head_size or self.layout.head_size
             self.attn = Attention(self.num_local_heads, self.head_size, spec.scale,
                                   num_kv_heads=self.num_local_groups, cache_config=cache_config,
                                   quant_config=quant_config, prefix=f"{prefix}.attn")
 
-    def _per_head_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
-        """-> [n_h (d_n + d_v), d_c']: each group's rows once per head of the group, latent columns zero-padded
-        to the served latent."""
-        dims = self.dims
-        if not self.up_projection_per_head:
-            per_group = weight.reshape(dims.n_g, dims.d_n + dims.d_v, dims.d_c)
-            weight = per_group.repeat_interleave(dims.n_h // dims.n_g, dim=0).reshape(-1, dims.d_c)
-        return torch.nn.functional.pad(weight, (0, self.d_c - dims.d_c))
-
-    def _per_group_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
-        """-> [n_g (d_n + d_v), d_c]: from a per-head checkpoint, the first head of each group, after checking
-        that every head of the group holds the same rows (else the checkpoint is not regrouped as it says)."""
-        dims = self.dims
-        if not self.up_projection_per_head:
-            return weight
-        heads = weight.reshape(dims.n_g, dims.n_h // dims.n_g, dims.d_n + dims.d_v, dims.d_c)
-        if not torch.equal(heads, heads[:, :1].expand_as(heads)):
-            raise GqlaServingError(
-                f"kv_b_proj of {self.attn_prefix} differs between heads of one group: the config says "
-                f"{dims.n_g} groups of {dims.n_h // dims.n_g} neighbouring heads (gqla_conversion), the weights do "
-                "not hold that grouping; regroup the model again with gqla_compile.convert(..., num_groups=G) "
-                "(grouping='neighbour'), or serve it on the absorbed path (hf_overrides={'gqla_path': 'absorbed'})")
-        return heads[:, 0].reshape(-1, dims.d_c)
+    def _served_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
+        """-> [blocks (d_n + d_v), d_c'] with the layout's blocks (one per head or per group) from the
+        checkpoint's (one per head for a regrouped family checkpoint, else one per group), latent columns
+        zero-padded to the served latent. Per-head rows become per-group rows only after checking that every
+        head of a group holds the same rows (else the checkpoint is not regrouped as its config says)."""
+        dims, wanted = self.dims, self.layout.up_projections
+        stored = dims.n_h if self.up_projection_per_head else dims.n_g
+        blocks = weight.reshape(stored, dims.d_n + dims.d_v, dims.d_c)
+        if wanted > stored:
+            blocks = blocks.repeat_interleave(wanted // stored, dim=0)
+        elif wanted < stored:
+            heads = blocks.reshape(wanted, stored // wanted, *blocks.shape[1:])
+            if not torch.equal(heads, heads[:, :1].expand_as(heads)):
+                raise GqlaServingError(
+                    f"kv_b_proj of {self.attn_prefix} differs between heads of one group: the config says "
+                    f"{dims.n_g} groups of {dims.n_h // dims.n_g} neighbouring heads (gqla_conversion), the weights "
+                    "do not hold that grouping; regroup the model again with gqla_compile.convert(..., "
+                    "num_groups=G) (grouping='neighbour'), or serve it on a path whose layer holds one "
+                    "up-projection per head: " + ", ".join(f"hf_overrides={{'gqla_path': '{name}'}}" for name, path
+                                                           in PATHS.items()
+                                                           if path.serving_layout(dims).up_projections == dims.n_h))
+            blocks = heads[:, 0]
+        return torch.nn.functional.pad(blocks.reshape(-1, dims.d_c), (0, self.d_c - dims.d_c))
 
     def _query(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.dims.q_lora_rank is None:
@@ -239,7 +239,7 @@ class GqlaServingAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         if llama_4_scaling is not None:
             q = q * llama_4_scaling
-        if self.path == "absorbed":
+        if self.layout.mla:
             out = self.attn(q, latent, k_pe, output_shape=(hidden_states.shape[0], self.num_local_heads * dims.d_v))
         else:
             out = self._grouped(q, latent, k_pe)

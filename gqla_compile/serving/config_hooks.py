@@ -16,6 +16,8 @@ from typing import Any
 
 from vllm.transformers_utils import model_arch_config_convertor as convertors
 
+from ..dims import LatentDims
+from ..paths import ServingLayout, get_path
 from .selection import SERVED_RECORD, serves_gqla
 
 
@@ -50,30 +52,28 @@ def hook_for(existing: Any) -> type[GqlaConfigHook]:
 
 
 class _ServedArchMixin:
-    """What vLLM reads of the model follows the recorded path (nothing changes before a path is recorded)."""
+    """What vLLM reads of the model follows the recorded path's serving layout (nothing changes before a path
+    is recorded)."""
 
-    def _served(self) -> dict | None:
-        return getattr(self.hf_config, SERVED_RECORD, None)
+    def _served(self) -> tuple[dict, ServingLayout] | None:
+        served = getattr(self.hf_config, SERVED_RECORD, None)
+        if served is None:
+            return None
+        return served, get_path(served["path"]).serving_layout(LatentDims.from_config(self.hf_text_config))
 
     def is_deepseek_mla(self) -> bool:
         served = self._served()
-        return super().is_deepseek_mla() if served is None else served["path"] == "absorbed"
+        return super().is_deepseek_mla() if served is None else served[1].mla
 
     def get_head_size(self) -> int:
         served = self._served()
-        if served is None:
-            return super().get_head_size()
-        if served["path"] == "absorbed":
-            return served["padding"]["d_c"] + served["padding"]["d_R"]
-        return served["head_size"]
+        return super().get_head_size() if served is None else served[0]["head_size"]
 
     def get_total_num_kv_heads(self) -> int:
         served = self._served()
-        if served is None or served["path"] == "absorbed":
+        if served is None or served[1].mla:  # vLLM counts an MLA model's KV heads itself
             return super().get_total_num_kv_heads()
-        from ..dims import LatentDims
-
-        return LatentDims.from_config(self.hf_text_config).n_g
+        return served[1].kv_heads
 
 
 def served_convertor(model_type: str) -> type:

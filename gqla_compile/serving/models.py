@@ -29,11 +29,15 @@ from vllm.model_executor.models import deepseek_v2
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.selector import get_attn_backend
 
+from .. import targets
 from ..dims import LatentDims
 from ..modeling_gqla import compute_gqla_inv_freq, default_softmax_scale
+from ..paths import PATHS, DecodePath
+from . import backend_costs
 from .attention import AttentionSpec, GqlaServingAttention, LatentPadding
 from .selection import SERVED_RECORD, EngineShape, GqlaServingError, choose_path, is_regrouped
 
@@ -45,14 +49,24 @@ _MLA_LATENT, _MLA_ROPE = 512, 64
 
 @dataclass(frozen=True)
 class ServingPlan:
-    """The load-time decision for one model: path, and the padding its backend needs."""
+    """The load-time decision for one model: path, and the sizes its backend serves it at."""
 
     path: str
-    padding: LatentPadding | None  # absorbed path
-    head_size: int | None  # grouped path
+    padding: LatentPadding | None  # MLA layouts: the served latent and RoPE key
+    head_size: int | None  # the cached head size the backend serves (padded where it takes only some sizes)
 
 
-def _engine_shape(vllm_config: VllmConfig) -> EngineShape:
+@dataclass(frozen=True)
+class _Served:
+    """One path's layout as this platform's attention backend would serve it."""
+
+    backend: str
+    head_size: int | None  # None: the backend cannot serve it (``problem`` says why)
+    padding: LatentPadding | None = None  # MLA layouts
+    problem: str | None = None
+
+
+def _engine_shape(vllm_config: VllmConfig, target: Any) -> EngineShape:
     spec = vllm_config.speculative_config
     return EngineShape(
         tp=vllm_config.parallel_config.tensor_parallel_size,
@@ -60,7 +74,14 @@ def _engine_shape(vllm_config: VllmConfig) -> EngineShape:
         tokens_per_step=1 + (spec.num_speculative_tokens if spec is not None else 0),
         max_model_len=vllm_config.model_config.max_model_len,
         dtype=vllm_config.model_config.dtype,
+        target=target,
     )
+
+
+def _engine_target(backends: dict[str, str], padding: dict[str, float]) -> tuple[Any, str]:
+    """The target of this platform (``targets.resolve("auto")``) with its attention kernels priced as the vLLM
+    backends each path runs on measured, and as padded (``backend_costs``); and what was applied."""
+    return backend_costs.engine_target(targets.resolve("auto"), current_platform.device_type, backends, padding)
 
 
 def _backend_sizes(vllm_config: VllmConfig, head_size: int, use_mla: bool) -> tuple[str, list[int]]:
@@ -71,27 +92,59 @@ def _backend_sizes(vllm_config: VllmConfig, head_size: int, use_mla: bool) -> tu
     return backend.get_name(), list(backend.get_supported_head_sizes())
 
 
-def _latent_padding(dims: LatentDims, vllm_config: VllmConfig) -> tuple[LatentPadding | None, str | None]:
+def _served_mla(dims: LatentDims, vllm_config: VllmConfig) -> _Served:
+    """The latent as the MLA backend takes it: as is, else zero-padded to 512 + 64 where the kernel is built
+    for that size only."""
     need = dims.d_c + dims.d_R
     name, sizes = _backend_sizes(vllm_config, _MLA_LATENT + _MLA_ROPE, use_mla=True)
     if not sizes or need in sizes:
-        return LatentPadding(dims.d_c, dims.d_R), None
+        return _Served(name, need, LatentPadding(dims.d_c, dims.d_R))
     if _MLA_LATENT + _MLA_ROPE in sizes and dims.d_c <= _MLA_LATENT and dims.d_R <= _MLA_ROPE:
-        return LatentPadding(_MLA_LATENT, _MLA_ROPE), None
-    return None, (f"vLLM's {name} MLA backend takes latent + RoPE-key sizes {sizes}, not {dims.d_c} + {dims.d_R}; "
-                  f"export the model with a latent of at most {_MLA_LATENT} + {_MLA_ROPE}")
+        return _Served(name, _MLA_LATENT + _MLA_ROPE, LatentPadding(_MLA_LATENT, _MLA_ROPE))
+    return _Served(name, None, problem=(
+        f"vLLM's {name} MLA backend takes latent + RoPE-key sizes {sizes}, not {dims.d_c} + {dims.d_R}; "
+        f"export the model with a latent of at most {_MLA_LATENT} + {_MLA_ROPE}"))
 
 
-def _grouped_head_size(dims: LatentDims, vllm_config: VllmConfig) -> tuple[int | None, str | None]:
-    need = max(dims.d_n + dims.d_R, dims.d_v)
+def _served_gqa(need: int, dims: LatentDims, vllm_config: VllmConfig) -> _Served:
+    """KV heads of ``need`` dims as the attention backend takes them: the smallest supported size that fits."""
     name, sizes = _backend_sizes(vllm_config, need, use_mla=False)
     fitting = [s for s in sorted(sizes) if s >= need]
     if not sizes:
-        return need, None
+        return _Served(name, need)
     if fitting:
-        return fitting[0], None
-    return None, (f"vLLM's {name} attention backend takes head sizes up to {max(sizes)}, the grouped path needs "
-                  f"{need} (d_n + d_R = {dims.d_n + dims.d_R}, d_v = {dims.d_v})")
+        return _Served(name, fitting[0])
+    return _Served(name, None, problem=(
+        f"vLLM's {name} attention backend takes head sizes up to {max(sizes)}, this layout needs {need} "
+        f"(d_n + d_R = {dims.d_n + dims.d_R}, d_v = {dims.d_v})"))
+
+
+def _served(path: DecodePath, dims: LatentDims, vllm_config: VllmConfig) -> _Served:
+    layout = path.serving_layout(dims)
+    return _served_mla(dims, vllm_config) if layout.mla else _served_gqa(layout.head_size, dims, vllm_config)
+
+
+def _kernel_work(path: DecodePath, dims: LatentDims, served: _Served) -> float:
+    """The attention kernel's work over the model's: a GQA layout pads its keys and values only inside the
+    kernel (its projections keep the model's sizes); an MLA layout's padded latent also widens its
+    projections, so it is priced through the served sizes instead (1 here)."""
+    if path.serving_layout(dims).mla or served.head_size is None:
+        return 1.0
+    return 2 * served.head_size / path.attention_head_dims(dims)
+
+
+def _padding_note(path: DecodePath, dims: LatentDims, served: _Served) -> str:
+    """What the backend's padding costs, for the log line ("" when it pads nothing)."""
+    layout = path.serving_layout(dims)
+    if served.head_size == layout.head_size and (layout.mla or 2 * layout.head_size == path.attention_head_dims(dims)):
+        return ""
+    if layout.mla:
+        return (f"; latent zero-padded from {dims.d_c} + {dims.d_R} to {served.padding.d_c} + {served.padding.d_R} "
+                f"for the MLA backend: {served.head_size / layout.head_size:.2f}x the cache bytes and attention "
+                "reads per token")
+    return (f"; query/key/value heads zero-padded to {served.head_size} (keys {dims.d_n + dims.d_R}, values "
+            f"{dims.d_v}) for the attention backend: {_kernel_work(path, dims, served):.2f}x the cache bytes and "
+            "attention reads per token")
 
 
 def recorded_plan(config: Any) -> ServingPlan | None:
@@ -106,27 +159,22 @@ def recorded_plan(config: Any) -> ServingPlan | None:
 def serving_plan(config: Any, vllm_config: VllmConfig, *, log: bool = True) -> ServingPlan:
     """Choose the path for ``config`` on this engine and platform, with its padding; log it when ``log``."""
     dims = LatentDims.from_config(config)
-    padding, absorbed_problem = _latent_padding(dims, vllm_config)
-    head_size, grouped_problem = _grouped_head_size(dims, vllm_config)
-    served_sizes = {"grouped": {"qk_nope_head_dim": head_size - dims.d_R, "v_head_dim": head_size}} if head_size else {}
-    if padding is not None:
-        served_sizes["absorbed"] = {"kv_lora_rank": padding.d_c, "qk_rope_head_dim": padding.d_R}
-    choice = choose_path(config, _engine_shape(vllm_config),
-                         {"absorbed": absorbed_problem, "grouped": grouped_problem}, served_sizes)
-    detail = ""
-    if choice.path == "absorbed" and (padding.d_c, padding.d_R) != (dims.d_c, dims.d_R):
-        ratio = (padding.d_c + padding.d_R) / (dims.d_c + dims.d_R)
-        detail = (f"; latent zero-padded from {dims.d_c} + {dims.d_R} to {padding.d_c} + {padding.d_R} for the MLA "
-                  f"backend: {ratio:.2f}x the cache bytes and attention reads per token")
-    elif choice.path == "grouped" and head_size != dims.d_n + dims.d_R:
-        detail = (f"; query/key/value heads zero-padded from {dims.d_n + dims.d_R} (values {dims.d_v}) to "
-                  f"{head_size} for the attention backend: {head_size / (dims.d_n + dims.d_R):.2f}x the key bytes")
+    served = {name: _served(path, dims, vllm_config) for name, path in PATHS.items()}
+    target, pricing = _engine_target({name: s.backend for name, s in served.items()},
+                                     {name: _kernel_work(PATHS[name], dims, s) for name, s in served.items()})
+    served_sizes = {name: {"kv_lora_rank": s.padding.d_c, "qk_rope_head_dim": s.padding.d_R}
+                    for name, s in served.items() if s.padding is not None}
+    shape = _engine_shape(vllm_config, target)
+    if shape.tokens_per_step > 1:  # the table measures one-token decode kernels (docs/serving.md, Limits)
+        pricing += (f"; at {shape.tokens_per_step} tokens per step the attention is priced by the target's "
+                    "multi-token kernels, not measured in vLLM")
+    choice = choose_path(config, shape, {name: s.problem for name, s in served.items()}, served_sizes)
+    chosen = served[choice.path]
     if log:
-        logger.info("GQLA: serving %s (n_h=%d, n_g=%d, d_c=%d, d_R=%d) on the %s path: %s%s",
+        logger.info("GQLA: serving %s (n_h=%d, n_g=%d, d_c=%d, d_R=%d) on the %s path: %s%s; %s",
                     getattr(config, "model_type", "?"), dims.n_h, dims.n_g, dims.d_c, dims.d_R, choice.path,
-                    choice.reason, detail)
-    return ServingPlan(choice.path, padding if choice.path == "absorbed" else None,
-                       head_size if choice.path == "grouped" else None)
+                    choice.reason, _padding_note(PATHS[choice.path], dims, chosen), pricing)
+    return ServingPlan(choice.path, chosen.padding, chosen.head_size)
 
 
 def _plan_of(config: Any, vllm_config: VllmConfig) -> ServingPlan:

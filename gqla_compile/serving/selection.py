@@ -74,9 +74,8 @@ def choose_path(config: Any, engine: EngineShape, backend_problems: dict[str, st
                 for name, shard in feasible_paths(dims, engine.tp).items()}
     if asked != "auto":
         if problems[asked] is not None:
-            other = next(p for p in PATHS if p != asked)
-            hint = (f"; or serve the {other} path (hf_overrides={{'{PATH_OVERRIDE}': '{other}'}})"
-                    if problems[other] is None else "")
+            servable = [p for p in PATHS if p != asked and problems[p] is None]
+            hint = "".join(f"; or serve the {p} path (hf_overrides={{'{PATH_OVERRIDE}': '{p}'}})" for p in servable)
             raise GqlaServingError(f"GQLA path {asked!r} was forced by {source} but cannot be served: "
                                    f"{problems[asked]}{hint}")
         return PathChoice(asked, f"forced by {source} (n_g={dims.n_g} of n_h={dims.n_h}, tp={engine.tp})")
@@ -86,12 +85,12 @@ def choose_path(config: Any, engine: EngineShape, backend_problems: dict[str, st
                                + "; ".join(f"{p}: {why}" for p, why in problems.items()))
     if len(feasible) == 1:
         (only,) = feasible
-        other = next(p for p in PATHS if p != only)
-        return PathChoice(only, f"the only servable path ({other}: {problems[other]})")
+        return PathChoice(only, "the only servable path (" + "; ".join(
+            f"{p}: {why}" for p, why in problems.items() if why is not None) + ")")
     plans = {p: _plan_served(config, (served_sizes or {}).get(p, {}), p, engine) for p in feasible}
     seconds = {p: plans[p].costs[p].time_s for p in feasible}
-    best = min(feasible, key=lambda p: seconds[p])  # PATHS order: ties go to absorbed, the smaller cache
-    other = next(p for p in feasible if p != best)
+    ranked = sorted(feasible, key=lambda p: seconds[p])  # stable, PATHS order: ties go to the smaller cache
+    best, other = ranked[0], ranked[1]
     return PathChoice(best, f"cost model on target {plans[best].target.name} at batch {engine.max_num_seqs}, "
                             f"{engine.tokens_per_step} token(s) per step, context {engine.max_model_len}, tp "
                             f"{engine.tp}, sizes as served: predicted step {seconds[best] * 1e3:.3g} ms vs "
