@@ -21,21 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tabulate import tabulate
+
 from . import targets as _targets
-from .dims import LatentDims, is_latent_config
+from .configuration_gqla import GqlaConfig
+from .dims import OUTPUT_ABSORPTIONS, QUERY_ABSORPTION, ROPE_KEYS, LatentDims, is_latent_config
 from .errors import NoLatentAttentionError
-from .paths import (
-    OUTPUT_ABSORPTIONS,
-    PATHS,
-    QUERY_ABSORPTION,
-    ROPE_KEYS,
-    ComputeForm,
-    DecodePath,
-    Matmul,
-    check_path_argument,
-    feasible_paths,
-    form_text,
-)
+from .forms import ComputeForm, form_text
+from .paths import PATHS, DecodePath, Matmul, check_path_argument, feasible_paths
 from .targets import DTYPE_BYTES, KERNEL_GEMV, Target, attention_kernel, dtype_name
 from .units import duration, si
 
@@ -154,8 +147,6 @@ class Plan:
 
     def explain(self) -> str:
         """A terminal table of both paths' parts and totals, then the cache sizes and the reason."""
-        from tabulate import tabulate
-
         rows = []
         for path, cost in self.costs.items():
             label = f"{path} *" if path == self.path else path
@@ -184,8 +175,6 @@ class Plan:
 
     def explain_forms(self) -> str:
         """The compute form each kind of call takes on each path, the crossover, and each form's predicted time."""
-        from tabulate import tabulate
-
         rows = [[f"{path} *" if path == self.path else path, call["call"], call["new_tokens"], call["prefix"],
                  call["form"], ", ".join(f"{form} {duration(t)}" for form, t in call["time_s"].items())]
                 for path, data in self.forms.items() for call in data["calls"]]
@@ -470,8 +459,6 @@ def plan(
 
 def reference_configs() -> dict[str, Any]:
     """The two GQLA shapes the paper argues with, as ``GqlaConfig``s (attention dims only matter here)."""
-    from .configuration_gqla import GqlaConfig
-
     common = dict(qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=512, num_key_value_heads=8,
                   dtype="bfloat16")
     return {
@@ -495,8 +482,6 @@ def choice_table(
 
     Each cell is the winning path and how much faster its predicted step is than the other path's.
     """
-    from tabulate import tabulate
-
     configs = reference_configs() if configs is None else configs
     headers = ["target", "ridge (FLOP/B)", "batch",
                *(f"{name}, s_q={s}" for name in configs for s in s_qs)]

@@ -23,24 +23,19 @@ and the report pick it up from the registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .dims import LatentDims
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-if TYPE_CHECKING:  # the builders import torch and the passes lazily: the cost model does not need them
-    import torch
-
-    from .passes.detect import UpProjections
-
-
-#: How the absorbed path applies W_UV after attention: as a per-group batched matmul, or folded into o_proj.
-OUTPUT_ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks cost ties: the bmm keeps smaller weights
-#: How the grouped cache holds the RoPE key: copied into each group's key (a stock GQA layout) or once, beside the
-#: groups (n_g (d_n + d_v) + d_R per token). The plan picks one ("auto") or takes the one asked for.
-ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
-#: How the absorbed path applies W_UK to the query. Folding it into q_proj is not implemented (the cost model
-#: does not price what the rewrite cannot build), so this is the one choice.
-QUERY_ABSORPTION = "bmm"
+from .dims import OUTPUT_ABSORPTIONS, QUERY_ABSORPTION, ROPE_KEYS, LatentDims, is_latent_config
+from .forms import ComputeForm, FormChoice, form_text  # noqa: F401  form_text: re-exported for the report
+from .passes.absorb import AbsorbQuery
+from .passes.expand import ExpandNewTokens
+from .passes.fold import fold_value_up_projection, stack_group_up_projections
+from .passes.graph import op_histogram, weight_matmuls
+from .passes.match import UpProjections
+from .runtime import ExpandedForm, LatentAttentionCore
 
 
 @dataclass(frozen=True)
@@ -74,106 +69,6 @@ def query_matmuls(dims: LatentDims) -> list[Matmul]:
 def down_projection(dims: LatentDims) -> Matmul:
     """W_DKV: every rank needs the whole latent, so it is replicated under tensor parallelism."""
     return linear("kv_a_proj", dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
-
-
-@dataclass(frozen=True)
-class ComputeForm:
-    """How one call computes its attention over a path's cache, with its FLOP terms for one layer and sequence.
-
-    The path fixes what is cached; a form is how one call (T new tokens over S keys, the new ones among them)
-    reads it. ``flops(T, S) = T S per_pair + T per_query + S per_key``: the scores and weighted sums, what each
-    new token costs besides (moving its query into latent space, W_UV and o_proj after attention), and what
-    each key costs before (expanding its latent into per-group keys and values). Integers, so that the
-    runtime's choice on symbolic shapes under torch.compile is one guard, not a graph per length.
-    """
-
-    name: str
-    description: str
-    per_pair: int
-    per_query: int
-    per_key: int
-    elements_per_key: int  # what the call reads per key (and writes, for an expansion), in elements
-    expands_cache: bool = False  # the call expands the latent cache into per-group keys and values first
-
-    def flops(self, new, keys):
-        """FLOPs of a call with ``new`` new tokens over ``keys`` keys (ints or torch SymInts)."""
-        return new * keys * self.per_pair + new * self.per_query + keys * self.per_key
-
-
-#: Prefix lengths the plan and the report state the crossover at (with the plan's context length).
-CROSSOVER_PREFIXES: tuple[int, ...] = (0, 256, 1024, 4096)
-#: A prefill chunk after a cached prefix, as the plan and the report show it.
-CHUNK = 512
-#: The longest call the crossover search considers (new tokens): past it a form that has not won never does.
-CROSSOVER_SEARCH_LIMIT = 1 << 24
-
-
-@dataclass(frozen=True)
-class FormChoice:
-    """A path's compute forms and the rule that picks one per call: the fewest FLOPs (the compute side of the
-    roofline, which a call with many new tokens is bound by; a call with few is the first form's).
-
-    The first form is what a decode step takes; :meth:`crossover` says from how many new tokens another runs.
-    """
-
-    forms: tuple[ComputeForm, ...]
-
-    def choose(self, new, keys) -> ComputeForm:
-        """The form of a call with ``new`` new tokens over ``keys`` keys (the prefix and the new tokens)."""
-        best = self.forms[0]
-        for form in self.forms[1:]:
-            if form.flops(new, keys) < best.flops(new, keys):
-                best = form
-        return best
-
-    def crossover(self, prefix: int) -> int | None:
-        """The fewest new tokens after ``prefix`` cached ones from which a form other than the first runs (None:
-        never, or with one form). The FLOP difference is a quadratic in the new tokens that is negative at 0
-        and, where another form ever wins, grows past its one positive root: a binary search finds it."""
-        if len(self.forms) == 1:
-            return None
-
-        def other(new: int) -> bool:
-            return self.choose(new, prefix + new) is not self.forms[0]
-
-        high = 1
-        while not other(high):
-            if high >= CROSSOVER_SEARCH_LIMIT:
-                return None
-            high *= 2
-        low = high // 2  # other(low) is False, or low == 0
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if other(middle) else (middle, high)
-        return high
-
-    def describe(self, *, s_q: int = 1, context_len: int = 4096) -> dict[str, Any]:
-        """Plain data for the plan and the report: the forms, the form each kind of call takes (a decode step
-        of ``s_q`` tokens after ``context_len``, a prefill of ``context_len``, a chunk of CHUNK after it) and,
-        per prefix length, from how many new tokens the second form runs."""
-        calls = [("decode step", s_q, context_len), ("prefill", context_len, 0), ("chunk after a prefix", CHUNK,
-                                                                                context_len)]
-        prefixes = sorted({*CROSSOVER_PREFIXES, context_len})
-        return {
-            "forms": [{"name": f.name, "description": f.description, "per_pair": f.per_pair,
-                       "per_query": f.per_query, "per_key": f.per_key} for f in self.forms],
-            "calls": [{"call": call, "new_tokens": new, "prefix": prefix, "form": self.choose(new, prefix + new).name}
-                      for call, new, prefix in calls],
-            "crossover": [{"prefix": p, "from_new_tokens": self.crossover(p)} for p in prefixes]
-            if len(self.forms) > 1 else [],
-        }
-
-
-def form_text(data: dict[str, Any]) -> str:
-    """The line ``FormChoice.describe``'s data reads as (the report renders it from JSON with this too)."""
-    forms = [f["name"] for f in data["forms"]]
-    calls = "; ".join(f"{c['call']} ({c['new_tokens']} new after {c['prefix']}): {c['form']}" for c in data["calls"])
-    if len(forms) == 1:
-        return f"one compute form ({forms[0]}) for every call: {calls}"
-    points = ", ".join(f"P={c['prefix']}: " + ("never" if c["from_new_tokens"] is None else str(c["from_new_tokens"]))
-                       for c in data["crossover"])
-    return (f"{calls}; {forms[1]} from T new tokens after a prefix of P cached tokens (fewer FLOPs than "
-            f"{forms[0]}): {points}")
 
 
 def output_flops(dims: LatentDims, value_dims: int) -> int:
@@ -300,11 +195,6 @@ class DecodePath:
                    context: int = CORE_TRACE_CONTEXT) -> CoreTrace:
         """The attention core's aten graph at one decode step (one query token over ``context`` cached tokens)
         for a layer of ``dims`` (what this rank computes), with the weights it multiplies by, by name."""
-        import torch
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        from .passes.graph import op_histogram, weight_matmuls
-
         weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
         first = next(iter(weights.values()))
         like = dict(dtype=first.dtype, device=first.device)
@@ -399,10 +289,6 @@ class AbsorbedPath(DecodePath):
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
-        from .passes.absorb import AbsorbQuery
-        from .passes.fold import fold_value_up_projection, stack_group_up_projections
-        from .runtime import ExpandedForm, LatentAttentionCore
-
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
         _check_choice("query_absorption", query_absorption, (QUERY_ABSORPTION,))
         expanded = ExpandedForm(stack_group_up_projections(up.key, up.value), o_weight, n_g=dims.n_g, d_n=dims.d_n)
@@ -472,10 +358,6 @@ class GroupedPath(DecodePath):
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
-        from .passes.expand import ExpandNewTokens
-        from .passes.fold import stack_group_up_projections
-        from .runtime import LatentAttentionCore
-
         _check_choice("rope_key", rope_key, ROPE_KEYS)
         tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n,
                                rope_key=rope_key)
@@ -511,3 +393,35 @@ def check_path_argument(path: str) -> None:
 def feasible_paths(dims: LatentDims, tp: int) -> dict[str, str | None]:
     """For each path, why ``tp`` ranks cannot shard it (None when they can)."""
     return {name: path.shard_problem(dims, tp) for name, path in PATHS.items()}
+
+
+def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:
+    """Cached elements per token and layer for one path of a latent-attention layer (paths.py owns the layouts).
+
+    "original" is what transformers' own MLA models cache (the latent and the RoPE key, re-expanded at every
+    step): the same elements as the absorbed path.
+    """
+    if path == "original":
+        return dims.d_c + dims.d_R
+    if path not in PATHS:
+        raise ValueError(f"unknown cache path {path!r}; known: {', '.join([*PATHS, 'original'])}")
+    return PATHS[path].cache_elements(dims, rope_key=rope_key)
+
+
+def kv_cache_elements(config: Any, path: str = "original", *, rope_key: str = "copied") -> int:
+    """Cached elements per token and layer for a model config and a decoding path.
+
+    Latent configs (GQLA, MLA) accept "absorbed", "grouped" and "original"; plain GQA/MHA configs
+    (Llama, Qwen2, Mistral, ...) only "original": 2 * num_key_value_heads * head_dim.
+    """
+    config = getattr(config, "get_text_config", lambda: config)()
+    if is_latent_config(config):
+        return latent_cache_elements(LatentDims.from_config(config), path, rope_key=rope_key)
+    if path != "original":
+        raise ValueError(
+            f"a {getattr(config, 'model_type', 'non-latent')} config has no {path!r} path: it has no latent "
+            "attention. Convert it with gqla_compile.convert first, or ask for path='original'"
+        )
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * n_kv * head_dim

@@ -24,7 +24,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
-from .dims import LatentDims, is_latent_config, latent_cache_elements
+from .compile import compile_model
+from .cost_model import indexer_dims, plan as make_plan
+from .dims import LatentDims, is_latent_config
 from .distributed import TensorParallel, tensor_parallel_group
 from .errors import (
     GqlaError,
@@ -33,13 +35,14 @@ from .errors import (
     PartialRewriteWarning,
     VerificationError,
 )
+from .forms import FormChoice
 from .passes.context import LayerContext
 from .passes.detect import attention_left_unchanged, detect_blocks, gate_width
 from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
-from .paths import PATHS, CoreTrace, DecodePath, FormChoice, check_path_argument, feasible_paths
+from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths, latent_cache_elements
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
 from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
 
@@ -137,8 +140,6 @@ def optimize(
         return model
     model.gqla_optimization = state
     if compile:
-        from .compile import compile_model
-
         state.compile = compile_model(model)
     state.seconds = time.perf_counter() - start
     logger.info("rewrote %d attention blocks to the %s path in %.1f s", len(state.layers), state.path, state.seconds)
@@ -275,8 +276,6 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
     """
-    from .cost_model import indexer_dims, plan as make_plan
-
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
     top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]

@@ -35,7 +35,11 @@ from pathlib import Path
 import torch
 
 from . import kernels as cpu_kernels  # not `kernels`: that names the measured efficiencies here
+from . import runtime
+from .dims import LatentDims
 from .errors import UnknownTargetError
+from .paths import PATHS
+from .runtime import LatentAttentionCore, attention_over_cache
 
 logger = logging.getLogger(__name__)
 
@@ -338,10 +342,6 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
     for one sequence over CALIBRATION_CONTEXT cached tokens in the layout of CLASS_DIMS, against its
     roofline. The rows per cached head are query heads of one new token, or (``multi_token``) new tokens of
     one head per cached head."""
-    from .dims import LatentDims
-    from .paths import PATHS
-    from .runtime import LatentAttentionCore, attention_over_cache
-
     s, d = CALIBRATION_CONTEXT, CLASS_DIMS
     dims = LatentDims(n_h=d["n_g"], n_g=d["n_g"], d_c=d["d_c"], d_R=d["d_R"], d_n=d["d_n"], d_v=d["d_v"],
                       hidden_size=1, q_lora_rank=None)
@@ -368,8 +368,6 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
 def _cache_file() -> Path:
     """One JSON per CPU model, torch version and thread count under ~/.cache/gqla_compile (or
     $GQLA_COMPILE_CACHE)."""
-    from . import runtime
-
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
