@@ -105,6 +105,12 @@ class DecodePath:
     cache_layout: str
     #: What tensor-parallel ranks split on this path, for messages and the report.
     shards_by: str
+    #: The RoPE-key layouts (``dims.ROPE_KEYS``) this path's cache can take, which the plan chooses among; empty
+    #: where the cache holds the RoPE key one way only (the ``rope_key`` arguments are then ignored).
+    rope_keys: tuple[str, ...] = ()
+    #: How this path can apply W_UV after attention (``dims.OUTPUT_ABSORPTIONS``), which the plan chooses among;
+    #: empty where the values leave attention per head and o_proj takes them as they are.
+    output_absorptions: tuple[str, ...] = ()
 
     # ---- cache
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
@@ -122,6 +128,12 @@ class DecodePath:
 
     def rank_cache_elements(self, dims: LatentDims, tp: int, *, rope_key: str = "copied") -> int:
         return self.cache_elements(self.rank_dims(dims, tp), rope_key=rope_key)
+
+    def cache_views(self, dims: LatentDims, key: torch.Tensor, value: torch.Tensor, *,
+                    rope_key: str = "copied") -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(key parts, values) as this path's attention core reads a cache of ``cache_shapes`` (for measuring the
+        core's kernel on its own layout, ``targets.measure_cpu``)."""
+        raise NotImplementedError
 
     def query_head_dims(self, dims: LatentDims) -> int:
         """Width of each head's query as the decode attention (``runtime.attention_over_cache``) reads the
@@ -170,6 +182,23 @@ class DecodePath:
         """Query heads the attention core folds onto each cached head per new token: the rows of its matmuls
         over the cache, which set how efficient they run (``Target.efficiency``)."""
         raise NotImplementedError
+
+    def attention_kernel(self, rope_key: str = "copied", *, multi_token: bool = False) -> str:
+        """The kernel class of this path's attention core, whose efficiency a measured target knows
+        (``Target.kernels``): one per RoPE-key layout the path offers besides the first (a layout's keys may be
+        strided views), and several new tokens per sequence run another kernel than one (runtime.KEYS_MAJOR_ROWS)."""
+        layout = f"_{rope_key}" if self.rope_keys and rope_key != self.rope_keys[0] else ""
+        name = f"attention_{self.name}{layout}"
+        return f"{name}_multi_token" if multi_token else name
+
+    def kernel_layouts(self) -> tuple[str, ...]:
+        """The RoPE-key layouts whose attention core is a kernel class of its own (measure_cpu measures each)."""
+        return self.rope_keys or ("copied",)
+
+    def absorption_text(self, output_absorption: str) -> str | None:
+        """How this path applies the up-projections around attention under the plan's ``output_absorption``,
+        for the plan's explanation; None where it has no such choice."""
+        return None
 
     # ---- build
     def build(
@@ -232,12 +261,16 @@ class AbsorbedPath(DecodePath):
     cache_layout = ("key [B, 1, T, d_c + d_R] = [c ; k_R] (one head, shared by all heads), value [B, 1, T, 0] "
                     "(zero-width: attention reads the latent part of the key)")
     shards_by = "query heads (the latent is replicated: every rank caches it whole)"
+    output_absorptions = OUTPUT_ABSORPTIONS
 
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
         return dims.d_c + dims.d_R
 
     def cache_shapes(self, dims, batch, tokens, *, rope_key="copied"):
         return (batch, 1, tokens, dims.d_c + dims.d_R), (batch, 1, tokens, 0)
+
+    def cache_views(self, dims, key, value, *, rope_key="copied"):
+        return LatentAttentionCore(torch.empty(0), None, 1.0, latent_value_dims=dims.d_c).cache_views(key, value)
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
         return dims  # the latent is not split
@@ -253,6 +286,9 @@ class AbsorbedPath(DecodePath):
 
     def query_rows_per_cached_head(self, dims: LatentDims) -> int:
         return dims.n_h  # every head reads the one latent
+
+    def absorption_text(self, output_absorption: str) -> str:
+        return f"{self.name} path applies W_UK as {QUERY_ABSORPTION}, W_UV as {output_absorption}"
 
     def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
@@ -314,6 +350,7 @@ class GroupedPath(DecodePath):
                     "shared: key [B, 1, T, n_g d_n + d_R] (the groups' no-RoPE keys, then k_R once), "
                     "value [B, 1, T, n_g d_v]")
     shards_by = "latent groups (each rank caches its groups' keys and values)"
+    rope_keys = ROPE_KEYS
 
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
         _check_choice("rope_key", rope_key, ROPE_KEYS)
@@ -326,6 +363,16 @@ class GroupedPath(DecodePath):
         if rope_key == "shared":
             return (batch, 1, tokens, dims.n_g * dims.d_n + dims.d_R), (batch, 1, tokens, dims.n_g * dims.d_v)
         return (batch, dims.n_g, tokens, dims.d_n + dims.d_R), (batch, dims.n_g, tokens, dims.d_v)
+
+    def cache_views(self, dims, key, value, *, rope_key="copied"):
+        return LatentAttentionCore(torch.empty(0), None, 1.0,
+                                   shared_rope_key=self._shared_rope_key(dims, rope_key)).cache_views(key, value)
+
+    @staticmethod
+    def _shared_rope_key(dims: LatentDims, rope_key: str) -> tuple[int, int] | None:
+        """The core's ``shared_rope_key`` for a layout: (groups, d_R) where k_R is kept once, else None."""
+        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        return (dims.n_g, dims.d_R) if rope_key == "shared" else None
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
         return replace(dims, n_h=dims.n_h // tp, n_g=dims.n_g // tp)
@@ -358,10 +405,9 @@ class GroupedPath(DecodePath):
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
-        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        shared = self._shared_rope_key(dims, rope_key)
         tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n,
                                rope_key=rope_key)
-        shared = (dims.n_g, dims.d_R) if rope_key == "shared" else None
         return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, shared_rope_key=shared,
                                                    attention_sink=attention_sink, process_group=process_group,
                                                    forms=self.compute_forms(dims)))
@@ -369,11 +415,35 @@ class GroupedPath(DecodePath):
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.
 PATHS: dict[str, DecodePath] = {path.name: path for path in (AbsorbedPath(), GroupedPath())}
+#: The built-in paths' names (``register_path`` adds others to PATHS, never to these).
 PATH_NAMES: tuple[str, ...] = tuple(PATHS)
+#: Names a path cannot take: the plan's "auto" and the "original" cache of kv_cache_elements.
+RESERVED_NAMES = ("auto", "original")
 
 #: What transformers' own MLA models cache, for "before" figures: the latent and the RoPE key per token.
 ORIGINAL_CACHE_LAYOUT = ("latent c and RoPE key k_R per token (d_c + d_R), re-expanded to per-head keys and values "
                          "over the whole context at every step")
+
+
+def register_path(path: DecodePath) -> DecodePath:
+    """Add a path of the user's to the registry, after the others (cost ties go to those): the plan costs it,
+    ``optimize(path=its name)`` builds, verifies and installs it, and the report describes it. A ValueError where
+    its name is taken; ``unregister_path`` undoes it."""
+    if not isinstance(path, DecodePath):
+        raise TypeError(f"register_path takes a DecodePath instance, got {type(path).__name__}")
+    name = getattr(path, "name", None)
+    if not isinstance(name, str) or not name or name in PATHS or name in RESERVED_NAMES:
+        taken = ", ".join(map(repr, [*PATHS, *RESERVED_NAMES]))
+        raise ValueError(f"a path needs a name of its own (a non-empty string other than {taken}), got {name!r}")
+    PATHS[name] = path
+    return path
+
+
+def unregister_path(name: str) -> DecodePath:
+    """Remove a path ``register_path`` added (the built-in paths stay); returns it."""
+    if name in PATH_NAMES:
+        raise ValueError(f"{name!r} is a built-in path and stays registered")
+    return PATHS.pop(get_path(name).name)
 
 
 def get_path(name: str) -> DecodePath:
@@ -393,6 +463,15 @@ def check_path_argument(path: str) -> None:
 def feasible_paths(dims: LatentDims, tp: int) -> dict[str, str | None]:
     """For each path, why ``tp`` ranks cannot shard it (None when they can)."""
     return {name: path.shard_problem(dims, tp) for name, path in PATHS.items()}
+
+
+def check_shardable(problems: dict[str, str | None], path: str = "auto") -> None:
+    """A ValueError naming why (``feasible_paths``' problems) where the forced ``path`` cannot be sharded, or
+    where no path can."""
+    if path != "auto" and problems[path]:
+        raise ValueError(problems[path])
+    if all(problems.values()):
+        raise ValueError("; ".join(problems.values()))
 
 
 def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:

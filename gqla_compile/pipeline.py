@@ -42,7 +42,7 @@ from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
-from .paths import PATHS, CoreTrace, DecodePath, check_path_argument, feasible_paths, latent_cache_elements
+from .paths import CoreTrace, DecodePath, check_path_argument, check_shardable, feasible_paths, latent_cache_elements
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
 from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
 
@@ -164,7 +164,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     left = attention_left_unchanged(captured.failures, [c.detection for c in contexts])
     _warn_if_partial(left, matched)
     plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)
-    decode_path = PATHS[plan.path]
+    decode_path = plan.decode_path
     layers = []
     cores: dict[tuple, CoreTrace] = {}  # layers of one structure share their core's trace
     try:
@@ -174,7 +174,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
             runtime = _build(manager, module, context, decode_path, plan, parallel, layer_idx)
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
-            layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
+            layer = _layer_rewrite(context, runtime, decode_path, plan, parallel, manager, error)
             key = context.capture.structure_key
             if key not in cores:
                 cores[key] = decode_path.trace_core(runtime.core, layer.local_dims, rope_key=plan.rope_key)
@@ -262,11 +262,7 @@ def _check_shardable(model, path: str, tp: int) -> None:
     config = getattr(config, "get_text_config", lambda: config)()
     if config is None or not is_latent_config(config):
         return
-    problems = feasible_paths(LatentDims.from_config(config), tp)
-    if path != "auto" and problems[path]:
-        raise ValueError(problems[path])
-    if all(problems.values()):
-        raise ValueError(problems["absorbed"])
+    check_shardable(feasible_paths(LatentDims.from_config(config), tp), path)
 
 
 def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
@@ -301,7 +297,7 @@ def _build(manager: PassManager, module: nn.Module, context: LayerContext, decod
     sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
     if parallel is not None:
         # Tensor parallel: this rank's heads, groups, o_proj columns and sinks; the path is built from them.
-        layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
+        layout = TensorParallelLayout(decode_path, match.dims, parallel.size, parallel.rank, plan.rope_key)
         shard = ShardAttention(layout, capture, backend=parallel.backend, gates=int(match.output_gate is not None))
         up, o_weight = shard.shard_weights(up, o_weight)
         passes.append(shard)
@@ -353,10 +349,9 @@ def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:
     return None
 
 
-def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,
-                   error: float) -> LayerRewrite:
+def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, decode_path: DecodePath, plan, parallel,
+                   manager: PassManager, error: float) -> LayerRewrite:
     dims = context.match.dims
-    decode_path = PATHS[runtime.path]
     tp = parallel.size if parallel else 1
     capture, projection = context.capture, runtime.projection
     parameter_shapes = {n.name: (capture.parameter_inputs[n.name], list(tensor_meta(n).shape))
@@ -366,7 +361,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
     parameter_of = {name.replace(".", "_"): name for name in capture.parameter_inputs.values()}
     attributes = {n: (parameter_of.get(n.target, n.target), list(getattr(projection, n.target).shape))
                   for n in projection.graph.nodes if n.op == "get_attr"}
-    local_dims = TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims
+    local_dims = TensorParallelLayout(decode_path, dims, tp, parallel.rank).local_dims if parallel else dims
     forms = runtime.core.forms.describe(s_q=plan.s_q, context_len=plan.context_len)
     return LayerRewrite(
         module_path=context.module_path,
@@ -381,7 +376,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
         cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp, rope_key=plan.rope_key),
         local_dims=local_dims,
         compute_forms=forms,
-        output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
+        output_absorption=plan.output_absorption if decode_path.output_absorptions else None,
         matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),
         matmul_weights_after=[{"graph": "projection", **m} for m in weight_matmuls(projection, attributes.get)],
     )

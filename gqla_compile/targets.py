@@ -38,8 +38,8 @@ from . import kernels as cpu_kernels  # not `kernels`: that names the measured e
 from . import runtime
 from .dims import LatentDims
 from .errors import UnknownTargetError
-from .paths import PATHS
-from .runtime import LatentAttentionCore, attention_over_cache
+from .paths import PATHS, DecodePath
+from .runtime import attention_over_cache
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +56,10 @@ _GB = 10**9  # datasheets quote decimal gigabytes
 
 
 #: Kernel classes a measured target knows the efficiency of: the weight matmuls of a decode step (rows: the
-#: step's new tokens) and the attention core of each decoding path (rows: query rows per cached head).
+#: step's new tokens) and the attention core of each decoding path (rows: query rows per cached head; its class
+#: is the path's, ``DecodePath.attention_kernel``).
 KERNEL_GEMV = "gemv"
 
-
-def attention_kernel(path: str, rope_key: str = "copied", *, multi_token: bool = False) -> str:
-    """The kernel class of a decoding path's attention core (the grouped path's shared RoPE key is a layout
-    of its own: its keys are strided views; several new tokens per sequence run another kernel than one,
-    see runtime.KEYS_MAJOR_ROWS)."""
-    name = f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
-    return f"{name}_multi_token" if multi_token else name
-
-
-#: The attention kernel classes measure_cpu measures: (path, RoPE-key layout).
-ATTENTION_CLASSES: tuple[tuple[str, str], ...] = (("absorbed", "copied"), ("grouped", "copied"), ("grouped", "shared"))
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,7 @@ class KernelEfficiency:
 @dataclass(frozen=True)
 class Target:
     """One chip as the roofline sees it. All figures are per device. ``kernels``: measured efficiencies per
-    kernel class (``KERNEL_GEMV``, ``attention_kernel(path)``); a class without one runs at the roofline."""
+    kernel class (``KERNEL_GEMV``, ``DecodePath.attention_kernel``); a class without one runs at the roofline."""
 
     name: str
     peak_flops: Mapping[str, float] = field(hash=False)  # dtype name -> dense matmul FLOP/s
@@ -336,7 +326,7 @@ def _gemv_efficiency(bandwidth: float, peak: float, budget_s: float) -> KernelEf
     return KernelEfficiency(GEMV_ROWS, tuple(efficiency))
 
 
-def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
+def _attention_efficiency(decode: DecodePath, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
                           multi_token: bool = False) -> KernelEfficiency:
     """The runtime's own decode attention (``attention_over_cache`` on the views the installed core reads)
     for one sequence over CALIBRATION_CONTEXT cached tokens in the layout of CLASS_DIMS, against its
@@ -345,13 +335,10 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
     s, d = CALIBRATION_CONTEXT, CLASS_DIMS
     dims = LatentDims(n_h=d["n_g"], n_g=d["n_g"], d_c=d["d_c"], d_R=d["d_R"], d_n=d["d_n"], d_v=d["d_v"],
                       hidden_size=1, q_lora_rank=None)
-    decode = PATHS[path]
     key_shape, value_shape = decode.cache_shapes(dims, 1, s, rope_key=rope_key)
     generator = torch.Generator().manual_seed(0)
     key, value = torch.randn(key_shape, generator=generator), torch.randn(value_shape, generator=generator)
-    reader = LatentAttentionCore(torch.empty(0), None, 1.0, latent_value_dims=d["d_c"] if path == "absorbed" else None,
-                                 shared_rope_key=(d["n_g"], d["d_R"]) if rope_key == "shared" else None)
-    keys, values = reader.cache_views(key, value)
+    keys, values = decode.cache_views(dims, key, value, rope_key=rope_key)
     cached_heads = values.shape[1]
     cached_bytes = s * decode.cache_elements(dims, rope_key=rope_key) * 4
     efficiency = []
@@ -407,9 +394,10 @@ def measure_cpu_now(budget_s: float = 0.3) -> Target:
     copy = _copy_bandwidth()
     with torch.no_grad():
         kernels = {KERNEL_GEMV: _gemv_efficiency(bandwidth, peaks["float32"], budget_s)}
-        for (path, rope_key), multi_token in itertools.product(ATTENTION_CLASSES, (False, True)):
-            kernels[attention_kernel(path, rope_key, multi_token=multi_token)] = _attention_efficiency(
-                path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
+        for path, multi_token in itertools.product(PATHS.values(), (False, True)):
+            for rope_key in path.kernel_layouts():
+                kernels[path.attention_kernel(rope_key, multi_token=multi_token)] = _attention_efficiency(
+                    path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
     target = Target("cpu", peaks, memory_bandwidth=bandwidth, memory_capacity=_physical_memory(),
                     interconnect_bandwidth=copy / CPU_INTERCONNECT_FACTOR, devices_per_node=1, kernels=kernels)
     logger.info("measured cpu (%d threads): %s, read bandwidth %.1f GB/s, kernel efficiencies %s",
