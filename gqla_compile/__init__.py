@@ -38,6 +38,8 @@ _PUBLIC = {
     "Report": "reporting",
     "DecodePath": "paths",
     "PATHS": "paths",
+    "register_path": "paths",
+    "unregister_path": "paths",
     # the errors gqla_compile raises on purpose
     "GqlaError": "errors",
     "NoLatentAttentionError": "errors",
