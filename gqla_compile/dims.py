@@ -1,7 +1,7 @@
 """Latent-attention dimensions read from a model config, and the names of the layouts a path can take.
 
 The bottom of the package's imports: the paths (paths.py), the passes and the cost model read these, and this
-module imports nothing of the package. The cache sizes the dims imply are the paths' (``paths.kv_cache_elements``).
+module imports nothing of the package. The cache sizes the dims imply are the paths' (``cache_sizes.kv_cache_elements``).
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ A :class:`DecodePath` says, for one path, everything the rest of the compiler ne
   per-group up-projections detection probed; the plan's choices are the builder's parameters;
 - its **description** for the report.
 
+- the **choices** it offers the plan (``rope_keys``, ``output_absorptions``) and the attention-kernel class the
+  cost model prices (``attention_kernel``).
+
 ``PATHS`` is the registry: the one place that lists the paths. To add a path, subclass ``DecodePath``,
-implement its members and register an instance here; the plan, the pipeline, the shard pass, the cost model
-and the report pick it up from the registry.
+implement its members and register an instance (``register_path``); the plan, the pipeline, the shard pass,
+the cost model and the report pick it up from the registry and never name a path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .dims import OUTPUT_ABSORPTIONS, QUERY_ABSORPTION, ROPE_KEYS, LatentDims, is_latent_config
+from .cost_terms import Matmul, down_projection, linear, output_flops, per_group, query_matmuls
+from .dims import OUTPUT_ABSORPTIONS, QUERY_ABSORPTION, ROPE_KEYS, LatentDims
 from .forms import ComputeForm, FormChoice, form_text  # noqa: F401  form_text: re-exported for the report
 from .passes.absorb import AbsorbQuery
 from .passes.expand import ExpandNewTokens
@@ -36,44 +40,6 @@ from .passes.fold import fold_value_up_projection, stack_group_up_projections
 from .passes.graph import op_histogram, weight_matmuls
 from .passes.match import UpProjections
 from .runtime import ExpandedForm, LatentAttentionCore
-
-
-@dataclass(frozen=True)
-class Matmul:
-    """A weight the attention projections read once per decode step, and the FLOPs it costs per new token."""
-
-    name: str
-    weight_elements: int
-    flops_per_token: int
-    sharded: bool = True  # split over TP ranks; replicated weights (every rank needs the whole latent) are not
-
-
-def linear(name: str, out_features: int, in_features: int, *, sharded: bool = True) -> Matmul:
-    return Matmul(name, out_features * in_features, 2 * out_features * in_features, sharded)
-
-
-def per_group(name: str, dims: LatentDims, rows: int) -> Matmul:
-    """W_UK or W_UV applied as a batched matmul: one [rows, d_c] matrix per group, used by each of its heads."""
-    return Matmul(name, dims.n_g * rows * dims.d_c, 2 * dims.n_h * rows * dims.d_c)
-
-
-def query_matmuls(dims: LatentDims) -> list[Matmul]:
-    """q_proj (or q_a_proj + q_b_proj), which both paths run unchanged."""
-    rows = dims.n_h * (dims.d_n + dims.d_R)
-    if dims.q_lora_rank is None:
-        return [linear("q_proj", rows, dims.hidden_size)]
-    return [linear("q_a_proj", dims.q_lora_rank, dims.hidden_size, sharded=False),
-            linear("q_b_proj", rows, dims.q_lora_rank)]
-
-
-def down_projection(dims: LatentDims) -> Matmul:
-    """W_DKV: every rank needs the whole latent, so it is replicated under tensor parallelism."""
-    return linear("kv_a_proj", dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
-
-
-def output_flops(dims: LatentDims, value_dims: int) -> int:
-    """o_proj's FLOPs per new token over ``value_dims`` inputs per head."""
-    return 2 * dims.hidden_size * dims.n_h * value_dims
 
 
 #: Cached tokens in the attention core's trace for the report: one decode step over this many.
@@ -417,7 +383,7 @@ class GroupedPath(DecodePath):
 PATHS: dict[str, DecodePath] = {path.name: path for path in (AbsorbedPath(), GroupedPath())}
 #: The built-in paths' names (``register_path`` adds others to PATHS, never to these).
 PATH_NAMES: tuple[str, ...] = tuple(PATHS)
-#: Names a path cannot take: the plan's "auto" and the "original" cache of kv_cache_elements.
+#: Names a path cannot take: the plan's "auto" and the "original" cache of cache_sizes.kv_cache_elements.
 RESERVED_NAMES = ("auto", "original")
 
 #: What transformers' own MLA models cache, for "before" figures: the latent and the RoPE key per token.
@@ -472,35 +438,3 @@ def check_shardable(problems: dict[str, str | None], path: str = "auto") -> None
         raise ValueError(problems[path])
     if all(problems.values()):
         raise ValueError("; ".join(problems.values()))
-
-
-def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:
-    """Cached elements per token and layer for one path of a latent-attention layer (paths.py owns the layouts).
-
-    "original" is what transformers' own MLA models cache (the latent and the RoPE key, re-expanded at every
-    step): the same elements as the absorbed path.
-    """
-    if path == "original":
-        return dims.d_c + dims.d_R
-    if path not in PATHS:
-        raise ValueError(f"unknown cache path {path!r}; known: {', '.join([*PATHS, 'original'])}")
-    return PATHS[path].cache_elements(dims, rope_key=rope_key)
-
-
-def kv_cache_elements(config: Any, path: str = "original", *, rope_key: str = "copied") -> int:
-    """Cached elements per token and layer for a model config and a decoding path.
-
-    Latent configs (GQLA, MLA) accept "absorbed", "grouped" and "original"; plain GQA/MHA configs
-    (Llama, Qwen2, Mistral, ...) only "original": 2 * num_key_value_heads * head_dim.
-    """
-    config = getattr(config, "get_text_config", lambda: config)()
-    if is_latent_config(config):
-        return latent_cache_elements(LatentDims.from_config(config), path, rope_key=rope_key)
-    if path != "original":
-        raise ValueError(
-            f"a {getattr(config, 'model_type', 'non-latent')} config has no {path!r} path: it has no latent "
-            "attention. Convert it with gqla_compile.convert first, or ask for path='original'"
-        )
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * n_kv * head_dim

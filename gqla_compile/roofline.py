@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .cost_terms import Matmul
 from .dims import LatentDims
 from .forms import ComputeForm
-from .paths import DecodePath, Matmul
+from .paths import DecodePath
 from .targets import KERNEL_GEMV, Target
 
 

@@ -23,10 +23,11 @@ from _models import (
 from transformers import AutoModelForCausalLM
 
 import gqla_compile
+from gqla_compile.cache_sizes import latent_cache_elements
 from gqla_compile.dims import LatentDims
 from gqla_compile.distributed import run_parallel
 from gqla_compile.errors import GqlaError
-from gqla_compile.paths import PATHS, latent_cache_elements
+from gqla_compile.paths import PATHS
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
 
 PROMPT, DECODE_STEPS, NEW_TOKENS, BATCH = 6, 8, 8, 2

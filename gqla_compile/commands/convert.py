@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
     from ..checkpoint import ModelNotFoundError, check_output_free, load_model, load_tokenizer, save_pretrained_atomic
     from ..conversion import convert
     from ..dims import is_latent_config
-    from ..paths import kv_cache_elements
+    from ..cache_sizes import kv_cache_elements
     from ..errors import ConversionError
 
     try:
