@@ -33,7 +33,6 @@ from .errors import (
     PartialRewriteWarning,
     VerificationError,
 )
-from .forms import FormChoice
 from .passes.context import LayerContext
 from .passes.detect import attention_left_unchanged, detect_blocks, gate_width
 from .passes.manager import PassManager, PassRecord
@@ -69,7 +68,7 @@ class LayerRewrite:
     matmul_weights_before: list[dict] = field(default_factory=list)  # captured graph: {"op", "weight", "shape"}
     matmul_weights_after: list[dict] = field(default_factory=list)  # projection graph and core, "graph" added
     core: CoreTrace | None = None  # the attention core at one decode step (ops, code, weights)
-    compute_forms: dict = field(default_factory=dict)  # paths.FormChoice.describe: the form each call takes
+    compute_forms: dict = field(default_factory=dict)  # forms.FormChoice.describe: the form each call takes
 
 
 @dataclass
