@@ -2,7 +2,7 @@
 the unmodified transformers model (eager, DynamicCache), transformers with a StaticCache and torch.compile, both
 paths of ``gqla_compile.optimize`` (compiled, StaticCache) and, where .venv-vllm (.ci/run builds it; or ``--vllm-python``) runs
 vLLM's CPU build, vLLM serving the same weights saved as a DeepSeek-V3 checkpoint; then the attention part of the
-longest prefill against its FLOP roofline at the measured matmul rate (``targets.resolve("cpu")``).
+longest prefill against its FLOP roofline at the matmul rate measured in the same run (``matmul_rate``).
 
     python -m benchmarks.request [--quick [--compile] [--vllm]] [--no-compile] [--no-vllm] [--out benchmarks/results]
 
@@ -12,8 +12,9 @@ and 4) stays within about 15-30 minutes on one thread (the 8k x 4 prefills domin
 longest answer; the shorter answer's figures are the same request's first tokens. A variant's request stops
 decoding when its time budget is spent (the eager model re-expands the whole context at every step): its
 remaining steps are counted at its last measured step time, and the record says how many were measured.
-Compiled variants are warmed up on two short prompts of different lengths first (dynamic shapes from then on),
-and the record counts the graphs dynamo compiled during the timed requests (0: no recompiling per length).
+Compiled variants are warmed up first (``warm_up_shapes``: two short prompts, after which shapes are dynamic, and
+one request per regime Inductor compiles apart), and the record counts the graphs dynamo compiled during the
+timed requests (0: no recompiling per length).
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"prompts": [48, 160], "answers": [4, 8], "batches": [1, 2], "layers": 1, "hidden": 256,
                 "budget_s": 5.0, "warmup_prompts": [20, 28], "vllm": False, "compile": False}
+    # batch 4 stops at 4k: at 8k, the masked attention of transformers' compiled StaticCache variant materialises
+    # 4 x 16 x 8k x 8.7k float32 scores (18 GB) and the machine (24 GiB) runs out
     return {"prompts": [256, 1024, 4096, 8192], "answers": [128, 512], "batches": [1, 4], "layers": 1, "hidden": 1024,
-            "budget_s": 15.0, "warmup_prompts": [64, 96], "vllm": True, "compile": True}
+            "budget_s": 15.0, "warmup_prompts": [64, 96], "vllm": True, "compile": True,
+            "longest_prompt": {"4": 4096}}
+
+
+def prompts(cfg: dict[str, Any], batch: int) -> list[int]:
+    """The prompt lengths measured at ``batch`` (``longest_prompt`` caps a batch size's)."""
+    cap = cfg.get("longest_prompt", {}).get(str(batch))
+    return [length for length in cfg["prompts"] if cap is None or length <= cap]
 
 
 def model_config(cfg: dict[str, Any]):
@@ -122,11 +132,37 @@ def _figures(request: dict[str, Any], answer: int, batch: int) -> dict[str, Any]
             "extrapolated_steps": extrapolated}
 
 
+#: Inductor's CPU code for a float32 sum specialises on whether it reduces more than this many elements
+#: (``need_use_acc_helper``), so a graph compiled on shorter sequences does not serve longer ones.
+INDUCTOR_REDUCTION_CHUNK = 4096
+
+
+def warm_up_shapes(cfg: dict[str, Any], batch: int) -> list[tuple[int, int]]:
+    """(prompt, answer) of the warm-up requests: two short prompts of different lengths (dynamo compiles the
+    second with dynamic shapes) and, for each other regime of the measured requests (prompt, and cache length,
+    above or below INDUCTOR_REDUCTION_CHUNK), one request of that regime whose prompt is 8 tokens shorter than
+    the shortest measured one there: every graph the timed requests need is compiled before them."""
+    shapes = [(length, 3) for length in cfg["warmup_prompts"]]
+    longest = max(cfg["answers"])
+
+    def regime(prompt: int, answer: int) -> tuple[bool, bool]:
+        return prompt > INDUCTOR_REDUCTION_CHUNK, prompt + answer > INDUCTOR_REDUCTION_CHUNK
+
+    covered = {regime(*shape) for shape in shapes}
+    for length in prompts(cfg, batch):
+        prompt = max(length - 8, 1)
+        if regime(prompt, longest) != regime(length, longest):
+            prompt = length + 8
+        if regime(prompt, longest) not in covered:
+            covered.add(regime(prompt, longest))
+            shapes.append((prompt, 3 if regime(prompt, 3) == regime(prompt, longest) else longest))
+    return shapes
+
+
 def _warm_up(model, kind: str, cfg: dict[str, Any], batch: int, vocab: int) -> None:
-    """Two short requests of different lengths: dynamo compiles its graphs, dynamic from the second on."""
-    for length in cfg["warmup_prompts"]:
+    for length, answer in warm_up_shapes(cfg, batch):
         prompt = torch.randint(0, vocab, (batch, length))
-        run_request(model, kind, prompt, 3, budget_s=1e9)
+        run_request(model, kind, prompt, answer, budget_s=1e9)
 
 
 def _unique_graphs() -> int:
@@ -152,7 +188,7 @@ def measure_variants(reference, cfg: dict[str, Any], *, compile: bool, log=print
             if compiled:
                 _warm_up(model, kind, cfg, batch, vocab)
             before = _unique_graphs()
-            for length in cfg["prompts"]:
+            for length in prompts(cfg, batch):
                 prompt = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
                 log(f"[request] {name}: batch {batch}, prompt {length}")
                 request = run_request(model, kind, prompt, longest, cfg["budget_s"])
@@ -177,32 +213,48 @@ def _identical(tokens: dict[tuple, torch.Tensor]) -> dict[str, bool]:
     return out
 
 
+def matmul_rate(size: int = 2048) -> float:
+    """FLOP/s of one large float32 GEMM on this process's threads: the rate a compute-bound prefill can reach
+    here (the roofline's compute side, measured in the same run as the attention it is compared with)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    timing = common.time_call(lambda: a @ b, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.0)
+    return 2 * size**3 / timing.median
+
+
+def causal_flops(form, length: int) -> float:
+    """A form's FLOPs on a causal prefill of ``length`` tokens into an empty cache: the (query, key) pairs a
+    causal kernel must score, length (length + 1) / 2, plus the per-token terms (the expansion, the absorption)."""
+    return form.per_pair * length * (length + 1) / 2 + (form.per_query + form.per_key) * length
+
+
 def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The attention core of one layer on the longest prompt (batch 1), in the expanded form the plan runs and in
-    the absorbed form, against the expanded form's FLOPs at the measured matmul rate."""
+    """The attention core of one layer on the longest prompt (batch 1, a prefill into an empty cache), in each
+    compute form, against the form's causal FLOPs at the matmul rate measured here (``matmul_rate``); the
+    cost model's figure for the CPU target is recorded beside it."""
     import gqla_compile
     from gqla_compile import targets
     from gqla_compile.paths import FormChoice
 
     model = gqla_compile.optimize(copy.deepcopy(reference), target="cpu", path="absorbed", compile=False)
     core = next(m.gqla_runtime.core for m in model.modules() if hasattr(m, "gqla_runtime"))
-    layer = model.gqla_optimization.layers[0]
-    dims = layer.dims
+    dims = model.gqla_optimization.layers[0].dims
     length = max(cfg["prompts"])
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, dims.n_h, length, dims.d_n + dims.d_R, generator=generator)
     key = torch.randn(1, 1, length, dims.d_c + dims.d_R, generator=generator)
-    peak = targets.resolve("cpu").peak("float32")
+    rate = matmul_rate()
     choice = core.forms
-    out = {"prompt": length, "matmul_rate_flops": peak, "forms": {}}
+    out = {"prompt": length, "matmul_rate_flops": rate, "target_cpu_peak_flops": targets.resolve("cpu").peak("float32"),
+           "forms": {}}
     for form in choice.forms:
         core.forms = FormChoice((form,))
         with torch.no_grad():
             timing = common.time_call(lambda: core(query, key, key[..., :0], None), warmup=1, min_repeats=2,
                                       max_repeats=3, budget_s=0.0)
-        flops = form.flops(length, length)
-        out["forms"][form.name] = {"seconds": timing.median, "flops": flops, "roofline_s": flops / peak,
-                                   "over_roofline": timing.median / (flops / peak)}
+        flops = causal_flops(form, length)
+        out["forms"][form.name] = {"seconds": timing.median, "flops": flops, "roofline_s": flops / rate,
+                                   "over_roofline": timing.median / (flops / rate)}
     core.forms = choice
     expanded = out["forms"]["expanded"]
     out["expanded_over_expanded_roofline"] = expanded["seconds"] / expanded["roofline_s"]
@@ -222,7 +274,7 @@ warm = [TokensPrompt(prompt_token_ids=list(range(1, 33)))]
 llm.generate(warm, SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
 points = []
 for batch in spec["batches"]:
-    for length in spec["prompts"]:
+    for length in spec["prompts"][str(batch)]:
         g = torch.Generator().manual_seed(length)
         prompts = [TokensPrompt(prompt_token_ids=row) for row in torch.randint(0, spec["vocab"], (batch, length), generator=g).tolist()]
         times = {}
@@ -249,7 +301,7 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
         return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder, safe_serialization=True)
-        spec = {"model": folder, "prompts": cfg["prompts"], "answers": cfg["answers"], "batches": cfg["batches"],
+        spec = {"model": folder, "prompts": {str(b): prompts(cfg, b) for b in cfg["batches"]}, "answers": cfg["answers"], "batches": cfg["batches"],
                 "vocab": reference.config.vocab_size, "max_len": max(cfg["prompts"]) + max(cfg["answers"]) + 8}
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
                "OMP_NUM_THREADS": str(torch.get_num_threads()), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -332,10 +384,11 @@ def summary(payload: dict[str, Any]) -> str:
     r = payload["attention_roofline"]
     rows = [[form, f["seconds"], f["flops"] / 1e9, f["roofline_s"], f["over_roofline"]] for form, f in r["forms"].items()]
     lines += [f"Attention of one layer on a {r['prompt']}-token prefill (batch 1), each compute form, against its FLOPs "
-              f"at the measured matmul rate ({r['matmul_rate_flops'] / 1e9:.0f} GFLOP/s); the plan runs "
-              f"**{r['chosen_form']}**, {r['expanded_over_expanded_roofline']:.2f}x the expanded form's FLOP time. "
-              "FLOPs as the forms count them: every (query, key) pair and the expansion; sdpa's causal kernel (the "
-              "expanded form without sinks) skips most of the masked half, so under 1x is possible.", "",
+              f"at the matmul rate measured in this run ({r['matmul_rate_flops'] / 1e9:.0f} GFLOP/s, one "
+              f"2048^3 float32 GEMM; the cost model's CPU target says {r['target_cpu_peak_flops'] / 1e9:.0f}); the "
+              f"plan runs **{r['chosen_form']}**, {r['expanded_over_expanded_roofline']:.2f}x the expanded form's "
+              "FLOP time. FLOPs of a causal prefill: the T (T + 1) / 2 pairs a causal kernel scores, the expansion "
+              "and the absorption per token.", "",
               common.markdown_table(["form", "seconds", "GFLOP", "roofline s", "x roofline"], rows), ""]
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ A child module that reads the cache itself (a sparse-attention indexer that keep
 idea of the cache length) cannot be traced without one. :func:`retrace_with_stateful_children` traces such a
 block again with each of those children as one opaque op (``gqla_compile::stateful_child``: its tensor
 arguments in, its recorded output's shape out), which the installed runtime replaces by a call of the child
-itself, with the real cache: the family's own code, unchanged.
+itself, with the real cache: the family's own code, unchanged. That retrace lives in capture_stateful.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
@@ -39,13 +39,12 @@ from torch.export import Dim
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import _pytree as pytree
 
-from .stateful_op import BATCH_OF_FIRST_INPUT, SEQ_OF_FIRST_INPUT, stateful_child
 from .trace_cache import TRACES, trace_key
 
 logger = logging.getLogger(__name__)
 
 CAPTURE_METHOD = "torch.export (non-strict, dynamic batch/seq, no cache, the recorded mask) + run_decompositions({})"
-_BATCH, _SEQ = 2, 11  # sizes of the recording run; distinct from any head count or feature size we use
+RECORD_BATCH, RECORD_SEQ = 2, 11  # sizes of the recording run; distinct from any head count or feature size we use
 _MIN_LINEARS = 4
 #: The names a cache object is passed under (transformers' attention modules, and hand-written ones).
 CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value")
@@ -129,7 +128,7 @@ def record_calls(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, C
     try:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
         device = next(model.parameters()).device
-        input_ids = torch.randint(0, vocab, (_BATCH, _SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+        input_ids = torch.randint(0, vocab, (RECORD_BATCH, RECORD_SEQ), generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
     finally:
@@ -154,8 +153,19 @@ def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
     return flat
 
 
+class OpaqueTrace(Protocol):
+    """What :func:`capture_module` needs of a block's opaque children (capture_stateful.OpaqueChildren): a
+    context in which they trace as opaque ops, and what the trace depends on besides the block."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: Any) -> Any: ...
+
+    def key(self) -> tuple: ...
+
+
 def capture_module(path: str, module: nn.Module, record: CallRecord, *,
-                   opaque_children: _OpaqueChildren | None = None) -> CapturedAttention:
+                   opaque_children: OpaqueTrace | None = None) -> CapturedAttention:
     """Trace one module with torch.export, dynamic in batch and sequence, with no cache and its recorded mask
     (``opaque_children``: its stateful children as opaque ops while tracing); a block this process traced
     before with everything the trace depends on equal (trace_cache.py) reuses that graph."""
@@ -221,112 +231,6 @@ def _export_block(path: str, module: nn.Module, record: CallRecord, arguments: d
     )
 
 
-def stateful_children(module: nn.Module) -> dict[str, nn.Module]:
-    """The block's child modules whose forward takes a cache argument (an indexer with a cache of its own)."""
-    return {name: child for name, child in module.named_modules()
-            if name and any(arg in inspect.signature(child.forward).parameters for arg in CACHE_ARGUMENTS)}
-
-
-@dataclass
-class StatefulChildCall:
-    """How a block called one stateful child during its recorded call: tensor arguments by name (the first
-    one [batch, seq, ...]), and its output's shape and dtype (batch and seq dims as the markers above)."""
-
-    arguments: list[str]
-    shape: list[int]
-    dtype: torch.dtype
-
-
-def _record_stateful_calls(module: nn.Module, children: dict[str, nn.Module],
-                           record: CallRecord) -> dict[str, StatefulChildCall]:
-    """Run the block once on its recorded call and note how it calls each stateful child."""
-    calls: dict[str, StatefulChildCall] = {}
-    handles = []
-
-    def hook(name: str, child: nn.Module):
-        signature = inspect.signature(child.forward)
-
-        def record_call(_child, args, kwargs, output):
-            bound = bind_arguments(signature, args, kwargs)
-            tensors = {k: v for k, v in bound.items() if k not in CACHE_ARGUMENTS and v is not None}
-            if any(not isinstance(v, torch.Tensor) for v in tensors.values()) or not isinstance(output, torch.Tensor):
-                raise TypeError(f"{name} reads the cache and takes or returns something other than tensors; "
-                                "only tensor arguments and one tensor output can be kept as an opaque call")
-            first = next((k for k, v in tensors.items() if v.dim() >= 2 and tuple(v.shape[:2]) == (_BATCH, _SEQ)),
-                         None)
-            if first is None:
-                raise TypeError(f"{name} reads the cache but takes no [batch, seq, ...] tensor")
-            order = [first, *(k for k in tensors if k != first)]
-            marks = {0: BATCH_OF_FIRST_INPUT, 1: SEQ_OF_FIRST_INPUT}
-            shape = [marks[i] if i < 2 and size == (_BATCH, _SEQ)[i] else int(size)
-                     for i, size in enumerate(output.shape)]
-            calls[name] = StatefulChildCall(order, shape, output.dtype)
-
-        return record_call
-
-    for name, child in children.items():
-        handles.append(child.register_forward_hook(hook(name, child), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            module(**{k: v for k, v in record.arguments.items() if k not in CACHE_ARGUMENTS})
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-class _OpaqueChildren:
-    """While tracing, each stateful child's forward is the opaque op (restored on exit)."""
-
-    def __init__(self, children: dict[str, nn.Module], calls: dict[str, StatefulChildCall]):
-        self.children, self.calls = children, calls
-
-    def __enter__(self):
-        for name, child in self.children.items():
-            child.forward = self._opaque(name, inspect.signature(child.forward), self.calls[name])
-        return self
-
-    def __exit__(self, *exc):
-        for child in self.children.values():
-            del child.forward
-
-    def key(self) -> tuple:
-        """What the trace depends on besides the block: each opaque child's arguments and output."""
-        return tuple((name, tuple(call.arguments), tuple(call.shape), call.dtype)
-                     for name, call in self.calls.items() if name in self.children)
-
-    @staticmethod
-    def _opaque(name: str, signature: inspect.Signature, call: StatefulChildCall):
-        def forward(*args, **kwargs):
-            bound = bind_arguments(signature, args, kwargs)
-            inputs = [bound[argument] for argument in call.arguments]
-            return stateful_child(inputs, name, ",".join(call.arguments), call.shape, call.dtype)
-
-        return forward
-
-
-def retrace_with_stateful_children(capture: CapturedAttention, module: nn.Module,
-                                   traced: dict[tuple, CapturedAttention | None]) -> CapturedAttention | None:
-    """``capture``'s block traced again with each child that reads the cache as one opaque op (see the module
-    docstring); None when it has none or that trace failed (logged). ``traced`` holds one trace per block
-    structure, for the caller to share between layers."""
-    children = stateful_children(module)
-    if not children:
-        return None
-    key, record = capture.structure_key, recorded_call(capture)
-    if key not in traced:
-        try:
-            calls = _record_stateful_calls(module, children, record)
-            opaque = _OpaqueChildren({n: c for n, c in children.items() if n in calls}, calls)
-            traced[key] = capture_module(capture.module_path, module, record, opaque_children=opaque)
-        except Exception as exc:  # noqa: BLE001 - the caller keeps the first trace's result
-            logger.warning("%s: tracing its cache-reading child modules as opaque calls failed: %s",
-                           capture.module_path, _first_line(exc))
-            traced[key] = None
-    first = traced[key]
-    return None if first is None else reuse_capture(first, capture.module_path, record)
-
-
 def _traceable_argument(name: str, value: Any) -> Any:
     """What export is given for one recorded argument: no cache (the installed runtime owns it); a dict-like
     container the model shares between blocks (``collections.UserDict``, e.g. ``KVSharingDict``) as a plain
@@ -347,9 +251,9 @@ def _dims_of(value: Any, batch: Dim, seq: Dim) -> dict[int, Dim] | None:
         return None
     dims = {}
     for i, size in enumerate(value.shape):
-        if i == 0 and size == _BATCH:
+        if i == 0 and size == RECORD_BATCH:
             dims[i] = batch
-        elif size == _SEQ:
+        elif size == RECORD_SEQ:
             dims[i] = seq
     return dims or None
 
@@ -451,7 +355,7 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
             try:
                 first = capture_module(path, module, records[path])
             except Exception as exc:  # noqa: BLE001 - a block export cannot trace is reported, not fatal
-                first = TraceFailure(path, type(module).__name__, _first_line(exc))
+                first = TraceFailure(path, type(module).__name__, first_line(exc))
             by_structure[key] = first
             if isinstance(first, CapturedAttention):
                 logger.debug("traced %s in %.2f s", path, first.seconds)
@@ -463,7 +367,7 @@ def capture_candidates(model: nn.Module) -> CaptureResult:
     return CaptureResult(captures, failures, len(candidates), without_attention)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """"ExceptionType: first line of its message" (export's messages run to pages of hints)."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().removesuffix(":")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import ConversionError
+from .rope_gqla import compute_gqla_inv_freq
 
 __all__ = ["ENGINE_LATENT_DIM", "ENGINE_ROPE_DIM", "ExportLayout", "padded_layout", "rope_layout", "unpadded_layout"]
 
@@ -84,8 +85,6 @@ def _layout(config: Any, latent_dim: int, rope_dim: int) -> ExportLayout:
 
 def rope_layout(config: Any, rope_dim: int) -> tuple[dict[str, Any], list[list[int]]]:
     """DeepSeek-V3 ``rope_parameters`` at ``rope_dim`` dims and, per layer, the pair each GQLA pair goes to."""
-    from .modeling_gqla import compute_gqla_inv_freq
-
     layers = [compute_gqla_inv_freq(config, "cpu", config.layer_frequency_indices(i))
               for i in range(config.num_hidden_layers)]
     frequencies = [inv_freq.double() for inv_freq, _ in layers]
@@ -115,7 +114,7 @@ def rope_layout(config: Any, rope_dim: int) -> tuple[dict[str, Any], list[list[i
 def _candidate_parameters(config: Any, rope_dim: int) -> list[dict[str, Any]]:
     """The model's own rope_parameters, then (plain RoPE only) the theta that spaces its frequencies evenly."""
     own = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-    own.pop("partial_rotary_factor", None)  # GQLA's table ignores it (modeling_gqla.rope_config_view)
+    own.pop("partial_rotary_factor", None)  # GQLA's table ignores it (rope_gqla.rope_config_view)
     candidates = [own]
     if own.get("rope_type", "default") == "default":
         table_dim = config.rope_frequency_dim or config.qk_rope_head_dim

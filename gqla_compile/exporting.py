@@ -37,10 +37,14 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.initialization import no_init_weights
 
+from .conversion.mla import RECORD_FIELD
 from .errors import ConversionError
 from .export_layout import ENGINE_LATENT_DIM, ENGINE_ROPE_DIM, ExportLayout, padded_layout, unpadded_layout
 from .verification import relative_error, reproduction_tolerance
@@ -128,12 +132,37 @@ def _padding_cost(model: nn.Module, layout: ExportLayout) -> str:
 def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Module:
     """A DeepseekV3ForCausalLM computing what ``model`` (a GqlaForCausalLM) computes; see module docs and
     ``export`` for ``pad_latent``."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from .conversion.mla import RECORD_FIELD
-
     _require_gqla(model)
+    config = model.config
+    attention = [layer.self_attn for layer in model.model.layers]
+    layout = choose_layout(model, pad_latent)
+    biased = _check_exportable(model, layout)
+    n_h, n_g = config.num_attention_heads, config.num_key_value_heads
+    ds_config = _deepseek_v3_config(config, layout, biased)
+    with no_init_weights():
+        exported = DeepseekV3ForCausalLM(ds_config)
+    dtype = next(model.parameters()).dtype
+    scale = attention[0].scaling / exported.model.layers[0].self_attn.scaling
+    state = _deepseek_v3_state(model, layout, scale)
+    expected = exported.state_dict()
+    for name, tensor in expected.items():  # biases GQLA lacks where DeepSeek-V3 has one: zero
+        if name not in state and name.endswith(".bias"):
+            state[name] = torch.zeros_like(tensor)
+    exported.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=True, assign=True)
+    if ds_config.tie_word_embeddings:
+        exported.tie_weights()
+    exported.generation_config = model.generation_config
+    exported.eval()
+    _check_reproduces(model, exported)
+    logger.info("export: GqlaForCausalLM (%d groups) -> DeepseekV3ForCausalLM (kv_b_proj repeated %d times per "
+                "group, softmax scale factor %.6g folded into the queries, latent %d + %d%s)", n_g, n_h // n_g, scale,
+                layout.latent_dim, layout.rope_dim, "" if config.kv_a_layernorm else ", an inert latent norm")
+    return exported
+
+
+def _check_exportable(model: nn.Module, layout: ExportLayout) -> list[str]:
+    """ConversionError for what DeepSeek-V3 has no place for; warnings for what only some loaders reproduce.
+    Returns the attention projections with non-zero biases (exported as DeepSeek-V3's attention_bias)."""
     config = model.config
     attention = [layer.self_attn for layer in model.model.layers]
     if not config.kv_a_layernorm and not math.isclose(config.rms_norm_eps, LATENT_NORM_EPS):
@@ -149,7 +178,6 @@ def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Mo
         raise ConversionError(f"the MLP has biases ({mlp_biases[0]}, ...), which DeepSeek-V3's MLP has no place for")
     if config.q_lora_rank is None and any(_nonzero(a.q_proj.bias) for a in attention):
         raise ConversionError("q_proj has a bias, which DeepSeek-V3's q_proj (without q_lora_rank) has no place for")
-    layout = choose_layout(model, pad_latent)
     rope_type = layout.rope_parameters.get("rope_type", "default")
     if rope_type not in ENGINE_ROPE_TYPES:
         logger.warning("export: rope_type %r: transformers' DeepSeek-V3 reproduces it, serving engines' DeepSeek-V3 "
@@ -159,7 +187,11 @@ def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Mo
     if biased:
         logger.warning("exporting attention biases (%s) as DeepSeek-V3's attention_bias: transformers loads them, "
                        "serving engines' DeepSeek-V3 implementations may ignore them", ", ".join(biased))
+    return biased
 
+
+def _deepseek_v3_config(config: Any, layout: ExportLayout, biased: list[str]) -> Any:
+    """The DeepseekV3Config of the export (one dense MLP per layer, no MoE, no MTP), recording how it was made."""
     n_h, n_g = config.num_attention_heads, config.num_key_value_heads
     ds_config = DeepseekV3Config(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -182,25 +214,7 @@ def to_deepseek_v3(model: nn.Module, *, pad_latent: bool | None = None) -> nn.Mo
         record["padded_from"] = {"kv_lora_rank": config.kv_lora_rank, "qk_rope_head_dim": config.qk_rope_head_dim,
                                  "rope_pairs": layout.slots}
     setattr(ds_config, RECORD_FIELD, record)
-    with no_init_weights():
-        exported = DeepseekV3ForCausalLM(ds_config)
-    dtype = next(model.parameters()).dtype
-    scale = attention[0].scaling / exported.model.layers[0].self_attn.scaling
-    state = _deepseek_v3_state(model, layout, scale)
-    expected = exported.state_dict()
-    for name, tensor in expected.items():  # biases GQLA lacks where DeepSeek-V3 has one: zero
-        if name not in state and name.endswith(".bias"):
-            state[name] = torch.zeros_like(tensor)
-    exported.load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=True, assign=True)
-    if ds_config.tie_word_embeddings:
-        exported.tie_weights()
-    exported.generation_config = model.generation_config
-    exported.eval()
-    _check_reproduces(model, exported)
-    logger.info("export: GqlaForCausalLM (%d groups) -> DeepseekV3ForCausalLM (kv_b_proj repeated %d times per "
-                "group, softmax scale factor %.6g folded into the queries, latent %d + %d%s)", n_g, n_h // n_g, scale,
-                layout.latent_dim, layout.rope_dim, "" if config.kv_a_layernorm else ", an inert latent norm")
-    return exported
+    return ds_config
 
 
 def _deepseek_v3_state(model: nn.Module, layout: ExportLayout, scale: float) -> dict[str, torch.Tensor]:

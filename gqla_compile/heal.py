@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import save_pretrained_atomic
 from .errors import HealError
 
 logger = logging.getLogger(__name__)
@@ -246,52 +247,77 @@ def heal(
     if device is not None:
         model.to(device)
         teacher.to(device)
-    device = next(model.parameters()).device
-    params = trainable_parameters(model, config.trainable)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for param in params.values():
-        param.requires_grad_(True)
+    params = _train_only(model, config.trainable)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, fingerprints = 0, {}
-    if folder is not None:
-        _check_checkpoint_folder(folder)
-        fingerprints = _run_fingerprints(params, teacher, windows)
-        if (folder / STATE_FILE).is_file():
-            start, fingerprints = _resume(folder, params, optimizer, config, fingerprints)
-    if start:
-        logger.info("healing resumes at step %d from %s", start, folder)
+    checkpoints = _Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None, params, optimizer, config)
+    start = checkpoints.resume(teacher, windows)
     end = min(config.steps, stop_after if stop_after is not None else config.steps)
     result = HealResult(step=start, resumed_from=start)
     model.eval()
     teacher.eval()
-
-    def save(step: int) -> None:
-        if folder is None:
-            return
-        from .checkpoint import save_pretrained_atomic
-
-        state = {"step": step, "config": asdict(config), "fingerprints": fingerprints,
-                 "last_loss": result.losses[-1] if result.losses else None}
-        save_pretrained_atomic(_Checkpoint(params, optimizer, state), folder, force=True)
-
     try:
         for step in tqdm(range(start, end), desc="heal", unit="step", initial=start, total=end, disable=not progress):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config)
-            ids = windows[batch_indices(step, windows.shape[0], config.batch_size, config.seed)].to(device)
-            loss = distillation_loss(model, teacher, ids, temperature=config.temperature,
-                                     hidden_weight=config.hidden_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.losses.append(float(loss.detach()))
+            result.losses.append(_train_step(model, teacher, windows, optimizer, config, step))
             result.step = step + 1
             if checkpoint_every and result.step % checkpoint_every == 0 and result.step < end:
-                save(result.step)
+                checkpoints.save(result)
     finally:
         for param in params.values():
             param.requires_grad_(False)
-    save(result.step)
+    checkpoints.save(result)
     return result
+
+
+def _train_only(model: nn.Module, trainable: str) -> dict[str, nn.Parameter]:
+    """The parameters ``trainable`` names, the only ones that take gradients from now on."""
+    params = trainable_parameters(model, trainable)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    return params
+
+
+def _train_step(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, optimizer: torch.optim.Optimizer,
+                config: HealConfig, step: int) -> float:
+    """One optimizer step on step ``step``'s batch of windows, at the schedule's learning rate; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * lr_factor(step, config)
+    device = next(model.parameters()).device
+    ids = windows[batch_indices(step, windows.shape[0], config.batch_size, config.seed)].to(device)
+    loss = distillation_loss(model, teacher, ids, temperature=config.temperature, hidden_weight=config.hidden_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@dataclass
+class _Checkpoints:
+    """The run's checkpoint folder (None: no checkpoints): where it resumes from and what it saves."""
+
+    folder: Path | None
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    config: HealConfig
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def resume(self, teacher: nn.Module, windows: torch.Tensor) -> int:
+        """The step to start at: 0, or a checkpoint's step when the folder holds one of this very run."""
+        if self.folder is None:
+            return 0
+        _check_checkpoint_folder(self.folder)
+        self.fingerprints = _run_fingerprints(self.params, teacher, windows)
+        if not (self.folder / STATE_FILE).is_file():
+            return 0
+        start, self.fingerprints = _resume(self.folder, self.params, self.optimizer, self.config, self.fingerprints)
+        if start:
+            logger.info("healing resumes at step %d from %s", start, self.folder)
+        return start
+
+    def save(self, result: HealResult) -> None:
+        if self.folder is None:
+            return
+        state = {"step": result.step, "config": asdict(self.config), "fingerprints": self.fingerprints,
+                 "last_loss": result.losses[-1] if result.losses else None}
+        save_pretrained_atomic(_Checkpoint(self.params, self.optimizer, state), self.folder, force=True)

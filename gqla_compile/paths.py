@@ -102,7 +102,7 @@ class DecodePath:
         raise NotImplementedError
 
     def query_head_dims(self, dims: LatentDims) -> int:
-        """Width of each head's query as the decode attention (``runtime.attention_over_cache``) reads the
+        """Width of each head's query as the decode attention (``attention.attention_over_cache``) reads the
         path's cache with it."""
         raise NotImplementedError
 
@@ -152,7 +152,7 @@ class DecodePath:
     def attention_kernel(self, rope_key: str = "copied", *, multi_token: bool = False) -> str:
         """The kernel class of this path's attention core, whose efficiency a measured target knows
         (``Target.kernels``): one per RoPE-key layout the path offers besides the first (a layout's keys may be
-        strided views), and several new tokens per sequence run another kernel than one (runtime.KEYS_MAJOR_ROWS)."""
+        strided views), and several new tokens per sequence run another kernel than one (attention.KEYS_MAJOR_ROWS)."""
         layout = f"_{rope_key}" if self.rope_keys and rope_key != self.rope_keys[0] else ""
         name = f"attention_{self.name}{layout}"
         return f"{name}_multi_token" if multi_token else name

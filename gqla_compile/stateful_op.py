@@ -1,7 +1,7 @@
 """The opaque op ``gqla_compile::stateful_child``: a child module that reads the cache, as one call in a graph.
 
 A sparse-attention indexer that keeps its own keys and its own idea of the cache length cannot be traced
-without a cache. Capture (:func:`~gqla_compile.capture.retrace_with_stateful_children`) traces its block with
+without a cache. Capture (:func:`~gqla_compile.capture_stateful.retrace_with_stateful_children`) traces its block with
 the child replaced by this op (its tensor arguments in, its recorded output's shape out); detection
 (passes/selection.py) recognises the op as a token selection's source; the installed runtime calls the child
 itself. The op is registered with torch when this module is imported, so each of those modules imports it

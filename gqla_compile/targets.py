@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 
+from . import attention, runtime
 from . import kernels as cpu_kernels  # not `kernels`: that names the measured efficiencies here
-from . import runtime
 from .dims import LatentDims
 from .errors import UnknownTargetError
 from .paths import PATHS, DecodePath
-from .runtime import attention_over_cache
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +346,7 @@ def _attention_efficiency(decode: DecodePath, rope_key: str, bandwidth: float, p
         heads, tokens = (cached_heads, rows) if multi_token else (cached_heads * rows, 1)
         query = torch.randn(1, heads, tokens, decode.query_head_dims(dims), generator=generator)
         flops = 2 * heads * tokens * s * decode.attention_head_dims(dims)
-        seconds = _median_seconds(lambda: attention_over_cache(query, keys, values, None, 1.0), budget_s)
+        seconds = _median_seconds(lambda: attention.attention_over_cache(query, keys, values, None, 1.0), budget_s)
         efficiency.append(_roofline_seconds(cached_bytes, flops, bandwidth, peak) / seconds)
     return KernelEfficiency(all_rows, tuple(efficiency))
 
@@ -361,8 +360,10 @@ def _cache_file() -> Path:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    # the runtime's and the kernels' source are part of the key: a changed attention kernel is measured afresh
-    source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (runtime, cpu_kernels))).hexdigest()
+    # the runtime's, the attention's and the kernels' source are part of the key: a changed attention kernel is
+    # measured afresh
+    source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                     for m in (runtime, attention, cpu_kernels))).hexdigest()
     identity = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{source}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GQLA_COMPILE_CACHE", Path.home() / ".cache" / "gqla_compile"))

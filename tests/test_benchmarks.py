@@ -238,3 +238,20 @@ def test_quick_serving_without_vllm(tmp_path, monkeypatch):
     assert data["model"]["parameters"] > 1e7 and data["model"]["kv_lora_rank"] == 512
     assert json.loads((tmp_path / "serving.json").read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert "vLLM rows skipped" in (tmp_path / "serving.md").read_text()
+
+
+def test_request_warm_up_compiles_every_regime_the_timed_requests_hit():
+    """The request benchmark's warm-up holds a request of every (prompt, cache length) regime on either side of
+    Inductor's reduction specialisation that a measured request falls in, at lengths no measured request has;
+    batch 4 stops at the capped prompt."""
+    from benchmarks import request
+
+    cfg = request.settings(quick=False)
+    chunk, longest = request.INDUCTOR_REDUCTION_CHUNK, max(cfg["answers"])
+    for batch in cfg["batches"]:
+        measured = request.prompts(cfg, batch)
+        shapes = request.warm_up_shapes(cfg, batch)
+        regimes = {(p > chunk, p + a > chunk) for p, a in shapes}
+        assert {(p > chunk, p + longest > chunk) for p in measured} <= regimes
+        assert not {p for p, _ in shapes} & set(measured)
+    assert request.prompts(cfg, 4) == [256, 1024, 4096] and request.prompts(cfg, 1)[-1] == 8192

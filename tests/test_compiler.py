@@ -95,8 +95,8 @@ def test_detection_reads_dims_and_groups_from_the_graph():
     d = layer.dims
     assert (d.n_h, d.n_g, d.d_c, d.d_R, d.d_n, d.d_v) == (6, 3, 20, 8, 12, 10)
     detect = layer.records[0]
-    assert detect.pass_name == "detect" and detect.summary["matched"] == 1
-    assert detect.summary["attention"] == "eager"
+    assert detect.pass_name == "detect" and detect.summary.matched == 1
+    assert detect.summary.attention == "eager"
 
 
 @pytest.mark.parametrize("path, rope_key", LAYOUTS)
@@ -161,7 +161,7 @@ def test_static_cache_holds_the_rewritten_layout(eager_pair):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_prefill_longer_than_the_decode_threshold(eager_pair, padded):
     """40 tokens in one step: past FOLD_QUERY_HEADS_UP_TO, the attention core's prefill branch."""
-    from gqla_compile.runtime import FOLD_QUERY_HEADS_UP_TO
+    from gqla_compile.attention import FOLD_QUERY_HEADS_UP_TO
 
     reference, optimized, _ = eager_pair
     length = 40
@@ -185,8 +185,8 @@ def test_folded_output_absorption_end_to_end(name):
     state = optimized.gqla_optimization
     assert state.plan.output_absorption == "folded"
     absorb = next(r for r in state.layers[0].records if r.pass_name == "absorb")
-    assert absorb.summary["output_absorption"] == "folded"
-    assert any(k.startswith("o_proj_folded") for k in absorb.summary["folded_weights"])
+    assert absorb.summary.output_absorption == "folded"
+    assert any(k.startswith("o_proj_folded") for k in absorb.summary.folded_weights)
     dims = state.layers[0].dims
     for layer in state.layers:
         core = dict(optimized.named_modules())[layer.module_path].gqla_runtime.core

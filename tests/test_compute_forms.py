@@ -174,10 +174,12 @@ def test_deepseek_v3_crossover_follows_the_flop_terms():
 
 
 @pytest.mark.slow
-def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each(cache):
     """torch.compile over four prompt lengths, each prefilled in the expanded form and decoded in the absorbed
     form: the frames dynamo compiles stop growing with the length (a static first graph, then dynamic ones), no
-    graph break, no eager fallback, and the tokens are the unmodified model's."""
+    graph break, no eager fallback, and the tokens are the unmodified model's. With a StaticCache the prefill's
+    shortcut over the written rows is a ``torch.cond`` in the same graphs."""
     from torch._dynamo.utils import counters
 
     reference = _windowed("deepseek_v3")
@@ -188,7 +190,8 @@ def test_compiled_prefills_of_several_lengths_do_not_recompile_at_each():
         ids = torch.randint(0, TEXT_VOCAB, (1, length), generator=generator)
         # the mask always passed: generate makes one only where the prompt holds the pad id, and a call with one
         # more argument is another graph whatever the attention does
-        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                      cache_implementation=cache)
         with torch.no_grad():
             expected = reference.generate(ids, **kwargs)
             before = counters["stats"]["unique_graphs"]
@@ -212,3 +215,34 @@ def test_verification_checks_each_compute_form(monkeypatch):
     with pytest.raises(gqla_compile.VerificationError, match="in the expanded compute form"):
         gqla_compile.optimize(model, path="absorbed", target="h20", compile=False)
     assert model.model.layers[0].self_attn.forward == forward and getattr(model, "gqla_optimization", None) is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_a_prefill_into_an_empty_static_cache_reads_only_the_written_rows(path, padded, recorded_forms):
+    """generate with a StaticCache (its unwritten rows masked): an unpadded prompt's mask is plain causal over its
+    own rows, so the core attends over those PROMPT rows only (the form rule sees PROMPT keys, not the cache's
+    length); a left-padded batch's mask is not, so the call reads every row under the mask. Both give the
+    unmodified model's tokens and logits (1e-4)."""
+    reference = _windowed("deepseek_v3")
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, TEXT_VOCAB, (2, PROMPT), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :PAD], mask[1, :PAD] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, cache_implementation="static")
+    with torch.no_grad():
+        expected = reference.generate(ids, **kwargs)
+        model = gqla_compile.optimize(copy.deepcopy(reference), path=path, target="h20", compile=False)
+        recorded_forms.clear()
+        got = model.generate(ids, **kwargs)
+    assert len(set(expected.sequences[:, PROMPT:].flatten().tolist())) > 1
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_logits, want in zip(got.logits, expected.logits):
+        assert relative_error(got_logits, want) < 1e-4
+    new, keys, form = recorded_forms[0]
+    cache_length = recorded_forms[-1][1]  # a decode step reads the whole static cache under its mask
+    assert new == PROMPT and cache_length > PROMPT
+    assert keys == (cache_length if padded else PROMPT)
+    assert form == ("grouped" if path == "grouped" else "expanded")

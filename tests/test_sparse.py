@@ -103,7 +103,7 @@ def test_indices_outside_the_cache_select_nothing_and_a_repeated_one_counts_once
     selection): the same as the family's scatter into its mask."""
     import torch
 
-    from gqla_compile.runtime import attention_over_cache, causal_attention, selected_attention, without_repeats
+    from gqla_compile.attention import attention_over_cache, causal_attention, selected_attention, without_repeats
 
     generator = torch.Generator().manual_seed(1)
     context, heads = 30, 4

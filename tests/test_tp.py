@@ -148,11 +148,11 @@ def test_each_rank_caches_its_share(parallel_results):
             assert result["cache_elements"] == result["layers"] * BATCH * result["cached_tokens"] * per_rank, where
             summary = result["shard_summary"]
             if path == "grouped":  # keys and values of n_g / P groups (and k_R, once, when shared)
-                assert summary["groups"] == [rank * dims.n_g // world_size, (rank + 1) * dims.n_g // world_size]
+                assert summary.groups == [rank * dims.n_g // world_size, (rank + 1) * dims.n_g // world_size]
             if (path, rope_key) == ("grouped", "copied"):  # nothing replicated: the ranks split the cache
                 assert per_rank * world_size == latent_cache_elements(dims, path), where
-            assert summary["heads"] == [rank * dims.n_h // world_size, (rank + 1) * dims.n_h // world_size], where
-            assert summary["query_projection"] == "rows of the rank's heads", where
+            assert summary.heads == [rank * dims.n_h // world_size, (rank + 1) * dims.n_h // world_size], where
+            assert summary.query_projection == "rows of the rank's heads", where
             assert result["sharding"]["mlp"] == "replicated"
             assert result["report_parallel"]["tp"] == world_size and result["report_parallel"]["rank"] == rank
             assert result["report_bytes_per_rank"] == result["per_rank"] * 4, where  # float32
@@ -166,8 +166,8 @@ def test_shard_record_counts_the_ranks_cache_in_the_plans_layout(parallel_result
     for rank, results in enumerate(per_rank):
         for (name, path, rope_key), result in results.items():
             summary = result["shard_summary"]
-            assert summary["rope_key"] == rope_key and summary["path"] == path
-            assert summary["cache_elements_per_token_per_rank"] == result["per_rank"], (name, path, rope_key, rank)
+            assert summary.path == path and result["rope_key"] == rope_key
+            assert summary.cache_elements_per_token_per_rank == result["per_rank"], (name, path, rope_key, rank)
             layouts.add((path, rope_key))
     if world_size == 2 and len(per_rank[0]) == len(ALL_CASES):
         assert {("grouped", "copied"), ("grouped", "shared")} <= layouts
@@ -194,7 +194,7 @@ def _family_decode(rank: int, world_size: int, cases) -> dict:
         results[(name, path)] = dict(
             tokens_equal=tokens == expected_tokens,
             errors=[relative_error(got, want) for got, want in zip(steps, expected_steps)],
-            heads=next(r for r in layer.records if r.pass_name == "shard").summary["heads"],
+            heads=next(r for r in layer.records if r.pass_name == "shard").summary.heads,
             n_h=layer.dims.n_h,
         )
     return results
@@ -292,4 +292,4 @@ def test_shard_pass_keeps_the_ranks_query_heads_only():
     assert all(torch.equal(g, e) for g, e in zip(got[1:], expected[1:]))
     q_rows = [tuple(b.shape) for n, b in sharded.named_buffers() if n.startswith("q_proj")]
     assert q_rows == [(4 * 24, 64)]  # only the rank's 4 heads' rows of q_proj remain
-    assert shard.summary()["query_projection"] == "rows of the rank's heads"
+    assert shard.summary().query_projection == "rows of the rank's heads"

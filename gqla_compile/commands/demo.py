@@ -35,11 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
-
-    import gqla_compile
-    from ..tiny import TINY_CONFIGS
-    from ..verification import relative_error
 
     quiet = args.demo_quiet or getattr(args, "quiet", False)
 
@@ -48,6 +43,32 @@ def run(args: argparse.Namespace) -> None:
             print(text)
 
     start = time.perf_counter()
+    config, llama, calibration, probe, prompt = _tiny_llama()
+    say(f"tiny Llama: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} "
+        f"query heads, {config.num_key_value_heads} KV heads x {config.head_dim} dims (random weights, seed 0)")
+    converted, errors = _convert_two_ranks(llama, calibration, probe, say)
+    gqla = converted["full rank"]
+    with torch.no_grad():
+        expected = gqla.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)
+    results = [_optimize_and_generate(gqla, target, s_q, prompt, expected, compile=args.compile, say=say)
+               for target, s_q in TARGETS]
+    ok = all(same for *_, same in results) and errors["full rank"] < 1e-4
+    paths = ", ".join(f"{t} s_q={s}: {p}" for t, s, p, _ in results)
+    print(f"demo {'OK' if ok else 'FAILED'}: conversion error full rank {errors['full rank']:.1e}, compressed "
+          f"{errors['compressed']:.1e}; {paths}; tokens "
+          f"{'identical' if all(s for *_, s in results) else 'DIFFER'}; {time.perf_counter() - start:.1f} s")
+    if not ok:
+        raise RuntimeError("the demo's checks failed (see above)")
+
+
+def _tiny_llama():
+    """The tiny random Llama (seed 0) and its calibration sequences, logit probe and prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..tiny import TINY_CONFIGS
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
         config = TINY_CONFIGS["tiny-llama"](**LLAMA_OVERRIDES)
@@ -56,10 +77,17 @@ def run(args: argparse.Namespace) -> None:
         calibration = [torch.randint(0, config.vocab_size, (64,), generator=generator) for _ in range(16)]
         probe = torch.randint(0, config.vocab_size, (2, 24), generator=generator)
         prompt = torch.randint(0, config.vocab_size, (1, 6), generator=generator)
-    n_kv, head_dim = config.num_key_value_heads, config.head_dim
-    say(f"tiny Llama: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} "
-        f"query heads, {n_kv} KV heads x {head_dim} dims (random weights, seed 0)")
+    return config, llama, calibration, probe, prompt
 
+
+def _convert_two_ranks(llama, calibration, probe, say):
+    """TransGQLA at full rank (lossless) and compressed; each model and its logit error on the probe."""
+    import torch
+
+    import gqla_compile
+    from ..verification import relative_error
+
+    n_kv, head_dim = llama.config.num_key_value_heads, llama.config.head_dim
     ranks = {"full rank": (2 * n_kv * head_dim, n_kv * head_dim), "compressed": (n_kv * head_dim // 2, 8)}
     converted, errors = {}, {}
     with torch.no_grad():
@@ -71,32 +99,26 @@ def run(args: argparse.Namespace) -> None:
             errors[label] = relative_error(model(probe).logits, reference)
             say(f"TransGQLA {label:10s} d_c={d_c:3d} d_R={d_r:2d}: cache {d_c + d_r} vs {2 * n_kv * head_dim} "
                 f"elements per token and layer, logit relative error {errors[label]:.2e}")
-    gqla = converted["full rank"]
+    return converted, errors
+
+
+def _optimize_and_generate(gqla, target: str, s_q: int, prompt, expected, *, compile: bool, say):
+    """A copy optimized for ``target``: its path, and whether greedy generation gives the expected tokens; says
+    so, with the report."""
+    import torch
+
+    import gqla_compile
+
+    model = gqla_compile.optimize(copy.deepcopy(gqla), target=target, s_q=s_q, compile=compile)
+    state = model.gqla_optimization
     with torch.no_grad():
-        expected = gqla.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=0)
-
-    results = []
-    for target, s_q in TARGETS:
-        model = gqla_compile.optimize(copy.deepcopy(gqla), target=target, s_q=s_q, compile=args.compile)
-        state = model.gqla_optimization
-        with torch.no_grad():
-            tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                    do_sample=False, pad_token_id=0)
-        same = torch.equal(tokens, expected)
-        results.append((target, s_q, state.path, same))
-        say()
-        say(f"== {target}, s_q={s_q}: {state.path} path; {state.plan.reason}")
-        say(f"   generated {tokens[0, prompt.shape[1]:].tolist()}: "
-            f"{'identical to' if same else 'DIFFERENT from'} the unoptimized model's tokens")
-        if not quiet:
-            print()
-            print(gqla_compile.report(model))
-
-    ok = all(same for *_, same in results) and errors["full rank"] < 1e-4
-    paths = ", ".join(f"{t} s_q={s}: {p}" for t, s, p, _ in results)
-    print(f"demo {'OK' if ok else 'FAILED'}: conversion error full rank {errors['full rank']:.1e}, compressed "
-          f"{errors['compressed']:.1e}; {paths}; tokens "
-          f"{'identical' if all(s for *_, s in results) else 'DIFFER'}; {time.perf_counter() - start:.1f} s")
-    if not ok:
-        raise RuntimeError("the demo's checks failed (see above)")
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                do_sample=False, pad_token_id=0)
+    same = torch.equal(tokens, expected)
+    say()
+    say(f"== {target}, s_q={s_q}: {state.path} path; {state.plan.reason}")
+    say(f"   generated {tokens[0, prompt.shape[1]:].tolist()}: "
+        f"{'identical to' if same else 'DIFFERENT from'} the unoptimized model's tokens")
+    say()
+    say(str(gqla_compile.report(model)))
+    return target, s_q, state.path, same

@@ -9,13 +9,15 @@ from torch import nn
 
 from ..dims import is_latent_config
 from ..errors import ConversionError
-from .calibration import CalibrationInput
+from .calibration import DEFAULT_BATCH_SIZE, Calibration, CalibrationInput
 from .gqa import SUPPORTED_ARCHITECTURES, convert_gqa
+from .mla import convert_mla
 
 __all__ = ["convert", "SUPPORTED_ARCHITECTURES"]
 
-# convert() keywords that only the GQA converter takes
+# convert() keywords that only the GQA converter takes, and those that only the latent converter takes
 GQA_OPTIONS = ("rope_band_size", "rope_allocation", "sequential", "fit_output", "fit_steps", "fit_lr", "balance")
+LATENT_OPTIONS = ("grouping", "weighting", "score_aware", "output")
 
 
 def convert(
@@ -65,25 +67,25 @@ def convert(
     Returns the new model in eval mode; ``config.conversion`` (``config.gqla_conversion`` for a latent source
     kept in its family) records how it was made.
     """
-    # Latent models (MLA, GQLA), and any model asked for the latent options, go to the latent converter,
-    # whose detector decides (and says so when the model holds no latent attention).
-    latent_options = {name: kwargs.pop(name) for name in ("grouping", "weighting", "score_aware", "output")
-                      if name in kwargs}
-    config = getattr(model, "config", None)
-    gqa_groups = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
-    wants_latent = any(v not in (None, False) for v in latent_options.values()) or (
-        num_groups is not None and num_groups != gqa_groups)
-    if config is None or is_latent_config(config) or wants_latent:
-        from .mla import convert_mla
-
+    run = Calibration(calibration, tokenizer, seed=seed, batch_size=kwargs.pop("batch_size", DEFAULT_BATCH_SIZE),
+                      progress=progress)
+    latent_options = {name: kwargs.pop(name) for name in LATENT_OPTIONS if name in kwargs}
+    if _goes_to_the_latent_converter(model, num_groups, latent_options):
         gqa_only = sorted(set(kwargs) & set(GQA_OPTIONS))
         if gqa_only:
             raise ConversionError(f"{', '.join(gqa_only)} apply to GQA sources only (TransGQLA), not to regrouping a "
                                   "latent-attention model")
+        return convert_mla(model, run, num_groups=num_groups, dtype=dtype, **latent_options, **kwargs)
+    return convert_gqa(model, run, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                       num_groups=num_groups, dtype=dtype, **kwargs)
 
-        return convert_mla(model, num_groups=num_groups, calibration=calibration, tokenizer=tokenizer, dtype=dtype,
-                           progress=progress, seed=seed, **latent_options, **kwargs)
-    return convert_gqa(
-        model, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim, calibration=calibration,
-        tokenizer=tokenizer, num_groups=num_groups, dtype=dtype, progress=progress, seed=seed, **kwargs,
-    )
+
+def _goes_to_the_latent_converter(model: nn.Module, num_groups: int | None, latent_options: dict[str, Any]) -> bool:
+    """Latent models (MLA, GQLA), and any model asked for the latent options or for other groups than its GQA
+    key-value heads, go to the latent converter, whose detector decides (and says so when the model holds no
+    latent attention)."""
+    config = getattr(model, "config", None)
+    gqa_groups = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    wants_latent = any(v not in (None, False) for v in latent_options.values()) or (
+        num_groups is not None and num_groups != gqa_groups)
+    return config is None or is_latent_config(config) or wants_latent

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -114,6 +115,26 @@ def prepare_calibration(
     if too_big:
         raise ConversionError(f"calibration token id {too_big[0]} is outside the vocabulary [0, {vocab_size})")
     return sequences
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a conversion calibrates, as ``convert`` was asked: the data (None: seeded random tokens), the
+    tokenizer for strings, the seed, the batch size and whether bars show progress."""
+
+    data: CalibrationInput = None
+    tokenizer: Any = None
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    progress: bool = True
+
+    def sequences(self, vocab_size: int) -> list[torch.Tensor]:
+        return prepare_calibration(self.data, vocab_size=vocab_size, tokenizer=self.tokenizer, seed=self.seed)
+
+    def record(self, num_sequences: int, num_tokens: int) -> dict[str, Any]:
+        """The calibration as the conversion record states it."""
+        return {"source": "random tokens" if self.data is None else "given", "num_sequences": num_sequences,
+                "num_tokens": num_tokens, "seed": self.seed}
 
 
 def padded_batches(sequences: Sequence[torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

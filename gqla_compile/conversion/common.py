@@ -16,6 +16,13 @@ from ..modeling_gqla import GqlaForCausalLM
 _DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 
+def output_dtype(dtype: torch.dtype | str | None, source: nn.Module) -> torch.dtype:
+    """The converted model's dtype: ``dtype`` (a torch dtype or its name), or the source's when None."""
+    if dtype is None:
+        return next(source.parameters()).dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def model_wide_config_fields(source_config: Any) -> dict[str, Any]:
     """GqlaConfig fields that describe the model around attention: vocabulary, depth, norms, tokens, RoPE."""
     rope = copy.deepcopy(dict(getattr(source_config, "rope_parameters", None) or _DEFAULT_ROPE))

@@ -6,6 +6,7 @@ scales)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -48,17 +49,13 @@ def gqla_config_for_latent(source: nn.Module, blocks: Sequence[LatentBlock], num
     q_first = attn.q_proj if getattr(attn, "q_proj", None) is not None else attn.q_a_proj
     has_norm = isinstance(getattr(attn, "kv_a_layernorm", None), nn.Module)
     mlp = source.model.layers[0].mlp
+    # the attention dims as a GQLA config names them (heads, groups, ranks, head dims, hidden size)
+    latent = {name: value for name, value in vars(replace(d, n_g=num_groups).as_config(len(blocks))).items()
+              if name not in ("model_type", "num_hidden_layers")}
     return GqlaConfig(
         **model_wide_config_fields(cfg),
-        hidden_size=d.hidden_size,
+        **latent,
         intermediate_size=getattr(getattr(mlp, "gate_proj", None), "out_features", None) or cfg.intermediate_size,
-        num_attention_heads=d.n_h,
-        num_key_value_heads=num_groups,
-        kv_lora_rank=d.d_c,
-        q_lora_rank=d.q_lora_rank,
-        qk_rope_head_dim=d.d_R,
-        qk_nope_head_dim=d.d_n,
-        v_head_dim=d.d_v,
         attention_bias=q_first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None,
         attention_output_bias=attn.o_proj.bias is not None,
         mlp_bias=getattr(getattr(mlp, "gate_proj", None), "bias", None) is not None,

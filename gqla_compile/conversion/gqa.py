@@ -51,9 +51,8 @@ from tqdm.auto import tqdm
 
 from ..configuration_gqla import GqlaConfig
 from ..errors import ConversionError
-from .calibration import (CalibrationInput, DEFAULT_BATCH_SIZE, LayerStream, attention_input_moment,
-                          collect_attention_input_moments, prepare_calibration)
-from .common import gqla_model_from_state
+from .calibration import Calibration, LayerStream, attention_input_moment, collect_attention_input_moments
+from .common import gqla_model_from_state, output_dtype
 from .fitting import LayerBuilder, fit_output_projection, output_error, refine_attention
 from .gqa_source import (ATTENTION_PROJECTIONS, SUPPORTED_ARCHITECTURES, GqaShape, augmented_weight, check_gqa_model,
                          check_ranks, gqla_config_for, warn_sliding_window)
@@ -138,12 +137,6 @@ def assemble_model(source: nn.Module, config: GqlaConfig, attention: dict[str, t
     state = {name: tensor for name, tensor in source.state_dict().items() if not _is_replaced(name)}
     state.update(attention)
     return gqla_model_from_state(source, config, state, dtype)
-
-
-def _as_dtype(dtype: torch.dtype | str | None, source: nn.Module) -> torch.dtype:
-    if dtype is None:
-        return next(source.parameters()).dtype
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _rope_choices(recipe: _Recipe, k_aug: torch.Tensor, moment: torch.Tensor) -> list[RopeChoice]:
@@ -255,16 +248,12 @@ def _conversion_record(model: nn.Module, recipe: _Recipe, *, rope_allocation: st
 
 def convert_gqa(
     model: nn.Module,
+    calibration: Calibration,
     *,
-    kv_lora_rank: int = 512,
-    qk_rope_head_dim: int = 64,
-    calibration: CalibrationInput = None,
-    tokenizer: Any = None,
-    num_groups: int | None = None,
-    dtype: torch.dtype | str | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    kv_lora_rank: int,
+    qk_rope_head_dim: int,
+    num_groups: int | None,
+    dtype: torch.dtype | str | None,
     rope_band_size: int | Literal["auto"] = "auto",
     rope_allocation: RopeAllocation = "freqfold",
     sequential: bool = True,
@@ -274,8 +263,8 @@ def convert_gqa(
     balance: Literal["auto", "rms"] = "auto",
     _latent_basis: LatentBasis = "pca",
 ) -> nn.Module:
-    """TransGQLA of a Llama / Qwen2 / Mistral model; see ``gqla_compile.convert``. (Long for its signature, the
-    public keywords of ``convert``; the work of a layer is in :func:`_convert_layer`.)
+    """TransGQLA of a Llama / Qwen2 / Mistral model; see ``gqla_compile.convert`` (the work of a layer is in
+    :func:`_convert_layer`).
 
     Layer by layer: the attention inputs of layer i come from the model whose layers before i are already
     converted (``sequential``; else from the source), their moment gives the RoPE step and the balanced joint
@@ -285,22 +274,46 @@ def convert_gqa(
     shape = check_gqa_model(model)
     check_ranks(shape, kv_lora_rank, qk_rope_head_dim, num_groups)
     _check_options(balance, rope_allocation)
-    out_dtype = _as_dtype(dtype, model)
+    out_dtype = output_dtype(dtype, model)
     sliding_window_dropped = warn_sliding_window(model.config)
-    sequences = prepare_calibration(calibration, vocab_size=model.config.vocab_size, tokenizer=tokenizer, seed=seed)
+    sequences = calibration.sequences(model.config.vocab_size)
     layers = model.model.layers
     has_qkv_bias = any(getattr(layers[0].self_attn, name).bias is not None for name in ATTENTION_PROJECTIONS)
-    energy_counts = (_energy_counts(model, sequences, shape, qk_rope_head_dim, batch_size, progress)
-                     if rope_allocation == "energy" else None)
-
-    was_training = model.training
-    model.eval()
+    energy_counts = (_energy_counts(model, sequences, shape, qk_rope_head_dim, calibration.batch_size,
+                                    calibration.progress) if rope_allocation == "energy" else None)
     recipe = _Recipe(shape, kv_lora_rank, qk_rope_head_dim, rope_band_size, balance, fit_output, fit_steps, fit_lr,
                      _latent_basis, LayerBuilder(model, shape, kv_lora_rank, qk_rope_head_dim, has_qkv_bias),
-                     torch.Generator().manual_seed(seed), energy_counts)
-    stream = LayerStream(model, sequences, batch_size)
+                     torch.Generator().manual_seed(calibration.seed), energy_counts)
+    stream = LayerStream(model, sequences, calibration.batch_size)
+    attention, records, tables = _convert_layers(model, recipe, stream, sequential=sequential,
+                                                 progress=calibration.progress)
+    if not has_qkv_bias:
+        attention = {name: t for name, t in attention.items() if not name.endswith(".bias") or ".o_proj." in name}
+    conversion_record = _conversion_record(
+        model, recipe, rope_allocation=rope_allocation, sequential=sequential,
+        calibration=calibration.record(len(sequences), stream.num_tokens),
+        sliding_window_dropped=sliding_window_dropped, records=records)
+    config = gqla_config_for(
+        model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim, rope_frequency_indices=tables,
+        attention_bias=has_qkv_bias, attention_output_bias=layers[0].self_attn.o_proj.bias is not None,
+        conversion=conversion_record,
+    )
+    logger.info("TransGQLA: %d layers, mean kept key energy under RoPE %.3f, mean kept latent energy %.3f",
+                len(records), sum(r["rope_kept_energy"] for r in records) / len(records),
+                sum(r["latent_kept_energy"] for r in records) / len(records))
+    return assemble_model(model, config, attention, out_dtype)
+
+
+def _convert_layers(model: nn.Module, recipe: _Recipe, stream: LayerStream, *, sequential: bool, progress: bool
+                    ) -> tuple[dict[str, torch.Tensor], list[dict], list]:
+    """Every layer in order, the model in eval mode meanwhile: the new attention tensors by state-dict name, each
+    layer's record and its RoPE frequency table. ``sequential``: the next layer's inputs come from the converted
+    layer."""
+    layers = model.model.layers
     attention: dict[str, torch.Tensor] = {}
     records, tables = [], []
+    was_training = model.training
+    model.eval()
     try:
         for index in tqdm(range(len(layers)), desc="TransGQLA", unit="layer", disable=not progress):
             layer = layers[index]
@@ -314,20 +327,4 @@ def convert_gqa(
                 stream.advance(layer, layer.self_attn)
     finally:
         model.train(was_training)
-
-    if not has_qkv_bias:
-        attention = {name: t for name, t in attention.items() if not name.endswith(".bias") or ".o_proj." in name}
-    conversion_record = _conversion_record(
-        model, recipe, rope_allocation=rope_allocation, sequential=sequential, calibration={
-            "source": "random tokens" if calibration is None else "given", "num_sequences": len(sequences),
-            "num_tokens": stream.num_tokens, "seed": seed},
-        sliding_window_dropped=sliding_window_dropped, records=records)
-    config = gqla_config_for(
-        model.config, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim, rope_frequency_indices=tables,
-        attention_bias=has_qkv_bias, attention_output_bias=layers[0].self_attn.o_proj.bias is not None,
-        conversion=conversion_record,
-    )
-    logger.info("TransGQLA: %d layers, mean kept key energy under RoPE %.3f, mean kept latent energy %.3f",
-                len(records), sum(r["rope_kept_energy"] for r in records) / len(records),
-                sum(r["latent_kept_energy"] for r in records) / len(records))
-    return assemble_model(model, config, attention, out_dtype)
+    return attention, records, tables

@@ -69,7 +69,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConversionError, PartialRewriteWarning
-from .calibration import DEFAULT_BATCH_SIZE, CalibrationInput, prepare_calibration
+from .calibration import Calibration
+from .common import output_dtype
 from .compact import (check_compact_layout, check_compact_reproduces, compact_model, expected_state_names,
                       gqla_config_for_latent)
 from .grouping import group_basis, similarity_grouping
@@ -203,21 +204,17 @@ def _conversion_record(model: nn.Module, *, output: str, source_groups: int, num
 
 def convert_mla(
     model: nn.Module,
+    calibration: Calibration,
     *,
-    num_groups: int | None = None,
-    calibration: CalibrationInput = None,
-    tokenizer: Any = None,
+    num_groups: int | None,
+    dtype: torch.dtype | str | None,
     grouping: str | None = None,
     weighting: str | None = None,
     score_aware: bool = False,
     output: str = "family",
-    dtype: torch.dtype | str | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> nn.Module:
-    """A latent-attention model (MLA or GQLA) regrouped to ``num_groups`` groups; see module docs. (Long for its
-    signature and its checks, each one line; the work is in the modules named there.)
+    """A latent-attention model (MLA or GQLA) regrouped to ``num_groups`` groups; see module docs (the work is in
+    the modules named there).
 
     ``output="family"`` (default): a copy of ``model``, same class, config and modules, every weight outside the
     attention blocks bit-identical; the config records the conversion under ``gqla_conversion`` (a field stock
@@ -243,18 +240,15 @@ def convert_mla(
         expected = expected_state_names(config)
         check_compact_layout(model, blocks, expected)
     source_dtype = next(model.parameters()).dtype
-    out_dtype = source_dtype if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    out_dtype = output_dtype(dtype, model)
 
-    sequences = prepare_calibration(calibration, vocab_size=model.config.get_text_config().vocab_size,
-                                    tokenizer=tokenizer, seed=seed)
+    sequences = calibration.sequences(model.config.get_text_config().vocab_size)
     stats = collect_latent_statistics(model, blocks, sequences, weighting=weighting, queries=score_aware,
-                                      batch_size=batch_size, progress=progress)
-    layer_tensors, records = _convert_blocks(blocks, stats, num_groups, grouping, score_aware, progress)
+                                      batch_size=calibration.batch_size, progress=calibration.progress)
+    layer_tensors, records = _convert_blocks(blocks, stats, num_groups, grouping, score_aware, calibration.progress)
     conversion = _conversion_record(
         model, output=output, source_groups=dims.n_g, num_groups=num_groups, grouping=grouping, weighting=weighting,
-        score_aware=score_aware, records=records, calibration={
-            "source": "random tokens" if calibration is None else "given", "num_sequences": len(sequences),
-            "num_tokens": stats.tokens, "seed": seed})
+        score_aware=score_aware, records=records, calibration=calibration.record(len(sequences), stats.tokens))
     family = _regrouped_copy(model, blocks, layer_tensors, None if compact else out_dtype)
     if compact:
         config.conversion = conversion

@@ -14,6 +14,7 @@ from torch import fx
 
 from ..dims import QUERY_ABSORPTION
 from .graph import append_to_graph, optional_output_count
+from .summaries import AbsorbSummary
 
 
 def latent_key(query, latent, rope_key):
@@ -48,11 +49,8 @@ class AbsorbQuery:
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         return absorb_latent_attention(gm)
 
-    def summary(self) -> dict:
+    def summary(self) -> AbsorbSummary:
         weights = {"w_uk (W_UK^g per group, applied to the query)": list(self.w_uk.shape)}
         weights.update({name: list(tensor.shape) for name, tensor in self.value_side.items()})
-        return {
-            "query_absorption": QUERY_ABSORPTION,
-            "output_absorption": self.output_absorption,
-            "folded_weights": weights,
-        }
+        return AbsorbSummary(query_absorption=QUERY_ABSORPTION, output_absorption=self.output_absorption,
+                             folded_weights=weights)

@@ -18,11 +18,13 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
-from ..capture import CapturedAttention, TraceFailure, retrace_with_stateful_children
+from ..capture import CapturedAttention, TraceFailure
+from ..capture_stateful import retrace_with_stateful_children
 from ..errors import ShapeMismatchError
 from .context import LayerContext
 from .graph import op_histogram, tensor_meta
 from .manager import PassManager
+from .summaries import MatchSummary, NoMatchSummary, SelectionSummary
 from .match import (  # noqa: F401  re-exported: the names detection's users import from here
     ATTENTION_SINK_SHAPE,
     EAGER_ATTENTION_SHAPE,
@@ -108,34 +110,35 @@ def detect_layer(capture: CapturedAttention, parameters: dict[str, torch.Tensor]
     return Detection(capture.module_path, match)
 
 
-def describe(match: LatentAttentionMatch, capture: CapturedAttention) -> dict:
+def describe(match: LatentAttentionMatch, capture: CapturedAttention) -> MatchSummary:
     """Plain-data summary of a match, for the pass record and the report."""
-    return {
-        "module": match.module_path,
-        "attention": match.attention_kind,
-        "dims": match.dims.as_dict(),
-        "scaling": match.scaling,
-        "q_lora": match.q_lora,
-        "matched_nodes": match.matched_nodes,
-        "weights": {
+    return MatchSummary(
+        module=match.module_path,
+        attention=match.attention_kind,
+        dims=match.dims.as_dict(),
+        scaling=match.scaling,
+        q_lora=match.q_lora,
+        matched_nodes=match.matched_nodes,
+        weights={
             "down_projection": match.weight_name(capture, match.down_projection),
             "up_projection": match.weight_name(capture, match.up_projection),
             "output_projection": match.weight_name(capture, match.output_projection),
         },
-        "ops": dict(op_histogram(capture.graph_module)),
-        "sparse": describe_selection(match.selection),
-    }
+        ops=dict(op_histogram(capture.graph_module)),
+        sparse=describe_selection(match.selection),
+    )
 
 
-def describe_selection(selection: TokenSelectionMatch | None) -> dict | None:
+def describe_selection(selection: TokenSelectionMatch | None) -> SelectionSummary | None:
     """The sparse piece in plain data (None: dense attention): k and where the selection comes from."""
     if selection is None:
         return None
-    return {"top_k": selection.top_k,
-            "selection": ("a block input (another block's top-k)" if selection.shared
-                          else "an indexer module that reads the cache, called as the family wrote it"
-                          if selection.stateful else "indexer top-k"),
-            "index_key_dims": None if selection.index_key is None else int(tensor_meta(selection.index_key).shape[-1])}
+    return SelectionSummary(
+        top_k=selection.top_k,
+        selection=("a block input (another block's top-k)" if selection.shared
+                   else "an indexer module that reads the cache, called as the family wrote it"
+                   if selection.stateful else "indexer top-k"),
+        index_key_dims=None if selection.index_key is None else int(tensor_meta(selection.index_key).shape[-1]))
 
 
 class DetectLatentAttention:
@@ -151,8 +154,8 @@ class DetectLatentAttention:
         self.context.detection = detect_layer(self.context.capture, self.context.parameters)
         return gm
 
-    def summary(self) -> dict:
+    def summary(self) -> MatchSummary | NoMatchSummary:
         detection = self.context.detection
         if detection is None or detection.match is None:
-            return {"matched": 0, "reason": detection.reason if detection else ""}
-        return {"matched": 1, **describe(detection.match, self.context.capture)}
+            return NoMatchSummary(reason=detection.reason if detection else "")
+        return describe(detection.match, self.context.capture)

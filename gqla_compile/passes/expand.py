@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .graph import append_to_graph, optional_output_count
+from .summaries import ExpandSummary
 
 
 def expand_new_tokens(query, latent, rope_key, w_ukv, *, n_g: int, d_n: int, d_v: int, shared_rope_key: bool = False):
@@ -55,6 +56,6 @@ class ExpandNewTokens:
         return expand_latent_attention(gm, self.w_ukv, n_g=self.n_g, d_n=self.d_n,
                                        shared_rope_key=self.rope_key == "shared")
 
-    def summary(self) -> dict:
-        return {"folded_weights": {"w_ukv (W_UK^g ; W_UV^g stacked per group)": list(self.w_ukv.shape)},
-                "n_g": self.n_g, "rope_key": self.rope_key}
+    def summary(self) -> ExpandSummary:
+        return ExpandSummary(folded_weights={"w_ukv (W_UK^g ; W_UV^g stacked per group)": list(self.w_ukv.shape)},
+                             n_g=self.n_g, rope_key=self.rope_key)

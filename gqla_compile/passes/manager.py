@@ -1,7 +1,7 @@
 """The pass manager: runs an ordered list of graph passes and records what each changed.
 
 Modelled on vLLM's compilation pass manager: each pass is a small callable GraphModule -> GraphModule
-with a ``name`` and a ``summary()`` of what it matched, replaced or folded; its ``uuid`` hashes the source
+with a ``name`` and a ``summary()`` of what it matched, replaced or folded (a frozen dataclass, summaries.py); its ``uuid`` hashes the source
 file that defines it. The report is built from these records.
 """
 
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from torch import fx
 
 from .graph import op_histogram
+from .summaries import PassSummary
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class GraphPass(Protocol):
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule: ...
 
-    def summary(self) -> dict[str, Any]: ...
+    def summary(self) -> PassSummary: ...
 
 
 def pass_uuid(graph_pass: GraphPass) -> str:
@@ -59,7 +60,7 @@ class PassRecord:
     ops_after: dict[str, int]
     code_before: str
     code_after: str
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: PassSummary = field(default_factory=PassSummary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,7 @@
     mask <- [scatter(top-k indices) into the mask]
       indices <- topk(scores computed from the block's own projections and index keys)   an indexer, or
       indices <- stateful_child(...)   an indexer that reads the cache itself, kept as one opaque call
-                                       (capture.retrace_with_stateful_children), or
+                                       (capture_stateful.retrace_with_stateful_children), or
       indices <- a block input                                 a selection another block made (shared)
       [clamped into the traced key length: indices outside the cache select nothing, transformers' -1]
 """

@@ -36,6 +36,7 @@ from torch import fx
 from ..capture import recorded_inputs
 from ..dims import LatentDims
 from ..paths import DecodePath
+from .summaries import ShardSummary
 from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, optional_output_count, tensor_meta
 
 REPLICATED = {
@@ -238,22 +239,21 @@ class ShardAttention:
             return False
         return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
-    def summary(self) -> dict:
+    def summary(self) -> ShardSummary:
         layout = self.layout
         groups = layout.head_groups
-        return {
-            "tp": layout.tp,
-            "rank": layout.rank,
-            "backend": self.backend,
-            "path": layout.path.name,
-            "rope_key": layout.rope_key,
-            "heads": list(layout.heads),
-            "groups": [groups[0], groups[1]] if groups else None,
-            "query_projection": self.query_projection,
-            "sharded_weights": dict(self.sharded_weights),
-            "replicated": dict(REPLICATED),
-            "collective": "all_reduce(sum) after o_proj (torch.distributed._functional_collectives)",
-            "o_proj_bias": "added once, after the all-reduce",
-            "cache_elements_per_token_per_rank": layout.cache_elements(),
-            "cache": layout.path.shards_by,
-        }
+        return ShardSummary(
+            tp=layout.tp,
+            rank=layout.rank,
+            backend=self.backend,
+            path=layout.path.name,
+            heads=list(layout.heads),
+            groups=[groups[0], groups[1]] if groups else None,
+            query_projection=self.query_projection,
+            sharded_weights=dict(self.sharded_weights),
+            replicated=dict(REPLICATED),
+            collective="all_reduce(sum) after o_proj (torch.distributed._functional_collectives)",
+            o_proj_bias="added once, after the all-reduce",
+            cache_elements_per_token_per_rank=layout.cache_elements(),
+            cache=layout.path.shards_by,
+        )

@@ -22,6 +22,7 @@ from ..capture import CapturedAttention
 from .context import LayerContext
 from .match import LatentAttentionMatch
 from .probe import batch_and_seq_symbols
+from .summaries import SplitSummary
 from .graph import backward_closure, ancestors, append_to_graph, extract_subgraph, tensor_meta
 
 
@@ -155,5 +156,5 @@ class SplitLatentProjection:
         }
         return out
 
-    def summary(self) -> dict:
-        return {"removed": self.removed}
+    def summary(self) -> SplitSummary:
+        return SplitSummary(removed=dict(self.removed))
