@@ -282,7 +282,7 @@ def run_setting(setting: Setting, earlier: list[dict[str, Any]] = ()) -> list[di
     """Every method of one setting on one loaded source model: one row each (``earlier``: rows already measured,
     whose TransMLA band search is reused)."""
     from gqla_compile.conversion import convert
-    from gqla_compile.dims import kv_cache_elements
+    from gqla_compile.cache_sizes import kv_cache_elements
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # also in a spawned child
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)

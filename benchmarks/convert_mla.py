@@ -170,7 +170,7 @@ def logits_error(source: Any, converted: Any, windows: torch.Tensor) -> float:
 def run(setup: Setup, option_sets: list[dict[str, Any]], *, use_cache: bool = True) -> dict[str, Any]:
     import gqla_compile
     from gqla_compile.conversion.calibration import token_chunks
-    from gqla_compile.dims import kv_cache_elements
+    from gqla_compile.cache_sizes import kv_cache_elements
 
     torch.manual_seed(setup.seed)
     train_tokens = torch.tensor(byte_tokens(stdlib_text("calibration", setup.train_chars)), dtype=torch.long)

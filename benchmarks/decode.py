@@ -36,8 +36,8 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 def cache_sizes(pool: common.ModelPool, shape: str) -> dict[str, Any]:
-    """Cache bytes per token (all layers) from dims.kv_cache_elements, checked against the measured layout."""
-    from gqla_compile.dims import kv_cache_elements
+    """Cache bytes per token (all layers) from cache_sizes.kv_cache_elements, checked against the measured layout."""
+    from gqla_compile.cache_sizes import kv_cache_elements
 
     config = pool.config(shape)
     element = torch.empty((), dtype=pool.dtype).element_size()

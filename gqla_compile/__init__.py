@@ -22,7 +22,7 @@ from . import modeling_gqla as _modeling_gqla  # noqa: F401  registers model_typ
 # public name -> module that defines it
 _PUBLIC = {
     "LatentDims": "dims",
-    "kv_cache_elements": "dims",
+    "kv_cache_elements": "cache_sizes",
     "GqlaConfig": "configuration_gqla",
     "GqlaForCausalLM": "modeling_gqla",
     "GqlaModel": "modeling_gqla",
@@ -38,6 +38,8 @@ _PUBLIC = {
     "Report": "reporting",
     "DecodePath": "paths",
     "PATHS": "paths",
+    "register_path": "paths",
+    "unregister_path": "paths",
     # the errors gqla_compile raises on purpose
     "GqlaError": "errors",
     "NoLatentAttentionError": "errors",

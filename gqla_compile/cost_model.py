@@ -1,14 +1,16 @@
-"""Roofline cost model: which decoding path (absorbed-MQA or grouped-GQA) is faster for one decode step of
-a latent-attention model on a target chip (DESIGN.md sections 1-2).
+"""Roofline cost model: which decoding path (``paths.PATHS``: absorbed-MQA, grouped-GQA, ...) is fastest for one
+decode step of a latent-attention model on a target chip (DESIGN.md sections 1-2).
 
 Per layer and tensor-parallel rank, each path's step is split into parts that are kept apart so that the
 report can show where the time goes: reading the cache in the attention core, writing the new tokens'
 cache entries, the attention projections (weight bytes, read once per step, and their FLOPs), the
 all-reduce after o_proj and, for sparse attention (DSA), the indexer scoring every cached index key (the same
-on both paths: it is what still grows with the context). Each part costs max(bytes / bandwidth, FLOPs /
+on every path: it is what still grows with the context). Each part costs max(bytes / bandwidth, FLOPs /
 peak), divided by the efficiency the target measured for the kernel that runs it (``Target.efficiency``: the
 weight GEMVs by new tokens, each path's attention core by query rows per cached head; 1 on datasheet
-targets); the parts are summed (no overlap assumed), and the path with the smaller sum wins.
+targets); the parts are summed (no overlap assumed, roofline.py), and the path with the smallest sum wins. Every
+term and every choice a path offers (its RoPE-key layouts, its W_UV absorption, its attention-kernel class) is
+asked of the path object; this module names no path.
 
 Not counted: activations of the projections (KB next to MB of weights at decode batch sizes), the
 query/output bytes of the attention core, kernel launch overheads and everything outside attention.
@@ -17,96 +19,24 @@ query/output bytes of the attention core, kernel launch overheads and everything
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tabulate import tabulate
+
 from . import targets as _targets
-from .dims import LatentDims, is_latent_config
+from .configuration_gqla import GqlaConfig
+from .dims import OUTPUT_ABSORPTIONS, ROPE_KEYS, LatentDims, is_latent_config
 from .errors import NoLatentAttentionError
-from .paths import (
-    OUTPUT_ABSORPTIONS,
-    PATHS,
-    QUERY_ABSORPTION,
-    ROPE_KEYS,
-    ComputeForm,
-    DecodePath,
-    Matmul,
-    check_path_argument,
-    feasible_paths,
-    form_text,
-)
-from .targets import DTYPE_BYTES, KERNEL_GEMV, Target, attention_kernel, dtype_name
+from .forms import form_text
+from .paths import PATHS, DecodePath, check_path_argument, check_shardable, feasible_paths
+from .roofline import PathCost, Step, path_cost, priced_forms, projections
+from .targets import DTYPE_BYTES, Target, dtype_name
 from .units import duration, si
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class PartCost:
-    """One part of a path's step on one rank: its traffic, its work, and the roofline's verdict."""
-
-    name: str
-    bytes: float
-    flops: float
-    time_s: float
-    bound: str  # "memory", "compute" or "interconnect"
-    efficiency: float = 1.0  # measured fraction of the roofline its kernel reaches (time_s includes it)
-
-    @property
-    def arithmetic_intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "arithmetic_intensity": self.arithmetic_intensity}
-
-
-@dataclass(frozen=True)
-class PathCost:
-    """One path's cost per decode step, per layer and per rank, split into parts."""
-
-    path: str
-    parts: tuple[PartCost, ...]
-    num_layers: int
-    cache_bytes_per_token: int  # per layer, the whole layer (all ranks together)
-    cache_bytes_per_token_per_rank: int  # per layer, what one rank holds
-
-    @property
-    def bytes(self) -> float:
-        return sum(p.bytes for p in self.parts)
-
-    @property
-    def flops(self) -> float:
-        return sum(p.flops for p in self.parts)
-
-    @property
-    def time_s(self) -> float:
-        """Predicted time of one layer's attention for one decode step."""
-        return sum(p.time_s for p in self.parts)
-
-    @property
-    def step_time_s(self) -> float:
-        """Predicted attention time of one decode step through the whole model."""
-        return self.num_layers * self.time_s
-
-    @property
-    def arithmetic_intensity(self) -> float:
-        return self.flops / self.bytes if self.bytes else 0.0
-
-    @property
-    def bound(self) -> str:
-        """The bound of the part that takes the most time."""
-        return max(self.parts, key=lambda p: p.time_s).bound
-
-    def part(self, name: str) -> PartCost:
-        return next(p for p in self.parts if p.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        totals = ("bytes", "flops", "time_s", "step_time_s", "arithmetic_intensity", "bound",
-                  "cache_bytes_per_token", "cache_bytes_per_token_per_rank")
-        return {"path": self.path, "parts": [p.to_dict() for p in self.parts],
-                **{name: getattr(self, name) for name in totals}}
 
 
 @dataclass(frozen=True)
@@ -141,6 +71,7 @@ class Plan:
     index_dims: tuple[int, int] | None = None  # its indexer's (heads, key dims), priced; None: not priced
     #: per feasible path: its compute forms (``FormChoice.describe``), each call kind priced in every form
     forms: Mapping[str, dict] = field(default_factory=dict, hash=False, repr=False)
+    decode_path: DecodePath | None = field(default=None, hash=False, repr=False, compare=False)  # the chosen one
 
     @property
     def ridge(self) -> float:
@@ -153,9 +84,7 @@ class Plan:
         return self.costs[self.path].step_time_s
 
     def explain(self) -> str:
-        """A terminal table of both paths' parts and totals, then the cache sizes and the reason."""
-        from tabulate import tabulate
-
+        """A terminal table of every path's parts and totals, then the cache sizes and the reason."""
         rows = []
         for path, cost in self.costs.items():
             label = f"{path} *" if path == self.path else path
@@ -178,14 +107,12 @@ class Plan:
                 header += f" (indexer: {self.index_dims[0]} heads x {self.index_dims[1]} over the context)"
         cache = "; ".join(f"{p} {c.cache_bytes_per_token} B ({c.cache_bytes_per_token_per_rank} B per rank)"
                           for p, c in self.costs.items())
-        absorption = f"absorbed path applies W_UK as {QUERY_ABSORPTION}, W_UV as {self.output_absorption}"
-        return "\n".join([header, table, f"cache per token and layer: {cache}", absorption, self.reason,
+        absorption = [text for p in PATHS.values() if (text := p.absorption_text(self.output_absorption))]
+        return "\n".join([header, table, f"cache per token and layer: {cache}", *absorption, self.reason,
                           self.explain_forms()])
 
     def explain_forms(self) -> str:
         """The compute form each kind of call takes on each path, the crossover, and each form's predicted time."""
-        from tabulate import tabulate
-
         rows = [[f"{path} *" if path == self.path else path, call["call"], call["new_tokens"], call["prefix"],
                  call["form"], ", ".join(f"{form} {duration(t)}" for form, t in call["time_s"].items())]
                 for path, data in self.forms.items() for call in data["calls"]]
@@ -216,127 +143,34 @@ class Plan:
         }
 
 
-@dataclass(frozen=True)
-class _Step:
-    """The workload of one decode step on one rank, and the roofline it runs on."""
-
-    dims: LatentDims
-    s_q: int
-    batch_size: int
-    context_len: int
-    tp: int
-    rope_key: str
-    dtype_bytes: int
-    peak: float
-    bandwidth: float
-    link_bandwidth: float
-    target: Target | None = None  # its kernel efficiencies; None: the plain roofline
-    top_k: int | None = None  # sparse attention: tokens each query attends to
-    index_dims: tuple[int, int] | None = None  # sparse attention's indexer: (index heads, index key dims)
-
-    @property
-    def tokens(self) -> int:
-        """New tokens in the step: every sequence of the batch decodes s_q of them."""
-        return self.batch_size * self.s_q
-
-    def part(self, name: str, elements: float, flops: float, *, over_link: bool = False,
-             kernel: tuple[str, float] | None = None) -> PartCost:
-        """The one place a part's time and bound are decided: max(bytes / bandwidth, FLOPs / peak), over the
-        measured efficiency of ``kernel`` = (kernel class, rows) where the target has one."""
-        n_bytes = elements * self.dtype_bytes
-        bandwidth, medium = (self.link_bandwidth, "interconnect") if over_link else (self.bandwidth, "memory")
-        transfer, compute = n_bytes / bandwidth, flops / self.peak
-        efficiency = self.target.efficiency(*kernel) if kernel and self.target is not None else 1.0
-        return PartCost(name, n_bytes, flops, max(transfer, compute) / efficiency,
-                        medium if transfer >= compute else "compute", efficiency)
+def _fastest_rope_key(step: Step, feasible: list[DecodePath]) -> str:
+    """The RoPE-key layout whose step is fastest on the paths that offer a choice (``DecodePath.rope_keys``):
+    keeping k_R once reads fewer bytes, so at the roofline it wins wherever such a core is bandwidth-bound; a
+    measured target's kernel efficiencies can turn that (strided views read slower); where nothing differs
+    (compute-bound, or no path with a choice) the first layout ("copied") stays."""
+    choosing = [path for path in feasible if path.rope_keys]
+    keys = [key for key in ROPE_KEYS if any(key in path.rope_keys for path in choosing)]
+    if not keys:
+        return ROPE_KEYS[0]
+    times = {key: min(path_cost(path, replace(step, rope_key=key), 1, OUTPUT_ABSORPTIONS[0]).time_s
+                      for path in choosing if key in path.rope_keys) for key in keys}
+    return min(keys, key=times.__getitem__)  # ROPE_KEYS order: ties go to "copied"
 
 
-def _projections(step: _Step, matmuls: Iterable[Matmul]) -> PartCost:
-    elements = flops = 0.0
-    for m in matmuls:
-        share = step.tp if m.sharded else 1
-        elements += m.weight_elements / share
-        flops += step.tokens * m.flops_per_token / share
-    return step.part("projections", elements, flops, kernel=(KERNEL_GEMV, step.tokens))
-
-
-def _attention_core(path: DecodePath, step: _Step) -> PartCost:
-    """Read the cache over the context; scores, softmax and values (DESIGN.md section 2 table)."""
-    flops_per_token = 2 * (step.dims.n_h // step.tp) * step.s_q * path.attention_head_dims(step.dims)
-    contexts = step.batch_size * path.attended_tokens(step.context_len, step.top_k)
-    rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
-    rows = path.query_rows_per_cached_head(path.rank_dims(step.dims, step.tp)) * step.s_q
-    return step.part("attention_core", contexts * rank_elements, contexts * flops_per_token,
-                     kernel=(attention_kernel(path.name, step.rope_key, multi_token=step.s_q > 1), rows))
-
-
-def _indexer(step: _Step) -> PartCost:
-    """A sparse step's indexer (DSA): every new token scores the whole context's cached index keys (one head
-    of d_I per token, read once per step) with its n_I index heads. Its own projections and the top-k are
-    not counted."""
-    heads, dims = step.index_dims
-    return step.part("indexer", step.batch_size * step.context_len * dims,
-                     2 * step.tokens * heads * dims * step.context_len)
-
-
-def _all_reduce(step: _Step) -> PartCost:
-    """Ring all-reduce of o_proj's output: 2 (P - 1) / P of the activations cross each rank's link."""
-    p = step.tp
-    return step.part("all_reduce", 2 * (p - 1) / p * step.tokens * step.dims.hidden_size, 0.0, over_link=True)
-
-
-def _path_cost(path: DecodePath, step: _Step, num_layers: int, output: str) -> PathCost:
-    rank_elements = path.rank_cache_elements(step.dims, step.tp, rope_key=step.rope_key)
-    parts = (
-        _attention_core(path, step),
-        step.part("cache_write", step.tokens * rank_elements, 0.0),
-        _projections(step, path.projection_matmuls(step.dims, output_absorption=output)),
-        _all_reduce(step),
-    ) + ((_indexer(step),) if step.top_k is not None and step.index_dims is not None else ())
-    whole_elements = path.cache_elements(step.dims, rope_key=step.rope_key)
-    return PathCost(path.name, parts, num_layers, whole_elements * step.dtype_bytes,
-                    rank_elements * step.dtype_bytes)
-
-
-def call_time_s(form: ComputeForm, step: _Step, new: int, prefix: int) -> float:
-    """One layer's attention for one call of ``new`` tokens after ``prefix`` cached ones in ``form``, for the
-    step's batch on one rank (the form's terms are the rank's): max(bytes / bandwidth, FLOPs / peak)."""
-    keys = prefix + new
-    part = step.part("call", step.batch_size * keys * form.elements_per_key,
-                     step.batch_size * form.flops(new, keys))
-    return part.time_s
-
-
-def _forms(path: DecodePath, step: _Step, output: str) -> dict[str, Any]:
-    """A path's compute forms for the plan: the description, each call kind priced in every form."""
-    choice = path.compute_forms(path.rank_dims(step.dims, step.tp), output_absorption=output)
-    data = choice.describe(s_q=step.s_q, context_len=step.context_len)
-    for call in data["calls"]:
-        call["time_s"] = {form.name: call_time_s(form, step, call["new_tokens"], call["prefix"])
-                          for form in choice.forms}
-    return data
-
-
-def _fastest_rope_key(step: _Step, grouped_feasible: bool) -> str:
-    """The grouped cache layout whose step is faster: keeping k_R once reads fewer bytes, so at the roofline
-    it wins wherever the attention core is bandwidth-bound; a measured target's kernel efficiencies can turn
-    that (strided views read slower); where nothing differs (compute-bound, or no grouped path) the copied
-    layout stays."""
-    if not grouped_feasible:
-        return "copied"
-    times = {key: _path_cost(PATHS["grouped"], replace(step, rope_key=key), 1, "bmm").time_s for key in ROPE_KEYS}
-    return min(ROPE_KEYS, key=times.__getitem__)  # ROPE_KEYS order: ties go to "copied"
-
-
-def _cheapest_output_absorption(step: _Step) -> str:
-    """How the absorbed path should apply W_UV: whichever makes its projections cheapest.
+def _cheapest_output_absorption(step: Step, feasible: list[DecodePath]) -> str:
+    """How the paths with that choice (``DecodePath.output_absorptions``) should apply W_UV: whichever makes
+    their projections cheapest.
 
     Folding W_UV into o_proj widens o_proj's columns from d_v to d_c per head, which costs more bytes and
     FLOPs than the per-group bmm unless the latent is barely wider than the heads.
     """
-    absorbed = PATHS["absorbed"]
-    return min(OUTPUT_ABSORPTIONS,
-               key=lambda o: _projections(step, absorbed.projection_matmuls(step.dims, output_absorption=o)).time_s)
+    choosing = [path for path in feasible if path.output_absorptions]
+    choices = [o for o in OUTPUT_ABSORPTIONS if any(o in path.output_absorptions for path in choosing)]
+    if not choices:
+        return OUTPUT_ABSORPTIONS[0]
+    return min(choices, key=lambda o: min(
+        projections(step, path.projection_matmuls(step.dims, output_absorption=o)).time_s
+        for path in choosing if o in path.output_absorptions))
 
 
 def indexer_dims(model_or_config: Any) -> tuple[int, int] | None:
@@ -380,25 +214,45 @@ def _default_dtype(model_or_config: Any) -> str:
     return name if name in ("float32", "float16") else "bfloat16"
 
 
-def _reason(chosen: str, auto: str, costs: Mapping[str, PathCost], step: _Step, target: Target,
-            forced: bool, ridge: float) -> str:
-    """One sentence: which path wins and why (the attention cores' side of the ridge, and the times)."""
-    where = f"on {target.name} at s_q={step.s_q}, batch {step.batch_size}, context {step.context_len}, tp={step.tp}"
+def _reason(chosen: str, auto: str, costs: Mapping[str, PathCost], problems: Mapping[str, str | None], step: Step,
+            forced: bool) -> str:
+    """One sentence: which path wins and why (the attention cores' side of the ridge, and the times against the
+    runner-up), or why it is the only one."""
+    ridge = step.peak / step.bandwidth
+    where = (f"on {step.target.name} at s_q={step.s_q}, batch {step.batch_size}, context {step.context_len}, "
+             f"tp={step.tp}")
     if len(costs) == 1:
-        (only,) = costs
-        other = next(p for p in PATHS if p != only)
-        because = f"{only} is the only path {where}: {PATHS[other].shard_problem(step.dims, step.tp)}"
+        why = "; ".join(problem for problem in problems.values() if problem)
+        because = f"{auto} is the only path {where}: {why}"
     else:
         cores = ", ".join(
             f"{p} attention is {c.part('attention_core').bound}-bound "
             f"(AI {c.part('attention_core').arithmetic_intensity:.0f} "
             f"{'>' if c.part('attention_core').arithmetic_intensity > ridge else '<='} ridge {ridge:.0f})"
             for p, c in costs.items())
-        loser = next(p for p in costs if p != auto)
-        win_t, lose_t = costs[auto].step_time_s, costs[loser].step_time_s
+        win_t, lose_t = costs[auto].step_time_s, runner_up(costs, auto).step_time_s
         because = (f"{auto} wins {where}: {cores}; predicted step {duration(win_t)} vs {duration(lose_t)} "
                    f"({lose_t / win_t:.2f}x faster)")
     return f"path forced to {chosen}; the cost model would pick {because}" if forced else because
+
+
+def runner_up(costs: Mapping[str, PathCost], path: str) -> PathCost:
+    """The fastest of the other paths' costs (the one ``path`` is compared with)."""
+    return min((c for p, c in costs.items() if p != path), key=lambda c: c.time_s)
+
+
+def _step(model_or_config: Any, config: Any, dims: LatentDims, chip: Target, dtype: Any, top_k: int | None,
+          index_dims: tuple[int, int] | None, **workload: int) -> Step:
+    """The step the plan prices: the workload on the chip, in the model's dtype, for the config's sparsity."""
+    top_k = top_k if top_k is not None else getattr(config, "index_topk", None)
+    index_dims = index_dims if index_dims is not None else indexer_dims(config)
+    dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
+    if workload["tp"] > chip.devices_per_node:
+        logger.warning("tp=%d spans more than one %s node (%d devices): the all-reduce will be slower than "
+                       "the interconnect figure says", workload["tp"], chip.name, chip.devices_per_node)
+    return Step(dims, rope_key=ROPE_KEYS[0], dtype=dtype, dtype_bytes=DTYPE_BYTES[dtype], peak=chip.peak(dtype),
+                bandwidth=chip.memory_bandwidth, link_bandwidth=chip.interconnect_bandwidth, target=chip,
+                top_k=top_k, index_dims=index_dims, **workload)
 
 
 def plan(
@@ -416,62 +270,53 @@ def plan(
     index_dims: tuple[int, int] | None = None,
     output_absorption: str = "auto",
 ) -> Plan:
-    """Cost both decoding paths of a latent-attention model for one decode step and pick the faster one.
+    """Cost every decoding path of a latent-attention model for one decode step and pick the fastest.
 
     ``model_or_config``: a transformers model or config with latent attention (GQLA or MLA). ``target``: a
     name, a ``Target``, or "auto" (this machine's GPU, else the measured CPU). ``s_q``: tokens decoded per
     sequence and step (2 for MTP or speculative verification). ``path`` forces a path; the plan still
-    costs both. ``rope_key``: whether the grouped cache copies the RoPE key into every group ("copied",
+    costs every feasible one. ``rope_key``: whether a grouped cache copies the RoPE key into every group ("copied",
     a stock GQA layout) or keeps it once ("shared", fewer bytes to hold and read); "auto" takes the layout
-    whose grouped step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken. ``top_k``: sparse
+    whose step is faster (ties: "copied"). ``Plan.rope_key`` is the layout taken. ``top_k``: sparse
     attention (DSA), each query attends to its top-k tokens, so the attention core costs k tokens instead of
     the context (default: the config's ``index_topk``, None for dense attention); ``index_dims``: its indexer's
-    (index heads, index key dims), priced as one more part of both paths (default: the config's
+    (index heads, index key dims), priced as one more part of every path (default: the config's
     ``index_n_heads`` and ``index_head_dim``; None: not priced). ``output_absorption``: how
-    the absorbed path applies W_UV ("bmm" or "folded" into o_proj); "auto" takes the cheaper.
+    the paths with that choice (the absorbed path) apply W_UV ("bmm" or "folded" into o_proj); "auto" takes the cheaper.
     """
     _check_workload(s_q, batch_size, context_len, tp, path, rope_key)
     config = _config_of(model_or_config)
     dims = _latent_dims(config)
-    top_k = top_k if top_k is not None else getattr(config, "index_topk", None)
-    index_dims = index_dims if index_dims is not None else indexer_dims(config)
-    chip = _targets.resolve(target)
-    dtype = dtype_name(dtype) if dtype is not None else _default_dtype(model_or_config)
-    if tp > chip.devices_per_node:
-        logger.warning("tp=%d spans more than one %s node (%d devices): the all-reduce will be slower than "
-                       "the interconnect figure says", tp, chip.name, chip.devices_per_node)
-    peak = chip.peak(dtype)
-    step = _Step(dims, s_q, batch_size, context_len, tp, "copied", DTYPE_BYTES[dtype], peak,
-                 chip.memory_bandwidth, chip.interconnect_bandwidth, chip, top_k, index_dims)
+    step = _step(model_or_config, config, dims, _targets.resolve(target), dtype, top_k, index_dims, s_q=s_q,
+                 batch_size=batch_size, context_len=context_len, tp=tp)
     problems = feasible_paths(dims, tp)
-    if rope_key == "auto":
-        rope_key = _fastest_rope_key(step, problems["grouped"] is None)
-    step = replace(step, rope_key=rope_key)
-    feasible = [p for p, problem in problems.items() if problem is None]
-    if path != "auto" and path not in feasible:
-        raise ValueError(problems[path])
-    if not feasible:
-        raise ValueError(problems["absorbed"])  # n_g divides n_h: tp not dividing n_h fails both
+    feasible = [PATHS[p] for p, problem in problems.items() if problem is None]
+    step = replace(step, rope_key=_fastest_rope_key(step, feasible) if rope_key == "auto" else rope_key)
+    check_shardable(problems, path)
     if output_absorption not in ("auto", *OUTPUT_ABSORPTIONS):
         raise ValueError(f"output_absorption must be 'auto', {', '.join(map(repr, OUTPUT_ABSORPTIONS))}, got "
                          f"{output_absorption!r}")
-    output = _cheapest_output_absorption(step) if output_absorption == "auto" else output_absorption
-    num_layers = getattr(config, "num_hidden_layers", 1)
-    costs = {p: _path_cost(PATHS[p], step, num_layers, output) for p in feasible}
-    auto = min(costs, key=lambda p: costs[p].time_s)  # ties go to absorbed: the smaller cache
+    output = _cheapest_output_absorption(step, feasible) if output_absorption == "auto" else output_absorption
+    return _decide(step, feasible, problems, path, output, getattr(config, "num_hidden_layers", 1))
+
+
+def _decide(step: Step, feasible: list[DecodePath], problems: Mapping[str, str | None], path: str, output: str,
+            num_layers: int) -> Plan:
+    """Every feasible path priced, the fastest (or the forced one) taken, with its reason and compute forms."""
+    costs = {p.name: path_cost(p, step, num_layers, output) for p in feasible}
+    auto = min(costs, key=lambda p: costs[p].time_s)  # ties go to the first registered path (absorbed: smaller cache)
     chosen = auto if path == "auto" else path
-    reason = _reason(chosen, auto, costs, step, chip, path != "auto", peak / chip.memory_bandwidth)
+    reason = _reason(chosen, auto, costs, problems, step, path != "auto")
     logger.debug("%s", reason)
     layers = tuple(LayerPlan(i, chosen, costs) for i in range(num_layers))
-    forms = {p: _forms(PATHS[p], step, output) for p in feasible}
-    return Plan(chosen, reason, chip, dims, num_layers, s_q, batch_size, context_len, tp, dtype, rope_key, peak,
-                costs, output, layers, top_k, index_dims if top_k is not None else None, forms)
+    forms = {p.name: priced_forms(p, step, output) for p in feasible}
+    return Plan(chosen, reason, step.target, step.dims, num_layers, step.s_q, step.batch_size, step.context_len,
+                step.tp, step.dtype, step.rope_key, step.peak, costs, output, layers, step.top_k,
+                step.index_dims if step.top_k is not None else None, forms, PATHS[chosen])
 
 
 def reference_configs() -> dict[str, Any]:
     """The two GQLA shapes the paper argues with, as ``GqlaConfig``s (attention dims only matter here)."""
-    from .configuration_gqla import GqlaConfig
-
     common = dict(qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=512, num_key_value_heads=8,
                   dtype="bfloat16")
     return {
@@ -495,8 +340,6 @@ def choice_table(
 
     Each cell is the winning path and how much faster its predicted step is than the other path's.
     """
-    from tabulate import tabulate
-
     configs = reference_configs() if configs is None else configs
     headers = ["target", "ridge (FLOP/B)", "batch",
                *(f"{name}, s_q={s}" for name in configs for s in s_qs)]
@@ -507,8 +350,7 @@ def choice_table(
             for config in configs.values():
                 for s in s_qs:
                     p = plan(config, chip, s_q=s, batch_size=batch, context_len=context_len)
-                    other = next(c for c in p.costs if c != p.path)
-                    cells.append(f"{p.path} {p.costs[other].time_s / p.costs[p.path].time_s:.2f}x")
+                    cells.append(f"{p.path} {runner_up(p.costs, p.path).time_s / p.costs[p.path].time_s:.2f}x")
             rows.append([chip.name, f"{chip.ridge():.0f}", str(batch), *cells])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 

@@ -1,7 +1,7 @@
-"""Latent-attention dimensions read from a model config, and the cache sizes they imply.
+"""Latent-attention dimensions read from a model config, and the names of the layouts a path can take.
 
-One place for DESIGN.md section 2's per-token cache table, so that the converter, the cost model, the
-report and the benchmarks all count the same elements.
+The bottom of the package's imports: the paths (paths.py), the passes and the cost model read these, and this
+module imports nothing of the package. The cache sizes the dims imply are the paths' (``cache_sizes.kv_cache_elements``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
 
-CACHE_PATHS: tuple[str, ...] = ("absorbed", "grouped", "original")
+#: How a path applies W_UV after attention: as a per-group batched matmul, or folded into o_proj.
+OUTPUT_ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks cost ties: the bmm keeps smaller weights
+#: How a grouped cache holds the RoPE key: copied into each group's key (a stock GQA layout) or once, beside the
+#: groups (n_g (d_n + d_v) + d_R per token). The plan picks one ("auto") or takes the one asked for.
+ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
+#: How a path applies W_UK to the query. Folding it into q_proj is not implemented (the cost model does not price
+#: what the rewrite cannot build), so this is the one choice.
+QUERY_ABSORPTION = "bmm"
 
 
 @dataclass(frozen=True)
@@ -98,37 +105,3 @@ def is_latent_config(config: Any) -> bool:
         getattr(config, name, None) is not None
         for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
     )
-
-
-def latent_cache_elements(dims: LatentDims, path: str, *, rope_key: str = "copied") -> int:
-    """Cached elements per token and layer for one path of a latent-attention layer (paths.py owns the layouts).
-
-    "original" is what transformers' own MLA models cache (the latent and the RoPE key, re-expanded at every
-    step): the same elements as the absorbed path.
-    """
-    from .paths import PATHS
-
-    if path == "original":
-        return dims.d_c + dims.d_R
-    if path not in PATHS:
-        raise ValueError(f"unknown cache path {path!r}; known: {', '.join(CACHE_PATHS)}")
-    return PATHS[path].cache_elements(dims, rope_key=rope_key)
-
-
-def kv_cache_elements(config: Any, path: str = "original", *, rope_key: str = "copied") -> int:
-    """Cached elements per token and layer for a model config and a decoding path.
-
-    Latent configs (GQLA, MLA) accept "absorbed", "grouped" and "original"; plain GQA/MHA configs
-    (Llama, Qwen2, Mistral, ...) only "original": 2 * num_key_value_heads * head_dim.
-    """
-    config = getattr(config, "get_text_config", lambda: config)()
-    if is_latent_config(config):
-        return latent_cache_elements(LatentDims.from_config(config), path, rope_key=rope_key)
-    if path != "original":
-        raise ValueError(
-            f"a {getattr(config, 'model_type', 'non-latent')} config has no {path!r} path: it has no latent "
-            "attention. Convert it with gqla_compile.convert first, or ask for path='original'"
-        )
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * n_kv * head_dim

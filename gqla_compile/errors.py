@@ -3,7 +3,7 @@
 Every exception and warning class gqla_compile raises on purpose lives here (the modules that raise them
 import them from here), so that a caller catches them from one place: ``gqla_compile.<Name>``. Private
 control-flow exceptions that never leave their module (``trace_cache._Unkeyable``,
-``pipeline._Ambiguous``) and the command line's ``cli.UsageError`` (turned into exit code 2 inside
+``verification._Ambiguous``) and the command line's ``cli.UsageError`` (turned into exit code 2 inside
 ``cli.main``, never raised by the library) stay beside their only users.
 """
 

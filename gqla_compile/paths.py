@@ -13,172 +13,34 @@ A :class:`DecodePath` says, for one path, everything the rest of the compiler ne
 - its **builder**: the graph tail appended to the latent projection (``passes/absorb.py`` or
   ``passes/expand.py``) and the attention core (``runtime.LatentAttentionCore``) configured for it, from the
   per-group up-projections detection probed; the plan's choices are the builder's parameters;
-- its **description** for the report.
+- its **description** for the report;
+- the **choices** it offers the plan (``rope_keys``, ``output_absorptions``) and the attention-kernel class the
+  cost model prices (``attention_kernel``);
+- its **serving layout** (``serving_layout``): what a serving engine (vLLM) caches and which of its attention
+  layers runs it.
 
 ``PATHS`` is the registry: the one place that lists the paths. To add a path, subclass ``DecodePath``,
-implement its members and register an instance here; the plan, the pipeline, the shard pass, the cost model
-and the report pick it up from the registry.
+implement its members and register an instance (``register_path``); the plan, the pipeline, the shard pass,
+the cost model and the report pick it up from the registry and never name a path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .dims import LatentDims
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-if TYPE_CHECKING:  # the builders import torch and the passes lazily: the cost model does not need them
-    import torch
-
-    from .passes.detect import UpProjections
-
-
-#: How the absorbed path applies W_UV after attention: as a per-group batched matmul, or folded into o_proj.
-OUTPUT_ABSORPTIONS: tuple[str, ...] = ("bmm", "folded")  # order breaks cost ties: the bmm keeps smaller weights
-#: How the grouped cache holds the RoPE key: copied into each group's key (a stock GQA layout) or once, beside the
-#: groups (n_g (d_n + d_v) + d_R per token). The plan picks one ("auto") or takes the one asked for.
-ROPE_KEYS: tuple[str, ...] = ("copied", "shared")
-#: How the absorbed path applies W_UK to the query. Folding it into q_proj is not implemented (the cost model
-#: does not price what the rewrite cannot build), so this is the one choice.
-QUERY_ABSORPTION = "bmm"
-
-
-@dataclass(frozen=True)
-class Matmul:
-    """A weight the attention projections read once per decode step, and the FLOPs it costs per new token."""
-
-    name: str
-    weight_elements: int
-    flops_per_token: int
-    sharded: bool = True  # split over TP ranks; replicated weights (every rank needs the whole latent) are not
-
-
-def linear(name: str, out_features: int, in_features: int, *, sharded: bool = True) -> Matmul:
-    return Matmul(name, out_features * in_features, 2 * out_features * in_features, sharded)
-
-
-def per_group(name: str, dims: LatentDims, rows: int) -> Matmul:
-    """W_UK or W_UV applied as a batched matmul: one [rows, d_c] matrix per group, used by each of its heads."""
-    return Matmul(name, dims.n_g * rows * dims.d_c, 2 * dims.n_h * rows * dims.d_c)
-
-
-def query_matmuls(dims: LatentDims) -> list[Matmul]:
-    """q_proj (or q_a_proj + q_b_proj), which both paths run unchanged."""
-    rows = dims.n_h * (dims.d_n + dims.d_R)
-    if dims.q_lora_rank is None:
-        return [linear("q_proj", rows, dims.hidden_size)]
-    return [linear("q_a_proj", dims.q_lora_rank, dims.hidden_size, sharded=False),
-            linear("q_b_proj", rows, dims.q_lora_rank)]
-
-
-def down_projection(dims: LatentDims) -> Matmul:
-    """W_DKV: every rank needs the whole latent, so it is replicated under tensor parallelism."""
-    return linear("kv_a_proj", dims.d_c + dims.d_R, dims.hidden_size, sharded=False)
-
-
-@dataclass(frozen=True)
-class ComputeForm:
-    """How one call computes its attention over a path's cache, with its FLOP terms for one layer and sequence.
-
-    The path fixes what is cached; a form is how one call (T new tokens over S keys, the new ones among them)
-    reads it. ``flops(T, S) = T S per_pair + T per_query + S per_key``: the scores and weighted sums, what each
-    new token costs besides (moving its query into latent space, W_UV and o_proj after attention), and what
-    each key costs before (expanding its latent into per-group keys and values). Integers, so that the
-    runtime's choice on symbolic shapes under torch.compile is one guard, not a graph per length.
-    """
-
-    name: str
-    description: str
-    per_pair: int
-    per_query: int
-    per_key: int
-    elements_per_key: int  # what the call reads per key (and writes, for an expansion), in elements
-    expands_cache: bool = False  # the call expands the latent cache into per-group keys and values first
-
-    def flops(self, new, keys):
-        """FLOPs of a call with ``new`` new tokens over ``keys`` keys (ints or torch SymInts)."""
-        return new * keys * self.per_pair + new * self.per_query + keys * self.per_key
-
-
-#: Prefix lengths the plan and the report state the crossover at (with the plan's context length).
-CROSSOVER_PREFIXES: tuple[int, ...] = (0, 256, 1024, 4096)
-#: A prefill chunk after a cached prefix, as the plan and the report show it.
-CHUNK = 512
-#: The longest call the crossover search considers (new tokens): past it a form that has not won never does.
-CROSSOVER_SEARCH_LIMIT = 1 << 24
-
-
-@dataclass(frozen=True)
-class FormChoice:
-    """A path's compute forms and the rule that picks one per call: the fewest FLOPs (the compute side of the
-    roofline, which a call with many new tokens is bound by; a call with few is the first form's).
-
-    The first form is what a decode step takes; :meth:`crossover` says from how many new tokens another runs.
-    """
-
-    forms: tuple[ComputeForm, ...]
-
-    def choose(self, new, keys) -> ComputeForm:
-        """The form of a call with ``new`` new tokens over ``keys`` keys (the prefix and the new tokens)."""
-        best = self.forms[0]
-        for form in self.forms[1:]:
-            if form.flops(new, keys) < best.flops(new, keys):
-                best = form
-        return best
-
-    def crossover(self, prefix: int) -> int | None:
-        """The fewest new tokens after ``prefix`` cached ones from which a form other than the first runs (None:
-        never, or with one form). The FLOP difference is a quadratic in the new tokens that is negative at 0
-        and, where another form ever wins, grows past its one positive root: a binary search finds it."""
-        if len(self.forms) == 1:
-            return None
-
-        def other(new: int) -> bool:
-            return self.choose(new, prefix + new) is not self.forms[0]
-
-        high = 1
-        while not other(high):
-            if high >= CROSSOVER_SEARCH_LIMIT:
-                return None
-            high *= 2
-        low = high // 2  # other(low) is False, or low == 0
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if other(middle) else (middle, high)
-        return high
-
-    def describe(self, *, s_q: int = 1, context_len: int = 4096) -> dict[str, Any]:
-        """Plain data for the plan and the report: the forms, the form each kind of call takes (a decode step
-        of ``s_q`` tokens after ``context_len``, a prefill of ``context_len``, a chunk of CHUNK after it) and,
-        per prefix length, from how many new tokens the second form runs."""
-        calls = [("decode step", s_q, context_len), ("prefill", context_len, 0), ("chunk after a prefix", CHUNK,
-                                                                                context_len)]
-        prefixes = sorted({*CROSSOVER_PREFIXES, context_len})
-        return {
-            "forms": [{"name": f.name, "description": f.description, "per_pair": f.per_pair,
-                       "per_query": f.per_query, "per_key": f.per_key} for f in self.forms],
-            "calls": [{"call": call, "new_tokens": new, "prefix": prefix, "form": self.choose(new, prefix + new).name}
-                      for call, new, prefix in calls],
-            "crossover": [{"prefix": p, "from_new_tokens": self.crossover(p)} for p in prefixes]
-            if len(self.forms) > 1 else [],
-        }
-
-
-def form_text(data: dict[str, Any]) -> str:
-    """The line ``FormChoice.describe``'s data reads as (the report renders it from JSON with this too)."""
-    forms = [f["name"] for f in data["forms"]]
-    calls = "; ".join(f"{c['call']} ({c['new_tokens']} new after {c['prefix']}): {c['form']}" for c in data["calls"])
-    if len(forms) == 1:
-        return f"one compute form ({forms[0]}) for every call: {calls}"
-    points = ", ".join(f"P={c['prefix']}: " + ("never" if c["from_new_tokens"] is None else str(c["from_new_tokens"]))
-                       for c in data["crossover"])
-    return (f"{calls}; {forms[1]} from T new tokens after a prefix of P cached tokens (fewer FLOPs than "
-            f"{forms[0]}): {points}")
-
-
-def output_flops(dims: LatentDims, value_dims: int) -> int:
-    """o_proj's FLOPs per new token over ``value_dims`` inputs per head."""
-    return 2 * dims.hidden_size * dims.n_h * value_dims
+from .cost_terms import Matmul, down_projection, linear, output_flops, per_group, query_matmuls
+from .dims import OUTPUT_ABSORPTIONS, QUERY_ABSORPTION, ROPE_KEYS, LatentDims
+from .forms import ComputeForm, FormChoice, form_text  # noqa: F401  form_text: re-exported for the report
+from .passes.absorb import AbsorbQuery
+from .passes.expand import ExpandNewTokens
+from .passes.fold import fold_value_up_projection, stack_group_up_projections
+from .passes.graph import op_histogram, weight_matmuls
+from .passes.match import UpProjections
+from .runtime import ExpandedForm, LatentAttentionCore
 
 
 #: Cached tokens in the attention core's trace for the report: one decode step over this many.
@@ -210,6 +72,12 @@ class DecodePath:
     cache_layout: str
     #: What tensor-parallel ranks split on this path, for messages and the report.
     shards_by: str
+    #: The RoPE-key layouts (``dims.ROPE_KEYS``) this path's cache can take, which the plan chooses among; empty
+    #: where the cache holds the RoPE key one way only (the ``rope_key`` arguments are then ignored).
+    rope_keys: tuple[str, ...] = ()
+    #: How this path can apply W_UV after attention (``dims.OUTPUT_ABSORPTIONS``), which the plan chooses among;
+    #: empty where the values leave attention per head and o_proj takes them as they are.
+    output_absorptions: tuple[str, ...] = ()
 
     # ---- cache
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
@@ -228,8 +96,14 @@ class DecodePath:
     def rank_cache_elements(self, dims: LatentDims, tp: int, *, rope_key: str = "copied") -> int:
         return self.cache_elements(self.rank_dims(dims, tp), rope_key=rope_key)
 
+    def cache_views(self, dims: LatentDims, key: torch.Tensor, value: torch.Tensor, *,
+                    rope_key: str = "copied") -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(key parts, values) as this path's attention core reads a cache of ``cache_shapes`` (for measuring the
+        core's kernel on its own layout, ``targets.measure_cpu``)."""
+        raise NotImplementedError
+
     def query_head_dims(self, dims: LatentDims) -> int:
-        """Width of each head's query as the decode attention (``runtime.attention_over_cache``) reads the
+        """Width of each head's query as the decode attention (``attention.attention_over_cache``) reads the
         path's cache with it."""
         raise NotImplementedError
 
@@ -276,6 +150,23 @@ class DecodePath:
         over the cache, which set how efficient they run (``Target.efficiency``)."""
         raise NotImplementedError
 
+    def attention_kernel(self, rope_key: str = "copied", *, multi_token: bool = False) -> str:
+        """The kernel class of this path's attention core, whose efficiency a measured target knows
+        (``Target.kernels``): one per RoPE-key layout the path offers besides the first (a layout's keys may be
+        strided views), and several new tokens per sequence run another kernel than one (attention.KEYS_MAJOR_ROWS)."""
+        layout = f"_{rope_key}" if self.rope_keys and rope_key != self.rope_keys[0] else ""
+        name = f"attention_{self.name}{layout}"
+        return f"{name}_multi_token" if multi_token else name
+
+    def kernel_layouts(self) -> tuple[str, ...]:
+        """The RoPE-key layouts whose attention core is a kernel class of its own (measure_cpu measures each)."""
+        return self.rope_keys or ("copied",)
+
+    def absorption_text(self, output_absorption: str) -> str | None:
+        """How this path applies the up-projections around attention under the plan's ``output_absorption``,
+        for the plan's explanation; None where it has no such choice."""
+        return None
+
     # ---- build
     def build(
         self,
@@ -300,11 +191,6 @@ class DecodePath:
                    context: int = CORE_TRACE_CONTEXT) -> CoreTrace:
         """The attention core's aten graph at one decode step (one query token over ``context`` cached tokens)
         for a layer of ``dims`` (what this rank computes), with the weights it multiplies by, by name."""
-        import torch
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        from .passes.graph import op_histogram, weight_matmuls
-
         weights = {name: tensor for name, tensor in core.named_buffers() if tensor is not None}
         first = next(iter(weights.values()))
         like = dict(dtype=first.dtype, device=first.device)
@@ -347,12 +233,16 @@ class AbsorbedPath(DecodePath):
     cache_layout = ("key [B, 1, T, d_c + d_R] = [c ; k_R] (one head, shared by all heads), value [B, 1, T, 0] "
                     "(zero-width: attention reads the latent part of the key)")
     shards_by = "query heads (the latent is replicated: every rank caches it whole)"
+    output_absorptions = OUTPUT_ABSORPTIONS
 
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
         return dims.d_c + dims.d_R
 
     def cache_shapes(self, dims, batch, tokens, *, rope_key="copied"):
         return (batch, 1, tokens, dims.d_c + dims.d_R), (batch, 1, tokens, 0)
+
+    def cache_views(self, dims, key, value, *, rope_key="copied"):
+        return LatentAttentionCore(torch.empty(0), None, 1.0, latent_value_dims=dims.d_c).cache_views(key, value)
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
         return dims  # the latent is not split
@@ -368,6 +258,9 @@ class AbsorbedPath(DecodePath):
 
     def query_rows_per_cached_head(self, dims: LatentDims) -> int:
         return dims.n_h  # every head reads the one latent
+
+    def absorption_text(self, output_absorption: str) -> str:
+        return f"{self.name} path applies W_UK as {QUERY_ABSORPTION}, W_UV as {output_absorption}"
 
     def projection_matmuls(self, dims: LatentDims, *, output_absorption: str = "bmm") -> list[Matmul]:
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
@@ -404,10 +297,6 @@ class AbsorbedPath(DecodePath):
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
-        from .passes.absorb import AbsorbQuery
-        from .passes.fold import fold_value_up_projection, stack_group_up_projections
-        from .runtime import ExpandedForm, LatentAttentionCore
-
         _check_choice("output_absorption", output_absorption, OUTPUT_ABSORPTIONS)
         _check_choice("query_absorption", query_absorption, (QUERY_ABSORPTION,))
         expanded = ExpandedForm(stack_group_up_projections(up.key, up.value), o_weight, n_g=dims.n_g, d_n=dims.d_n)
@@ -436,6 +325,7 @@ class GroupedPath(DecodePath):
                     "shared: key [B, 1, T, n_g d_n + d_R] (the groups' no-RoPE keys, then k_R once), "
                     "value [B, 1, T, n_g d_v]")
     shards_by = "latent groups (each rank caches its groups' keys and values)"
+    rope_keys = ROPE_KEYS
 
     def cache_elements(self, dims: LatentDims, *, rope_key: str = "copied") -> int:
         _check_choice("rope_key", rope_key, ROPE_KEYS)
@@ -448,6 +338,16 @@ class GroupedPath(DecodePath):
         if rope_key == "shared":
             return (batch, 1, tokens, dims.n_g * dims.d_n + dims.d_R), (batch, 1, tokens, dims.n_g * dims.d_v)
         return (batch, dims.n_g, tokens, dims.d_n + dims.d_R), (batch, dims.n_g, tokens, dims.d_v)
+
+    def cache_views(self, dims, key, value, *, rope_key="copied"):
+        return LatentAttentionCore(torch.empty(0), None, 1.0,
+                                   shared_rope_key=self._shared_rope_key(dims, rope_key)).cache_views(key, value)
+
+    @staticmethod
+    def _shared_rope_key(dims: LatentDims, rope_key: str) -> tuple[int, int] | None:
+        """The core's ``shared_rope_key`` for a layout: (groups, d_R) where k_R is kept once, else None."""
+        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        return (dims.n_g, dims.d_R) if rope_key == "shared" else None
 
     def rank_dims(self, dims: LatentDims, tp: int) -> LatentDims:
         return replace(dims, n_h=dims.n_h // tp, n_g=dims.n_g // tp)
@@ -480,14 +380,9 @@ class GroupedPath(DecodePath):
 
     def build(self, up, o_weight, o_bias, scaling, dims, *, output_absorption="bmm", rope_key="copied",
               query_absorption=QUERY_ABSORPTION, attention_sink=None, process_group=None, module_path=""):
-        from .passes.expand import ExpandNewTokens
-        from .passes.fold import stack_group_up_projections
-        from .runtime import LatentAttentionCore
-
-        _check_choice("rope_key", rope_key, ROPE_KEYS)
+        shared = self._shared_rope_key(dims, rope_key)
         tail = ExpandNewTokens(stack_group_up_projections(up.key, up.value), n_g=dims.n_g, d_n=dims.d_n,
                                rope_key=rope_key)
-        shared = (dims.n_g, dims.d_R) if rope_key == "shared" else None
         return BuiltPath(tail, LatentAttentionCore(o_weight, o_bias, scaling, shared_rope_key=shared,
                                                    attention_sink=attention_sink, process_group=process_group,
                                                    forms=self.compute_forms(dims)))
@@ -499,11 +394,35 @@ class GroupedPath(DecodePath):
 
 #: The registry of decoding paths, by name. Order matters for cost ties: the first (smaller cache) wins.
 PATHS: dict[str, DecodePath] = {path.name: path for path in (AbsorbedPath(), GroupedPath())}
+#: The built-in paths' names (``register_path`` adds others to PATHS, never to these).
 PATH_NAMES: tuple[str, ...] = tuple(PATHS)
+#: Names a path cannot take: the plan's "auto" and the "original" cache of cache_sizes.kv_cache_elements.
+RESERVED_NAMES = ("auto", "original")
 
 #: What transformers' own MLA models cache, for "before" figures: the latent and the RoPE key per token.
 ORIGINAL_CACHE_LAYOUT = ("latent c and RoPE key k_R per token (d_c + d_R), re-expanded to per-head keys and values "
                          "over the whole context at every step")
+
+
+def register_path(path: DecodePath) -> DecodePath:
+    """Add a path of the user's to the registry, after the others (cost ties go to those): the plan costs it,
+    ``optimize(path=its name)`` builds, verifies and installs it, and the report describes it. A ValueError where
+    its name is taken; ``unregister_path`` undoes it."""
+    if not isinstance(path, DecodePath):
+        raise TypeError(f"register_path takes a DecodePath instance, got {type(path).__name__}")
+    name = getattr(path, "name", None)
+    if not isinstance(name, str) or not name or name in PATHS or name in RESERVED_NAMES:
+        taken = ", ".join(map(repr, [*PATHS, *RESERVED_NAMES]))
+        raise ValueError(f"a path needs a name of its own (a non-empty string other than {taken}), got {name!r}")
+    PATHS[name] = path
+    return path
+
+
+def unregister_path(name: str) -> DecodePath:
+    """Remove a path ``register_path`` added (the built-in paths stay); returns it."""
+    if name in PATH_NAMES:
+        raise ValueError(f"{name!r} is a built-in path and stays registered")
+    return PATHS.pop(get_path(name).name)
 
 
 def get_path(name: str) -> DecodePath:
@@ -523,6 +442,15 @@ def check_path_argument(path: str) -> None:
 def feasible_paths(dims: LatentDims, tp: int) -> dict[str, str | None]:
     """For each path, why ``tp`` ranks cannot shard it (None when they can)."""
     return {name: path.shard_problem(dims, tp) for name, path in PATHS.items()}
+
+
+def check_shardable(problems: dict[str, str | None], path: str = "auto") -> None:
+    """A ValueError naming why (``feasible_paths``' problems) where the forced ``path`` cannot be sharded, or
+    where no path can."""
+    if path != "auto" and problems[path]:
+        raise ValueError(problems[path])
+    if all(problems.values()):
+        raise ValueError("; ".join(problems.values()))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,14 @@
 """``optimize``: capture -> detect -> plan -> build the chosen path -> verify -> install -> compile.
 
 Each arrow is one module: capture.py, passes/detect.py, cost_model.py, paths.py (with passes/split.py,
-passes/shard.py and the path's tail in passes/absorb.py or passes/expand.py), ``verify_rewrite`` below,
-runtime.py and compile.py. This file only wires them: every layer travels as an explicit
+passes/shard.py and the path's tail in passes/absorb.py or passes/expand.py), verification.py
+(``verify_rewrite``), runtime.py and compile.py. This file only wires them: every layer travels as an explicit
 :class:`~gqla_compile.passes.context.LayerContext`, and one :class:`PassManager` keeps the records the report
 is built from.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -21,10 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from .cache_sizes import latent_cache_elements
 from .capture import CACHE_ARGUMENTS, CAPTURE_METHOD, CaptureResult, CapturedAttention, capture_candidates
-from .dims import LatentDims, is_latent_config, latent_cache_elements
+from .compile import compile_model
+from .cost_model import indexer_dims, plan as make_plan
+from .dims import LatentDims, is_latent_config
 from .distributed import TensorParallel, tensor_parallel_group
 from .errors import (
     GqlaError,
@@ -39,9 +39,9 @@ from .passes.manager import PassManager, PassRecord
 from .passes.shard import REPLICATED, ShardAttention, TensorParallelLayout
 from .passes.split import SplitLatentProjection, split_token_selection
 from .passes.graph import tensor_meta, weight_matmuls
-from .paths import PATHS, CoreTrace, DecodePath, FormChoice, check_path_argument, feasible_paths
+from .paths import CoreTrace, DecodePath, check_path_argument, check_shardable, feasible_paths
 from .runtime import InstalledLatentAttention, StatefulChild, TokenSelection, install, uninstall
-from .verification import HALF_PRECISION_DTYPES, half_precision_verdict, relative_error, reproduction_tolerance
+from .verification import verify_rewrite
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class LayerRewrite:
     matmul_weights_before: list[dict] = field(default_factory=list)  # captured graph: {"op", "weight", "shape"}
     matmul_weights_after: list[dict] = field(default_factory=list)  # projection graph and core, "graph" added
     core: CoreTrace | None = None  # the attention core at one decode step (ops, code, weights)
-    compute_forms: dict = field(default_factory=dict)  # paths.FormChoice.describe: the form each call takes
+    compute_forms: dict = field(default_factory=dict)  # forms.FormChoice.describe: the form each call takes
 
 
 @dataclass
@@ -137,8 +137,6 @@ def optimize(
         return model
     model.gqla_optimization = state
     if compile:
-        from .compile import compile_model
-
         state.compile = compile_model(model)
     state.seconds = time.perf_counter() - start
     logger.info("rewrote %d attention blocks to the %s path in %.1f s", len(state.layers), state.path, state.seconds)
@@ -163,7 +161,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
     left = attention_left_unchanged(captured.failures, [c.detection for c in contexts])
     _warn_if_partial(left, matched)
     plan = _plan(model, matched, target, path, tp=parallel.size if parallel else 1, **shape)
-    decode_path = PATHS[plan.path]
+    decode_path = plan.decode_path
     layers = []
     cores: dict[tuple, CoreTrace] = {}  # layers of one structure share their core's trace
     try:
@@ -173,7 +171,7 @@ def _optimize(model, target, path, parallel, *, verify, dump_dir, shape) -> Opti
             runtime = _build(manager, module, context, decode_path, plan, parallel, layer_idx)
             error = verify_rewrite(module, runtime, context.capture) if verify else math.nan
             install(module, runtime)
-            layer = _layer_rewrite(context, runtime, plan, parallel, manager, error)
+            layer = _layer_rewrite(context, runtime, decode_path, plan, parallel, manager, error)
             key = context.capture.structure_key
             if key not in cores:
                 cores[key] = decode_path.trace_core(runtime.core, layer.local_dims, rope_key=plan.rope_key)
@@ -261,11 +259,7 @@ def _check_shardable(model, path: str, tp: int) -> None:
     config = getattr(config, "get_text_config", lambda: config)()
     if config is None or not is_latent_config(config):
         return
-    problems = feasible_paths(LatentDims.from_config(config), tp)
-    if path != "auto" and problems[path]:
-        raise ValueError(problems[path])
-    if all(problems.values()):
-        raise ValueError(problems["absorbed"])
+    check_shardable(feasible_paths(LatentDims.from_config(config), tp), path)
 
 
 def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
@@ -275,8 +269,6 @@ def _plan(model: nn.Module, matched: list[LayerContext], target, path, **shape):
     It is made from the dims detection read off the graph and probing settled (n_g included), not from
     the model's config (which a hand-written model may not have), in the dtype of the model's weights.
     """
-    from .cost_model import indexer_dims, plan as make_plan
-
     dims = matched[0].match.dims
     dtype = next(model.parameters()).dtype
     top_ks = [c.match.selection.top_k for c in matched if c.match.selection is not None and c.match.selection.top_k]
@@ -302,7 +294,7 @@ def _build(manager: PassManager, module: nn.Module, context: LayerContext, decod
     sink = context.parameters[capture.parameter_inputs[match.attention_sink.name]] if match.attention_sink else None
     if parallel is not None:
         # Tensor parallel: this rank's heads, groups, o_proj columns and sinks; the path is built from them.
-        layout = TensorParallelLayout(decode_path.name, match.dims, parallel.size, parallel.rank)
+        layout = TensorParallelLayout(decode_path, match.dims, parallel.size, parallel.rank, plan.rope_key)
         shard = ShardAttention(layout, capture, backend=parallel.backend, gates=int(match.output_gate is not None))
         up, o_weight = shard.shard_weights(up, o_weight)
         passes.append(shard)
@@ -354,10 +346,9 @@ def _traced_mask_dtype(capture: CapturedAttention) -> torch.dtype | None:
     return None
 
 
-def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, plan, parallel, manager: PassManager,
-                   error: float) -> LayerRewrite:
+def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, decode_path: DecodePath, plan, parallel,
+                   manager: PassManager, error: float) -> LayerRewrite:
     dims = context.match.dims
-    decode_path = PATHS[runtime.path]
     tp = parallel.size if parallel else 1
     capture, projection = context.capture, runtime.projection
     parameter_shapes = {n.name: (capture.parameter_inputs[n.name], list(tensor_meta(n).shape))
@@ -367,7 +358,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
     parameter_of = {name.replace(".", "_"): name for name in capture.parameter_inputs.values()}
     attributes = {n: (parameter_of.get(n.target, n.target), list(getattr(projection, n.target).shape))
                   for n in projection.graph.nodes if n.op == "get_attr"}
-    local_dims = TensorParallelLayout(decode_path.name, dims, tp, parallel.rank).local_dims if parallel else dims
+    local_dims = TensorParallelLayout(decode_path, dims, tp, parallel.rank).local_dims if parallel else dims
     forms = runtime.core.forms.describe(s_q=plan.s_q, context_len=plan.context_len)
     return LayerRewrite(
         module_path=context.module_path,
@@ -382,143 +373,7 @@ def _layer_rewrite(context: LayerContext, runtime: InstalledLatentAttention, pla
         cache_elements_per_rank=decode_path.rank_cache_elements(dims, tp, rope_key=plan.rope_key),
         local_dims=local_dims,
         compute_forms=forms,
-        output_absorption=plan.output_absorption if decode_path.name == "absorbed" else None,
+        output_absorption=plan.output_absorption if decode_path.output_absorptions else None,
         matmul_weights_before=weight_matmuls(capture.graph_module, lambda n: parameter_shapes.get(n.name)),
         matmul_weights_after=[{"graph": "projection", **m} for m in weight_matmuls(projection, attributes.get)],
     )
-
-
-def verify_rewrite(module: nn.Module, runtime: InstalledLatentAttention, capture: CapturedAttention) -> float:
-    """Relative error of the rewritten block against the original on the recorded call, run twice: whole, with
-    no cache, and as a prefill of all but its last token into a fresh cache, then that token decoded from it
-    (what generate does; :func:`_decode_split`), each in every compute form of the core; the largest error. In half precision, where the two differ by
-    more than the bound, each is judged against the original run in float32
-    (``verification.half_precision_verdict``)."""
-    arguments = {k: v for k, v in capture.example_arguments.items() if k not in CACHE_ARGUMENTS}
-    hidden = next(v for v in arguments.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
-    seq = hidden.shape[1]
-    if not isinstance(arguments.get("attention_mask"), torch.Tensor):
-        # An explicit additive causal mask: eager attention implementations treat "no mask" as bidirectional.
-        causal = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
-        arguments["attention_mask"] = causal.expand(hidden.shape[0], 1, seq, seq)
-
-    def whole(block: nn.Module, cast) -> torch.Tensor:
-        return _first(block(**cast(arguments)))
-
-    split = _decode_split(module, arguments, seq)
-    errors = []
-    with contextlib.closing(_each_compute_form(runtime)) as forms:  # the core's own rule back, also on an error
-        for how in forms:
-            errors.append(_verified_error(module, runtime, whole, capture.module_path, how))
-            if split is not None:
-                decoding = _verified_error(module, runtime, split, capture.module_path,
-                                           f"{how} decoding from its cache", unless_original_fails=True)
-                errors += [] if decoding is None else [decoding]
-    return max(errors)
-
-
-def _each_compute_form(runtime: InstalledLatentAttention):
-    """Runs the checks once per compute form of the core, each forced for every call (the rule picks by length,
-    and the recorded call's length need not reach every form); yields how each is named in an error."""
-    choice = runtime.core.forms
-    if choice is None or len(choice.forms) == 1:
-        yield ""
-        return
-    try:
-        for form in choice.forms:
-            runtime.core.forms = FormChoice((form,))
-            yield f" in the {form.name} compute form"
-    finally:
-        runtime.core.forms = choice
-
-
-def _verified_error(module: nn.Module, runtime: InstalledLatentAttention, run, module_path: str, how: str, *,
-                    unless_original_fails: bool = False) -> float | None:
-    """``run(block, cast)`` on the original and on the rewrite: their relative error, or VerificationError.
-    ``unless_original_fails``: None (logged) where the original block itself cannot make that call."""
-    with torch.no_grad():
-        try:
-            expected = run(module, lambda a: a)
-        except Exception as exc:  # noqa: BLE001 - the check is skipped, and says so
-            if not unless_original_fails:
-                raise
-            logger.info("%s: not checked%s (the original block fails that call: %s: %s)", module_path, how,
-                        type(exc).__name__, exc)
-            return None
-        got = run(runtime, lambda a: a)
-    if expected.shape != got.shape:
-        raise VerificationError(
-            f"{module_path}: rewritten output{how} has shape {tuple(got.shape)}, original {tuple(expected.shape)}"
-        )
-    error = relative_error(got, expected)
-    tolerance = reproduction_tolerance(expected.dtype)
-    if not error <= tolerance and expected.dtype in HALF_PRECISION_DTYPES:
-        error, tolerance = half_precision_verdict(module, run, got, expected)
-    if not error <= tolerance:
-        raise VerificationError(
-            f"{module_path}: the rewritten attention{how} differs from the original (relative error "
-            f"{error:.2e} > {tolerance:.1e}); the model was left unchanged. Please report this model"
-        )
-    return error
-
-
-def _decode_split(module: nn.Module, arguments: dict[str, Any], seq: int):
-    """The recorded call as generate makes it: all but the last token into a fresh ``DynamicCache`` (built from
-    the block's config where it has one, as generate builds it: a sparse indexer's key cache included), then
-    the last token; ``run(block, cast)`` returning the last token's output. None where that cannot be set up
-    from the call alone: the block takes no cache argument, or a tensor has several sequence-sized dims or is
-    an index into the sequence. (A block that does not run on that cache is skipped by the caller.)"""
-    from transformers import DynamicCache, PretrainedConfig
-
-    parameters = inspect.signature(module.forward).parameters
-    cache_name = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
-    if cache_name is None or seq < 2:
-        return None
-
-    try:
-        prefill, last = _cut_call(arguments, seq, 0, seq - 1), _cut_call(arguments, seq, seq - 1, seq)
-    except _Ambiguous:
-        return None
-
-    config = getattr(module, "config", None)  # the model's cache layers (a sparse indexer's key cache among them)
-
-    def run(block: nn.Module, cast) -> torch.Tensor:
-        cache = DynamicCache(config=config) if isinstance(config, PretrainedConfig) else DynamicCache()
-        block(**cast(prefill), **{cache_name: cache})
-        return _first(block(**cast(last), **{cache_name: cache}))
-
-    return run
-
-
-#: Integer arguments that give each token's position: cut with the tokens (other integer tensors that run along
-#: the sequence, such as a previous layer's top-k key indices, hold positions the cut would invalidate).
-POSITION_ARGUMENTS = ("position_ids", "cache_position")
-
-
-def _cut_call(arguments: dict[str, Any], seq: int, start: int, stop: int) -> dict[str, Any]:
-    """The call's arguments for tokens start..stop of its ``seq``: every tensor cut along its one sequence-sized
-    dim, a [.., queries, keys] mask to these queries over every key so far; _Ambiguous where that is unknown."""
-
-    def cut(name: str, t: torch.Tensor) -> torch.Tensor:
-        if name == "attention_mask" and t.dim() > 2:
-            return t[..., start:stop, :stop]
-        dims = [d for d, size in enumerate(t.shape) if size == seq]
-        if len(dims) > 1 or (dims and _is_index(t) and name not in POSITION_ARGUMENTS):
-            raise _Ambiguous  # which dim to cut, or what the values index (a shared top-k selection)
-        return t.narrow(dims[0], start, stop - start) if dims else t
-
-    return {name: pytree.tree_map_only(torch.Tensor, functools.partial(cut, name), value)
-            for name, value in arguments.items()}
-
-
-def _is_index(t: torch.Tensor) -> bool:
-    """Integer values (positions or indices); floats, complex RoPE factors and boolean masks are not."""
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
-class _Ambiguous(Exception):
-    """A recorded tensor that cannot be cut into prefill and last token from the call alone."""
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output

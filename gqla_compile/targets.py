@@ -34,8 +34,11 @@ from pathlib import Path
 
 import torch
 
+from . import attention, runtime
 from . import kernels as cpu_kernels  # not `kernels`: that names the measured efficiencies here
+from .dims import LatentDims
 from .errors import UnknownTargetError
+from .paths import PATHS, DecodePath
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +55,10 @@ _GB = 10**9  # datasheets quote decimal gigabytes
 
 
 #: Kernel classes a measured target knows the efficiency of: the weight matmuls of a decode step (rows: the
-#: step's new tokens) and the attention core of each decoding path (rows: query rows per cached head).
+#: step's new tokens) and the attention core of each decoding path (rows: query rows per cached head; its class
+#: is the path's, ``DecodePath.attention_kernel``).
 KERNEL_GEMV = "gemv"
 
-
-def attention_kernel(path: str, rope_key: str = "copied", *, multi_token: bool = False) -> str:
-    """The kernel class of a decoding path's attention core (the grouped path's shared RoPE key is a layout
-    of its own: its keys are strided views; several new tokens per sequence run another kernel than one,
-    see attention.KEYS_MAJOR_ROWS)."""
-    name = f"attention_{path}_shared" if path == "grouped" and rope_key == "shared" else f"attention_{path}"
-    return f"{name}_multi_token" if multi_token else name
-
-
-#: The attention kernel classes measure_cpu measures: (path, RoPE-key layout).
-ATTENTION_CLASSES: tuple[tuple[str, str], ...] = (("absorbed", "copied"), ("grouped", "copied"), ("grouped", "shared"))
 
 
 @dataclass(frozen=True)
@@ -97,7 +90,7 @@ class KernelEfficiency:
 @dataclass(frozen=True)
 class Target:
     """One chip as the roofline sees it. All figures are per device. ``kernels``: measured efficiencies per
-    kernel class (``KERNEL_GEMV``, ``attention_kernel(path)``); a class without one runs at the roofline."""
+    kernel class (``KERNEL_GEMV``, ``DecodePath.attention_kernel``); a class without one runs at the roofline."""
 
     name: str
     peak_flops: Mapping[str, float] = field(hash=False)  # dtype name -> dense matmul FLOP/s
@@ -332,27 +325,19 @@ def _gemv_efficiency(bandwidth: float, peak: float, budget_s: float) -> KernelEf
     return KernelEfficiency(GEMV_ROWS, tuple(efficiency))
 
 
-def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
+def _attention_efficiency(decode: DecodePath, rope_key: str, bandwidth: float, peak: float, budget_s: float, *,
                           multi_token: bool = False) -> KernelEfficiency:
     """The runtime's own decode attention (``attention_over_cache`` on the views the installed core reads)
     for one sequence over CALIBRATION_CONTEXT cached tokens in the layout of CLASS_DIMS, against its
     roofline. The rows per cached head are query heads of one new token, or (``multi_token``) new tokens of
     one head per cached head."""
-    from .dims import LatentDims
-    from .paths import PATHS
-    from .attention import attention_over_cache
-    from .runtime import LatentAttentionCore
-
     s, d = CALIBRATION_CONTEXT, CLASS_DIMS
     dims = LatentDims(n_h=d["n_g"], n_g=d["n_g"], d_c=d["d_c"], d_R=d["d_R"], d_n=d["d_n"], d_v=d["d_v"],
                       hidden_size=1, q_lora_rank=None)
-    decode = PATHS[path]
     key_shape, value_shape = decode.cache_shapes(dims, 1, s, rope_key=rope_key)
     generator = torch.Generator().manual_seed(0)
     key, value = torch.randn(key_shape, generator=generator), torch.randn(value_shape, generator=generator)
-    reader = LatentAttentionCore(torch.empty(0), None, 1.0, latent_value_dims=d["d_c"] if path == "absorbed" else None,
-                                 shared_rope_key=(d["n_g"], d["d_R"]) if rope_key == "shared" else None)
-    keys, values = reader.cache_views(key, value)
+    keys, values = decode.cache_views(dims, key, value, rope_key=rope_key)
     cached_heads = values.shape[1]
     cached_bytes = s * decode.cache_elements(dims, rope_key=rope_key) * 4
     efficiency = []
@@ -361,7 +346,7 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
         heads, tokens = (cached_heads, rows) if multi_token else (cached_heads * rows, 1)
         query = torch.randn(1, heads, tokens, decode.query_head_dims(dims), generator=generator)
         flops = 2 * heads * tokens * s * decode.attention_head_dims(dims)
-        seconds = _median_seconds(lambda: attention_over_cache(query, keys, values, None, 1.0), budget_s)
+        seconds = _median_seconds(lambda: attention.attention_over_cache(query, keys, values, None, 1.0), budget_s)
         efficiency.append(_roofline_seconds(cached_bytes, flops, bandwidth, peak) / seconds)
     return KernelEfficiency(all_rows, tuple(efficiency))
 
@@ -369,16 +354,16 @@ def _attention_efficiency(path: str, rope_key: str, bandwidth: float, peak: floa
 def _cache_file() -> Path:
     """One JSON per CPU model, torch version and thread count under ~/.cache/gqla_compile (or
     $GQLA_COMPILE_CACHE)."""
-    from . import runtime
-
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    # the runtime's and the kernels' source are part of the key: a changed attention kernel is measured afresh
-    source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (runtime, cpu_kernels))).hexdigest()
+    # the runtime's, the attention's and the kernels' source are part of the key: a changed attention kernel is
+    # measured afresh
+    source = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                     for m in (runtime, attention, cpu_kernels))).hexdigest()
     identity = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{source}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GQLA_COMPILE_CACHE", Path.home() / ".cache" / "gqla_compile"))
@@ -410,9 +395,10 @@ def measure_cpu_now(budget_s: float = 0.3) -> Target:
     copy = _copy_bandwidth()
     with torch.no_grad():
         kernels = {KERNEL_GEMV: _gemv_efficiency(bandwidth, peaks["float32"], budget_s)}
-        for (path, rope_key), multi_token in itertools.product(ATTENTION_CLASSES, (False, True)):
-            kernels[attention_kernel(path, rope_key, multi_token=multi_token)] = _attention_efficiency(
-                path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
+        for path, multi_token in itertools.product(PATHS.values(), (False, True)):
+            for rope_key in path.kernel_layouts():
+                kernels[path.attention_kernel(rope_key, multi_token=multi_token)] = _attention_efficiency(
+                    path, rope_key, bandwidth, peaks["float32"], budget_s, multi_token=multi_token)
     target = Target("cpu", peaks, memory_bandwidth=bandwidth, memory_capacity=_physical_memory(),
                     interconnect_bandwidth=copy / CPU_INTERCONNECT_FACTOR, devices_per_node=1, kernels=kernels)
     logger.info("measured cpu (%d threads): %s, read bandwidth %.1f GB/s, kernel efficiencies %s",

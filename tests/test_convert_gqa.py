@@ -16,7 +16,7 @@ from gqla_compile.checkpoint import OutputExistsError, UnsafeCheckpointError, lo
 from gqla_compile.cli import main as cli_main
 from gqla_compile.conversion import convert, gqa
 from gqla_compile.conversion.calibration import collect_attention_input_moments, random_token_sequences
-from gqla_compile.dims import kv_cache_elements
+from gqla_compile.cache_sizes import kv_cache_elements
 from gqla_compile.errors import ConversionError
 from gqla_compile.modeling_gqla import GqlaForCausalLM
 from gqla_compile.tiny import tiny_llama, tiny_mistral, tiny_qwen2

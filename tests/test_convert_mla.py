@@ -21,7 +21,7 @@ import gqla_compile
 from gqla_compile.checkpoint import load_model
 from gqla_compile.cli import main as cli_main
 from gqla_compile.conversion.calibration import random_token_sequences
-from gqla_compile.dims import kv_cache_elements
+from gqla_compile.cache_sizes import kv_cache_elements
 from gqla_compile.errors import ConversionError
 from gqla_compile.modeling_gqla import GqlaForCausalLM
 from gqla_compile.passes.match import UP_PROJECTION_BIAS

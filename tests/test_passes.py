@@ -138,7 +138,7 @@ def test_shard_slices_the_query_projection_without_adding_an_op(block, split):
     context, inputs, _, _ = block
     _, gm = split
     dims = context.match.dims
-    shard = ShardAttention(TensorParallelLayout("absorbed", dims, tp=2, rank=1), context.capture)
+    shard = ShardAttention(TensorParallelLayout(PATHS["absorbed"], dims, tp=2, rank=1), context.capture)
     sharded = shard(gm)
     assert shard.summary().query_projection == "rows of the rank's heads"
     assert count_ops(sharded, inputs) == count_ops(gm, inputs)

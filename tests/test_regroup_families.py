@@ -25,7 +25,7 @@ from _models import relative_error
 import gqla_compile
 from gqla_compile.conversion.calibration import random_token_sequences
 from gqla_compile.conversion.mla import RECORD_FIELD, find_latent_blocks
-from gqla_compile.dims import kv_cache_elements
+from gqla_compile.cache_sizes import kv_cache_elements
 from gqla_compile.errors import ConversionError
 
 # One worker runs this whole file (pyproject's --dist loadgroup), so that the detections and conversions cached

@@ -4,6 +4,7 @@ import pytest
 
 from gqla_compile import targets
 from gqla_compile.errors import UnknownTargetError
+from gqla_compile.paths import PATHS
 from gqla_compile.targets import Target
 
 BUILTIN = ("h100", "h800", "h20", "h200", "a100", "l40s", "b200", "mi300x")
@@ -105,8 +106,11 @@ def test_measure_cpu_is_measured_and_cached(cpu):
     assert cpu.peak_flops["float32"] > 1e8 and cpu.memory_bandwidth > 1e8 and cpu.interconnect_bandwidth > 1e8
     assert cpu.devices_per_node == 1
     # the kernels the rewritten graphs run, per shape class, measured against their roofline
-    assert set(cpu.kernels) == {targets.KERNEL_GEMV, *(targets.attention_kernel(p, k, multi_token=m)
-                                                       for p, k in targets.ATTENTION_CLASSES for m in (False, True))}
+    attention = {f"attention_{layout}{tokens}" for layout in ("absorbed", "grouped", "grouped_shared")
+                 for tokens in ("", "_multi_token")}  # each path's core in each RoPE-key layout it offers
+    assert set(cpu.kernels) == {targets.KERNEL_GEMV, *attention}
+    assert attention == {path.attention_kernel(key, multi_token=m) for path in PATHS.values()
+                         for key in path.kernel_layouts() for m in (False, True)}
     for kernel in cpu.kernels.values():
         assert all(0 < e < 10 for e in kernel.efficiency)
 

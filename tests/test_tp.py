@@ -23,9 +23,11 @@ from _models import (
 from transformers import AutoModelForCausalLM
 
 import gqla_compile
-from gqla_compile.dims import LatentDims, latent_cache_elements
+from gqla_compile.cache_sizes import latent_cache_elements
+from gqla_compile.dims import LatentDims
 from gqla_compile.distributed import run_parallel
 from gqla_compile.errors import GqlaError
+from gqla_compile.paths import PATHS
 from gqla_compile.tiny import tiny_deepseek_v3, tiny_gqla
 
 PROMPT, DECODE_STEPS, NEW_TOKENS, BATCH = 6, 8, 8, 2
@@ -156,6 +158,21 @@ def test_each_rank_caches_its_share(parallel_results):
             assert result["report_bytes_per_rank"] == result["per_rank"] * 4, where  # float32
 
 
+def test_shard_record_counts_the_ranks_cache_in_the_plans_layout(parallel_results):
+    """The shard pass's record states the per-rank cache of the RoPE-key layout the plan took (the shared
+    layout keeps k_R once on every rank), the figure LayerRewrite holds."""
+    world_size, per_rank = parallel_results
+    layouts = set()
+    for rank, results in enumerate(per_rank):
+        for (name, path, rope_key), result in results.items():
+            summary = result["shard_summary"]
+            assert summary.path == path and result["rope_key"] == rope_key
+            assert summary.cache_elements_per_token_per_rank == result["per_rank"], (name, path, rope_key, rank)
+            layouts.add((path, rope_key))
+    if world_size == 2 and len(per_rank[0]) == len(ALL_CASES):
+        assert {("grouped", "copied"), ("grouped", "shared")} <= layouts
+
+
 #: Families with the optional pieces, on the path that exercises them: sparse attention (DeepSeek-V3.2; GLM-5,
 #: whose "shared" layers read the previous layer's selection), learned sinks with a per-channel gate and DSA
 #: (Hunyuan V4, both paths) and a per-head gate (Bailing hybrid).
@@ -237,19 +254,19 @@ def test_layout_splits_groups_heads_and_weights():
     dims = LatentDims(n_h=8, n_g=4, d_c=6, d_R=2, d_n=3, d_v=5, hidden_size=16)
     w_uk, w_uv = torch.randn(4, 3, 6), torch.randn(4, 5, 6)
     o_weight = torch.randn(16, 8 * 5)
-    layout = TensorParallelLayout("grouped", dims, tp=2, rank=1)
+    layout = TensorParallelLayout(PATHS["grouped"], dims, tp=2, rank=1)
     assert layout.heads == (4, 8) and layout.head_groups == (2, 4, 2)
     key, value = layout.up_projections(w_uk, w_uv)
     assert torch.equal(key, w_uk[2:]) and torch.equal(value, w_uv[2:])
     assert torch.equal(layout.output_columns(o_weight, 5), o_weight[:, 20:])
     assert layout.cache_elements() * 2 == latent_cache_elements(dims, "grouped")
     # absorbed with more ranks than groups: a rank holds one head, with its group's up-projection
-    layout = TensorParallelLayout("absorbed", dims, tp=8, rank=3)
+    layout = TensorParallelLayout(PATHS["absorbed"], dims, tp=8, rank=3)
     key, value = layout.up_projections(w_uk, w_uv)
     assert layout.local_dims.n_h == 1 and torch.equal(key, w_uk[1:2]) and torch.equal(value, w_uv[1:2])
     assert layout.cache_elements() == latent_cache_elements(dims, "absorbed")
     with pytest.raises(ValueError, match="tp=8 does not divide the 4 latent groups"):
-        TensorParallelLayout("grouped", dims, tp=8, rank=0)
+        TensorParallelLayout(PATHS["grouped"], dims, tp=8, rank=0)
 
 
 def test_shard_pass_keeps_the_ranks_query_heads_only():
@@ -266,7 +283,7 @@ def test_shard_pass_keeps_the_ranks_query_heads_only():
     context = LayerContext.of(model.get_submodule(capture.module_path), capture)
     PassManager().run([DetectLatentAttention(context)], capture.graph_module, capture.module_path)
     whole = SplitLatentProjection(context)(capture.graph_module)
-    shard = ShardAttention(TensorParallelLayout("grouped", context.match.dims, tp=2, rank=1), capture)
+    shard = ShardAttention(TensorParallelLayout(PATHS["grouped"], context.match.dims, tp=2, rank=1), capture)
     sharded = shard(whole)
     inputs = recorded_inputs(capture)
     with torch.no_grad():

@@ -105,7 +105,8 @@ def gqa_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     from ..checkpoint import ModelNotFoundError, check_output_free, load_model, load_tokenizer, save_pretrained_atomic
     from ..conversion import convert
-    from ..dims import is_latent_config, kv_cache_elements
+    from ..dims import is_latent_config
+    from ..cache_sizes import kv_cache_elements
     from ..errors import ConversionError
 
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..paths import QUERY_ABSORPTION
+from ..dims import QUERY_ABSORPTION
 from .graph import append_to_graph, optional_output_count
 from .summaries import AbsorbSummary
 

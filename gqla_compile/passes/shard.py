@@ -2,10 +2,14 @@
 
 Heads are split into P contiguous blocks; rank r keeps query heads [r n_h / P, (r + 1) n_h / P).
 
+What a rank caches, and which P a layer can be split over, is its path's (``DecodePath.rank_dims``,
+``shard_problem``); for the two paths:
+
 - grouped path: groups [r n_g / P, (r + 1) n_g / P) with exactly those heads; the rank keeps their rows
   of the query projection, their rows of the stacked up-projection W_UKV, their columns of o_proj, and
-  caches only its groups' keys and values (1/P of the cache; the RoPE key is copied into each group's key,
-  so it shards with its groups). P must divide n_g.
+  caches only its groups' keys and values: with the RoPE key copied into each group's key it shards with its
+  groups (1/P of the cache); with the shared layout every rank keeps k_R once beside its groups
+  (n_g / P (d_n + d_v) + d_R per token). P must divide n_g.
 - absorbed path: the rank's heads with their W_UK (applied to the query) and W_UV (per-group bmm or folded
   into o_proj, the rank's columns only); the latent down-projection is replicated and every rank caches
   the whole latent [c ; k_R]. P must divide n_h.
@@ -31,7 +35,7 @@ from torch import fx
 
 from ..capture import recorded_inputs
 from ..dims import LatentDims
-from ..paths import get_path
+from ..paths import DecodePath
 from .summaries import ShardSummary
 from .graph import LINEAR_OPS, RESHAPE_OPS, ancestors, append_to_graph, optional_output_count, tensor_meta
 
@@ -46,15 +50,17 @@ REPLICATED = {
 
 @dataclass(frozen=True)
 class TensorParallelLayout:
-    """Which heads and groups rank ``rank`` of ``tp`` holds for one layer of ``dims`` on ``path``."""
+    """Which heads and groups rank ``rank`` of ``tp`` holds for one layer of ``dims`` on ``path``, whose cache has
+    the RoPE-key layout ``rope_key`` (the plan's)."""
 
-    path: str
+    path: DecodePath
     dims: LatentDims  # the whole layer's dims
     tp: int
     rank: int
+    rope_key: str = "copied"
 
     def __post_init__(self) -> None:
-        problem = get_path(self.path).shard_problem(self.dims, self.tp)
+        problem = self.path.shard_problem(self.dims, self.tp)
         if problem:
             raise ValueError(problem)
         if not 0 <= self.rank < self.tp:
@@ -99,9 +105,9 @@ class TensorParallelLayout:
         h0, h1 = self.heads
         return weight[:, h0 * per_head : h1 * per_head].contiguous()
 
-    def cache_elements(self, rope_key: str = "copied") -> int:
-        """Cached elements per token on this rank (the path's per-rank cache)."""
-        return get_path(self.path).rank_cache_elements(self.dims, self.tp, rope_key=rope_key)
+    def cache_elements(self) -> int:
+        """Cached elements per token on this rank (the path's per-rank cache, in the layout's RoPE-key layout)."""
+        return self.path.rank_cache_elements(self.dims, self.tp, rope_key=self.rope_key)
 
 
 def narrow_heads(query, latent, rope_key, *, start: int, end: int):
@@ -240,7 +246,7 @@ class ShardAttention:
             tp=layout.tp,
             rank=layout.rank,
             backend=self.backend,
-            path=layout.path,
+            path=layout.path.name,
             heads=list(layout.heads),
             groups=[groups[0], groups[1]] if groups else None,
             query_projection=self.query_projection,
@@ -249,5 +255,5 @@ class ShardAttention:
             collective="all_reduce(sum) after o_proj (torch.distributed._functional_collectives)",
             o_proj_bias="added once, after the all-reduce",
             cache_elements_per_token_per_rank=layout.cache_elements(),
-            cache=get_path(layout.path).shards_by,
+            cache=layout.path.shards_by,
         )
