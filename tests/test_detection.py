@@ -263,16 +263,16 @@ def test_error_classes_are_importable_from_the_package():
 def test_a_rewrite_that_computes_something_else_is_refused(monkeypatch, broken, message):
     """A fault in the decode core (here: a 1e-3 error, put in on purpose) stops optimize before anything is
     installed, also where it shows only when one new token is decoded from the cache, as in generate."""
-    from gqla_compile import runtime
+    from gqla_compile import attention
 
-    exact = runtime.attention_over_cache
+    exact = attention.attention_over_cache
 
     def faulty(query, keys, value, *args):
         out = exact(query, keys, value, *args)
         decoding = query.shape[-2] == 1 and value.shape[-2] > 1
         return out * 1.001 if broken == "every call" or decoding else out
 
-    monkeypatch.setattr(runtime, "attention_over_cache", faulty)
+    monkeypatch.setattr(attention, "attention_over_cache", faulty)
     torch.manual_seed(0)
     model = randomize_biases_and_norms(AutoModelForCausalLM.from_config(tiny_deepseek_v3()).eval())
     for path in ("absorbed", "grouped"):
