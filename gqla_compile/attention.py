@@ -31,14 +31,8 @@ def _mask_for_no_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(0 if t > 1 else s)
 
 
-def attention_over_cache(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    sink: torch.Tensor | None = None,
-) -> torch.Tensor:
+def attention_over_cache(query: torch.Tensor, keys: list[torch.Tensor], value: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, sink: torch.Tensor | None = None) -> torch.Tensor:
     """The attention core of a decode step: T queries over S cached tokens, reading the cache as it lies.
 
     query [B, n_h, T, sum of the key parts' dims]; ``keys``: the cached key parts, [B, h_i, S, d_i] each,
@@ -154,14 +148,8 @@ def _restricted(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
 
 
-def causal_attention(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scale: float,
-    sink: torch.Tensor | None = None,
-) -> torch.Tensor:
+def causal_attention(query: torch.Tensor, keys: list[torch.Tensor], value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scale: float, sink: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
 
     ``keys`` and ``value`` as :func:`attention_over_cache` takes them. ``attention_mask`` is what
