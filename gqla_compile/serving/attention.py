@@ -168,17 +168,7 @@ class GqlaServingAttention(nn.Module):
         self.o_proj = RowParallelLinear(dims.n_h * dims.d_v, dims.hidden_size, bias=spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
-        if self.d_r != dims.d_R:
-            q_segments = [(0, torch.arange(dims.d_n)), (dims.d_n, dims.d_n + rope_index)]
-            for param in q_final.parameters():
-                _transform_loader(param, lambda w: _pad_rows(w, dims.n_h, q_segments, self.q_head))
-        if (self.d_c, self.d_r) != (dims.d_c, dims.d_R):
-            kv_segments = [(0, torch.arange(dims.d_c)), (dims.d_c, self.d_c + rope_index)]
-            for param in self.kv_a_proj_with_mqa.parameters():
-                _transform_loader(param, lambda w: _pad_rows(w, 1, kv_segments, self.d_c + self.d_r))
-        if spec.latent_norm and self.d_c != dims.d_c:
-            _transform_loader(self.kv_a_layernorm.weight,
-                              lambda w: torch.nn.functional.pad(w * math.sqrt(shrink), (0, self.d_c - dims.d_c)))
+        self._pad_while_loading(spec, q_final, rope_index)
         self.up_projection_per_head = spec.up_projection_per_head
         _transform_loader(self.kv_b_proj.weight, self._served_up_projection)
 
@@ -194,6 +184,24 @@ class GqlaServingAttention(nn.Module):
             self.attn = Attention(self.num_local_heads, self.head_size, spec.scale,
                                   num_kv_heads=self.num_local_groups, cache_config=cache_config,
                                   quant_config=quant_config, prefix=f"{prefix}.attn")
+
+    def _pad_while_loading(self, spec: AttentionSpec, q_final: nn.Module, rope_index: torch.Tensor) -> None:
+        """Where the backend serves a wider latent or RoPE key than the checkpoint's, the query's and the latent
+        projection's rows are zero-padded as they load, and the latent norm's gain scaled so that the padded
+        latent's RMS is the checkpoint's (``LatentPadding``)."""
+        dims = spec.dims
+        if self.d_r != dims.d_R:
+            q_segments = [(0, torch.arange(dims.d_n)), (dims.d_n, dims.d_n + rope_index)]
+            for param in q_final.parameters():
+                _transform_loader(param, lambda w: _pad_rows(w, dims.n_h, q_segments, self.q_head))
+        if (self.d_c, self.d_r) != (dims.d_c, dims.d_R):
+            kv_segments = [(0, torch.arange(dims.d_c)), (dims.d_c, self.d_c + rope_index)]
+            for param in self.kv_a_proj_with_mqa.parameters():
+                _transform_loader(param, lambda w: _pad_rows(w, 1, kv_segments, self.d_c + self.d_r))
+        if spec.latent_norm and self.d_c != dims.d_c:
+            shrink = dims.d_c / self.d_c
+            _transform_loader(self.kv_a_layernorm.weight,
+                              lambda w: torch.nn.functional.pad(w * math.sqrt(shrink), (0, self.d_c - dims.d_c)))
 
     def _served_up_projection(self, weight: torch.Tensor) -> torch.Tensor:
         """-> [blocks (d_n + d_v), d_c'] with the layout's blocks (one per head or per group) from the
