@@ -91,7 +91,10 @@ def test_backend_costs_price_the_engine_kernels(monkeypatch):
     and the measured CPU backends make a slow MLA kernel turn the choice to the grouped path."""
     from gqla_compile import targets
     from gqla_compile.serving.backend_costs import engine_target, load_table
-    from gqla_compile.targets import attention_kernel
+    from gqla_compile.paths import PATHS
+
+    def attention_kernel(path, multi_token=False):
+        return PATHS[path].attention_kernel(multi_token=multi_token)
 
     monkeypatch.delenv("GQLA_PATH", raising=False)
     chip = targets.get("h100")

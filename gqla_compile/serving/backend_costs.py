@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..targets import KernelEfficiency, Target, attention_kernel
+from ..paths import get_path
+from ..targets import KernelEfficiency, Target
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ def engine_target(target: Target, platform: str, backends: Mapping[str, str],
     applied = []
     for path, backend in backends.items():
         if measured.get(backend):  # one-token decode: what the table measures
-            kernels[attention_kernel(path)] = backend_efficiency(measured[backend], target, dtype)
+            kernels[get_path(path).attention_kernel()] = backend_efficiency(measured[backend], target, dtype)
             applied.append(f"{path}: {backend}")
         if (padding or {}).get(path, 1.0) != 1.0:
-            for kernel in (attention_kernel(path), attention_kernel(path, multi_token=True)):
+            for kernel in (get_path(path).attention_kernel(), get_path(path).attention_kernel(multi_token=True)):
                 kernels[kernel] = padded_efficiency(kernels.get(kernel), padding[path])
     if applied:
         p = table["provenance"]
