@@ -371,9 +371,15 @@ def overtakes(comparisons: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def run(out: str, *, quick: bool = False, compile: bool = True, vllm: str | None = None) -> dict[str, Any]:
-    """The whole part: checkpoints, engines, transformers rows; writes ``<out>/serving.json`` and ``.md``."""
+def run(out: str, *, quick: bool = False, compile: bool = True, vllm: str | None = None,
+        grid_threads: list[int] | None = None) -> dict[str, Any]:
+    """The whole part: checkpoints, engines, transformers rows; writes ``<out>/serving.json`` and ``.md``.
+    ``grid_threads``: run only these thread counts of the grid (engines and speculative engines alike), so that a
+    one-thread part can run pinned to one core while the other core does other work."""
     cfg = settings(quick)
+    if grid_threads:
+        cfg["threads"] = [t for t in cfg["threads"] if t in grid_threads]
+        cfg["spec_threads"] = list(grid_threads) if cfg["spec_threads"] else []
     python, why_not = common.vllm_python(vllm)
     payload: dict[str, Any] = {"part": PART, "quick": quick, "settings": cfg, "machine": common.machine_info(),
                                "model": {**MODEL, "num_hidden_layers": cfg["layers"], "model_type": "gqla"},
@@ -464,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_arguments(parser)
     parser.add_argument("--vllm-python", default=None,
                         help=f"a Python with vLLM and this package (default ${VLLM_PYTHON_ENV}, else this one)")
+    parser.add_argument("--grid-threads", type=lambda text: [int(t) for t in text.split(",")], default=None,
+                        help="run only these thread counts of the grid, e.g. 1 (speculative engines at them too)")
     parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # internal: run one engine
     args = parser.parse_args(argv)
     if args.engine is not None:
@@ -471,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         args.engine.with_suffix(".out.json").write_text(json.dumps(result))
         return 0
     common.apply_threads(args.threads)
-    print(summary(run(args.out, quick=args.quick, compile=not args.no_compile, vllm=args.vllm_python)))
+    print(summary(run(args.out, quick=args.quick, compile=not args.no_compile, vllm=args.vllm_python,
+                      grid_threads=args.grid_threads)))
     return 0
 
 
