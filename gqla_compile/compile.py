@@ -110,7 +110,11 @@ def compile_model(model: nn.Module, *, backend: str = "inductor") -> CompileStat
     def forward(*args, **kwargs):
         seen = len(_RECOMPILE_LIMIT_LOG.messages)
         try:
-            return compiled(*args, **kwargs)
+            # Python floats (softmax scales, norm epsilons) stay constants: once Dynamo's automatic dynamic saw
+            # two models' scales under the shared forward code, it traced them as SymFloats, which torch.cond's
+            # branches then shared across their subgraphs and Dynamo failed ("lift_tracked_freevar_to_input")
+            with torch._dynamo.config.patch(specialize_float=True):
+                return compiled(*args, **kwargs)
         finally:
             for message in _RECOMPILE_LIMIT_LOG.messages[seen:]:
                 logger.warning("%s: a call fell back to eager: %s", type(model).__name__, message)

@@ -246,3 +246,20 @@ def test_a_prefill_into_an_empty_static_cache_reads_only_the_written_rows(path, 
     assert new == PROMPT and cache_length > PROMPT
     assert keys == (cache_length if padded else PROMPT)
     assert form == ("grouped" if path == "grouped" else "expanded")
+
+
+@pytest.mark.slow
+def test_compiled_static_prefill_with_every_scalar_dynamic_from_the_first_call():
+    """Dynamo's automatic dynamic keeps what it saw per code object: after other compiled models (other scales)
+    in the same process, the core's first compile is dynamic, scalars included. The prefill's torch.cond must
+    still trace (it failed so: the two branches shared one SymFloat scale), and give the unmodified tokens."""
+    reference = _windowed("deepseek_v3")
+    model = gqla_compile.optimize(copy.deepcopy(reference), path="absorbed", target="h20")
+    ids = torch.randint(0, TEXT_VOCAB, (1, 17), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with torch._dynamo.config.patch(assume_static_by_default=False), torch.no_grad():
+        got = model.generate(ids, **kwargs)
+        expected = reference.generate(ids, **kwargs)
+    assert torch.equal(got, expected)
+    assert model.gqla_optimization.compile.graph_breaks == 0
