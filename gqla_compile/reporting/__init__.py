@@ -18,6 +18,6 @@ from ..errors import ReportError  # noqa: F401
 from .document import SCHEMA_VERSION, Report  # noqa: F401
 from .facts import report
 from .html import render_html  # noqa: F401
-from .roofline import roofline_svg  # noqa: F401
+from .roofline_chart import roofline_svg  # noqa: F401
 
 __all__ = ["Report", "report"]

@@ -8,7 +8,7 @@ from typing import Any
 from ..paths import form_text
 from .phrases import (PATH_HEADERS, cache_rows, closing_lines, dry_run_text, headline, layer_rows, modules_text,
                       ops_rows, path_rows)
-from .roofline import roofline_svg
+from .roofline_chart import roofline_svg
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
