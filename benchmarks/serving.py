@@ -147,10 +147,14 @@ def _counters(llm, prefix: str) -> dict[str, float]:
             if m.name.startswith(f"vllm:{prefix}") and hasattr(m, "value")}
 
 
-def max_new_tokens(batch: int, steps: int, spec_tokens: int) -> int:
+#: Fewest prompt tokens vLLM's scheduler prefills per step here (its chunk), for the bound below.
+PREFILL_CHUNK = 2048
+
+
+def max_new_tokens(batch: int, steps: int, spec_tokens: int, context: int) -> int:
     """Enough that no request finishes inside the timed steps: the first requests decode while the later ones
-    are prefilled (one prompt per step on CPU MLA), and every draft may be accepted."""
-    return (steps + batch + 2) * (1 + spec_tokens)
+    are prefilled (at least PREFILL_CHUNK prompt tokens a step), and every draft may be accepted."""
+    return (steps + batch * -(-context // PREFILL_CHUNK) + 4) * (1 + spec_tokens)
 
 
 def decode_steps(llm, batch_prompts: list[list[int]], steps: int, spec_tokens: int) -> dict[str, Any]:
@@ -161,7 +165,8 @@ def decode_steps(llm, batch_prompts: list[list[int]], steps: int, spec_tokens: i
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens(len(batch_prompts), steps, spec_tokens),
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens(len(batch_prompts), steps, spec_tokens,
+                                                                           len(batch_prompts[0])),
                             ignore_eos=True, detokenize=False)
     ids = [f"b{len(batch_prompts)}-c{len(p)}-{i}-{time.monotonic_ns()}" for i, p in enumerate(batch_prompts)]
     for request_id, prompt in zip(ids, batch_prompts):
@@ -214,7 +219,7 @@ def engine_run(request: dict[str, Any]) -> dict[str, Any]:
     contexts, batches, steps = request["contexts"], request["batches"], request["steps"]
     start = time.perf_counter()
     llm = LLM(model=request["model"], skip_tokenizer_init=True, dtype="float32", seed=0, enforce_eager=True,
-              max_model_len=max(contexts) + max_new_tokens(max(batches), steps, request["spec_tokens"]) + 8,
+              max_model_len=max(contexts) + max_new_tokens(max(batches), steps, request["spec_tokens"], max(contexts)) + 8,
               max_num_seqs=max(batches),
               enable_prefix_caching=True, disable_log_stats=False, **extra)
     result: dict[str, Any] = {"import_s": import_s, "engine_start_s": time.perf_counter() - start}
