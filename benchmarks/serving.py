@@ -377,7 +377,7 @@ def overtakes(comparisons: list[dict[str, Any]]) -> list[str]:
 
 
 def run(out: str, *, quick: bool = False, compile: bool = True, vllm: str | None = None,
-        grid_threads: list[int] | None = None) -> dict[str, Any]:
+        grid_threads: list[int] | None = None, spec: bool = True) -> dict[str, Any]:
     """The whole part: checkpoints, engines, transformers rows; writes ``<out>/serving.json`` and ``.md``.
     ``grid_threads``: run only these thread counts of the grid (engines and speculative engines alike), so that a
     one-thread part can run pinned to one core while the other core does other work."""
@@ -385,6 +385,8 @@ def run(out: str, *, quick: bool = False, compile: bool = True, vllm: str | None
     if grid_threads:
         cfg["threads"] = [t for t in cfg["threads"] if t in grid_threads]
         cfg["spec_threads"] = list(grid_threads) if cfg["spec_threads"] else []
+    if not spec:  # the speculative engines verify drafts through the MLA prefill: the grid's longest part
+        cfg["spec_threads"] = []
     python, why_not = common.vllm_python(vllm)
     payload: dict[str, Any] = {"part": PART, "quick": quick, "settings": cfg, "machine": common.machine_info(),
                                "model": {**MODEL, "num_hidden_layers": cfg["layers"], "model_type": "gqla"},
@@ -477,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a Python with vLLM and this package (default ${VLLM_PYTHON_ENV}, else this one)")
     parser.add_argument("--grid-threads", type=lambda text: [int(t) for t in text.split(",")], default=None,
                         help="run only these thread counts of the grid, e.g. 1 (speculative engines at them too)")
+    parser.add_argument("--no-spec", action="store_true", help="leave out the speculative-decoding engines")
     parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # internal: run one engine
     args = parser.parse_args(argv)
     if args.engine is not None:
@@ -485,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     common.apply_threads(args.threads)
     print(summary(run(args.out, quick=args.quick, compile=not args.no_compile, vllm=args.vllm_python,
-                      grid_threads=args.grid_threads)))
+                      grid_threads=args.grid_threads, spec=not args.no_spec)))
     return 0
 
 
