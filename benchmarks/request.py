@@ -7,9 +7,9 @@ longest prefill against its FLOP roofline at the matmul rate measured in the sam
     python -m benchmarks.request [--quick [--compile] [--vllm]] [--no-compile] [--no-vllm] [--out benchmarks/results]
 
 The model is DeepSeek-V3-shaped where attention is concerned (16 heads, d_c 512, d_R 64, d_n 128, d_v 128, n_g =
-n_h), with one layer and a small MLP so that the grid (prompts 256, 1k, 4k, 8k; answers 128 and 512; batch 1
+n_h), with one layer and a small MLP so that the grid (prompts 256, 1k, 4k, 8k; answers 128, 256 and 512; batch 1
 and 4) stays within about 15-30 minutes on one thread (the 8k x 4 prefills dominate: about 100 s per variant). One request per (prompt, batch) decodes the
-longest answer; the shorter answer's figures are the same request's first tokens. A variant's request stops
+longest answer; the shorter answers' figures are the same request's first tokens. A variant's request stops
 decoding when its time budget is spent (the eager model re-expands the whole context at every step): its
 remaining steps are counted at its last measured step time, and the record says how many were measured.
 Compiled variants are warmed up first (``warm_up_shapes``: two short prompts, after which shapes are dynamic, and
@@ -48,7 +48,7 @@ def settings(quick: bool) -> dict[str, Any]:
                 "budget_s": 5.0, "warmup_prompts": [20, 28], "vllm": False, "compile": False}
     # batch 4 stops at 4k: at 8k, the masked attention of transformers' compiled StaticCache variant materialises
     # 4 x 16 x 8k x 8.7k float32 scores (18 GB) and the machine (24 GiB) runs out
-    return {"prompts": [256, 1024, 4096, 8192], "answers": [128, 512], "batches": [1, 4], "layers": 1, "hidden": 1024,
+    return {"prompts": [256, 1024, 4096, 8192], "answers": [128, 256, 512], "batches": [1, 4], "layers": 1, "hidden": 1024,
             "budget_s": 15.0, "warmup_prompts": [64, 96], "vllm": True, "compile": True,
             "longest_prompt": {"4": 4096}}
 
@@ -296,7 +296,7 @@ for batch in spec["batches"]:
         g = torch.Generator().manual_seed(length)
         prompts = [TokensPrompt(prompt_token_ids=row) for row in torch.randint(0, spec["vocab"], (batch, length), generator=g).tolist()]
         times = {}
-        for answer in (1, max(spec["answers"])):
+        for answer in (1, *spec["answers"]):
             params = SamplingParams(max_tokens=answer, min_tokens=answer, ignore_eos=True, temperature=0.0)
             runs = []
             while not runs or (len(runs) < 3 and sum(runs) < spec["short_s"]):  # best of up to 3 where short
@@ -304,17 +304,17 @@ for batch in spec["batches"]:
                 llm.generate(prompts, params, use_tqdm=False)
                 runs.append(time.perf_counter() - start)
             times[answer] = min(runs)
-        points.append({"batch": batch, "prompt": length, "ttft_s": times[1], "total_s": times[max(spec["answers"])]})
+        points.append({"batch": batch, "prompt": length, "ttft_s": times[1],
+                       "total_s": {str(answer): times[answer] for answer in spec["answers"]}})
 print("RESULT " + json.dumps(points))
 """
 
 
 def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
     """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint (prefix caching off,
-    one warm-up request): time to first token as a 1-token request, the longest answer as a request of the same
-    prompts (best of up to 3 where requests take under 2 s: the difference of two short single runs is mostly
-    noise on a shared machine); a shorter answer's total counts its steps at the longest's mean step
-    (``interpolated``), which saves one more prefill per point."""
+    one warm-up request): time to first token as a 1-token request, each answer as a request of the same prompts
+    (best of up to 3 where requests take under SHORT_S: the difference of two short single runs is mostly noise
+    on a shared machine)."""
     if not Path(python).is_file():
         return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
     with tempfile.TemporaryDirectory() as folder:
@@ -329,16 +329,14 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
     if done.returncode or not lines:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] }"}
     points = []
-    longest = max(cfg["answers"])
     for point in json.loads(lines[-1][len("RESULT "):]):
         entry = {"batch": point["batch"], "prompt": point["prompt"]}
-        step = (point["total_s"] - point["ttft_s"]) / (longest - 1)  # mean decode step of the longest answer
         for answer in cfg["answers"]:
-            decode = step * (answer - 1)
-            entry[f"answer_{answer}"] = {"ttft_s": point["ttft_s"], "total_s": point["ttft_s"] + decode,
+            total = point["total_s"][str(answer)]
+            decode = total - point["ttft_s"]  # the request's time less a 1-token request's
+            entry[f"answer_{answer}"] = {"ttft_s": point["ttft_s"], "total_s": total,
                                          "decode_tokens_per_s": point["batch"] * (answer - 1) / decode if decode > 0
-                                         else None, "measured_steps": longest - 1, "extrapolated_steps": 0,
-                                         "interpolated": answer != longest}
+                                         else None, "measured_steps": answer - 1, "extrapolated_steps": 0}
         points.append(entry)
     return {"cache": "vLLM paged (MLA backend)", "points": points}
 
