@@ -41,7 +41,7 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     kv_heads = key.shape[1]
     group = heads // kv_heads
     if mask is not None:
-        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask = mask[(None,) * (4 - mask.dim())]  # [B or 1, n_h or 1, T, S]
     sinks = None if sink is None else sink.float().view(kv_heads, group, 1, 1)
     out = query.new_empty(batch, heads, t, value.shape[-1])
     for b in range(batch):
