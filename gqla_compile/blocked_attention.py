@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import SCORE_ROWS_ONEDNN, score_matmul, value_matmul
+from . import kernels
 
 #: Query rows scored together: large enough for the GEMMs' rate, small enough that the masked half of the
 #: diagonal block stays a small part of a long prefill (measured, one thread, 4k-8k tokens: 128-512 rows
 #: within 5% of each other).
 QUERY_BLOCK = 256
+#: Multiply-adds per head from which a product runs on oneDNN, one call per head, rather than as one batched
+#: MKL matmul (measured, one thread: at 1-2M the per-call cost of the loop is about what oneDNN's rate saves).
+ONEDNN_FROM_MACS = 1 << 21
+#: Scores held at once (float32: 4 MB): a long block's KV heads are taken a few at a time, so that each one's
+#: scores are still in cache for the softmax and the value product (one thread, 4k tokens, 16 heads: all heads
+#: at once ran 20% slower than one by one); a short call's heads go together, one product for all.
+SCORE_ELEMENTS = 1 << 20
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -49,21 +56,26 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         for start in range(0, t, QUERY_BLOCK):
             stop = min(start + QUERY_BLOCK, t)
             first, end = _visible_columns(sequence_mask, start, stop)
-            for h in range(kv_heads):
-                heads_of_h = slice(h * group, (h + 1) * group)
-                if end <= first:
-                    out[b, heads_of_h, start:stop] = 0
-                    continue
-                rows = (query[b, heads_of_h, start:stop] * scale).flatten(0, 1)  # [group * n, d]
-                scores = _rows_times(rows, key[b, h, first:end].t(), score=True).view(group, stop - start, -1)
+            if end <= first:
+                out[b, :, start:stop] = 0
+                continue
+            n, columns = stop - start, end - first
+            step = max(1, SCORE_ELEMENTS // (group * n * columns))  # KV heads whose scores are held at once
+            for h0 in range(0, kv_heads, step):
+                h1 = min(h0 + step, kv_heads)
+                heads_of = slice(h0 * group, h1 * group)
+                # each KV head's query heads folded into rows: [h, group * n, d]
+                rows = (query[b, heads_of, start:stop] * scale).view(h1 - h0, group * n, -1)
+                scores = _product(rows, key[b, h0:h1, first:end].transpose(-1, -2)).view(h1 - h0, group, n, columns)
                 if sequence_mask is None:
                     _mask_causal_diagonal(scores, start)
                 else:
-                    block_mask = sequence_mask[heads_of_h if sequence_mask.shape[0] > 1 else slice(0, 1)]
-                    _apply_mask(scores, block_mask[:, start:stop, first:end])
-                probs = _softmax(scores, None if sinks is None else sinks[h]).to(value.dtype)
-                values = _rows_times(probs.flatten(0, 1), value[b, h, first:end], score=False)
-                out[b, heads_of_h, start:stop] = values.view(group, stop - start, -1)
+                    block_mask = sequence_mask[heads_of if sequence_mask.shape[0] > 1 else slice(0, 1),
+                                               start:stop, first:end]
+                    _apply_mask(scores, block_mask.view(h1 - h0, group, n, columns)
+                                if block_mask.shape[0] > 1 else block_mask)
+                probs = _softmax(scores, None if sinks is None else sinks[h0:h1]).to(value.dtype).flatten(1, 2)
+                out[b, heads_of, start:stop] = _product(probs, value[b, h0:h1, first:end]).view(-1, n, value.shape[-1])
     return out
 
 
@@ -86,9 +98,9 @@ def _visible_columns(mask: torch.Tensor | None, start: int, stop: int) -> tuple[
 
 
 def _mask_causal_diagonal(scores: torch.Tensor, start: int) -> None:
-    """Mask, in place, the keys after each query in the scores [group, n, start + n] of rows start.. under
-    top-left causality (columns from key 0)."""
-    n = scores.shape[1]
+    """Mask, in place, the keys after each query in the scores [.., n, start + n] of rows start.. under top-left
+    causality (columns from key 0)."""
+    n = scores.shape[-2]
     later = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
     scores[..., start : start + n].masked_fill_(later, torch.finfo(scores.dtype).min)
 
@@ -102,7 +114,8 @@ def _apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last dim in float32; a sink [group, 1, 1] adds exp(sink) to each row's denominator."""
+    """Softmax over the last dim in float32; sinks (broadcast to the scores' rows) add exp(sink) to each row's
+    denominator."""
     scores = scores.float()
     if sink is None:
         return torch.softmax(scores, dim=-1)
@@ -111,7 +124,10 @@ def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
     return weights.div_(weights.sum(dim=-1, keepdim=True) + (sink - top).exp())
 
 
-def _rows_times(x: torch.Tensor, y: torch.Tensor, *, score: bool) -> torch.Tensor:
-    """x [M, K] @ y [K, P] through the kernels' oneDNN products where the operands allow."""
-    product = score_matmul(x[None], y[None], SCORE_ROWS_ONEDNN) if score else value_matmul(x[None], y[None])
-    return product[0]
+def _product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [h, M, K] @ y [h, K, P]: one batched torch.matmul where the products are small (a call's fixed cost
+    is then what counts), else oneDNN per leading index (``kernels.onednn_matmul``, which reads each y[i] as it
+    lies: dense rows, dense columns or a column slice of dense rows)."""
+    if x[0].numel() * y.shape[-1] < ONEDNN_FROM_MACS or not kernels.AVAILABLE or x.dtype not in kernels.DTYPES:
+        return torch.matmul(x, y)
+    return kernels.onednn_matmul(x.contiguous(), y)
