@@ -106,11 +106,13 @@ def _mask_causal_diagonal(scores: torch.Tensor, start: int) -> None:
 
 
 def _apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> None:
-    """Apply, in place, a boolean (True: attend) or additive mask broadcastable to scores."""
-    if mask.dtype == torch.bool:
-        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    else:
+    """Apply, in place, a boolean (True: attend) or additive mask broadcastable to scores. Masked scores become
+    the dtype's minimum, whatever they were (an additive -inf, or a padded key's non-finite value), so that a
+    row that sees nothing stays finite and a masked key never reaches a row that sees others."""
+    if mask.dtype != torch.bool:
         scores.add_(mask)
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

@@ -105,3 +105,16 @@ def test_compiled_caller_compiles_no_new_graph_per_length():
         want = full_attention(query, key, value, torch.ones(length, length, dtype=torch.bool).tril())
         assert (attend(query, key, value) - want).abs().max() < 1e-5
     assert counter.frame_count == 2  # the first length static, then one dynamic graph for the rest
+
+
+def test_masked_keys_never_reach_a_row_even_when_not_finite():
+    """An additive -inf mask, and keys and values of padded positions that are not finite (what a padded row
+    can carry into the next layer): the rows that see real keys match, every row stays finite."""
+    query, key, value, _ = operands(1, 2, 1, 20, 20)
+    allowed = padded_window_mask(1, 20, 20, window=20, padding=5)
+    want = full_attention(query, key, value, allowed.expand(1, 2, 20, 20))
+    key[..., :5, :], value[..., :5, :] = float("nan"), float("inf")
+    for mask in (allowed, torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))):
+        got = blocked_attention(query, key, value, mask, SCALE, None)
+        assert torch.isfinite(got[..., 5:, :]).all()
+        assert (got[..., 5:, :] - want[..., 5:, :]).abs().max() < 1e-5
