@@ -1,5 +1,6 @@
 """Compile: hand the rewritten model to Inductor through ``torch.compile``, counting what it did.
 
+On CPU the graphs' linear layers run on oneDNN where it is measured faster than MKL (``cpu_linears``).
 Graph breaks are counted (dynamo's own counters) and reported, not hidden; so is a fall back to eager
 (dynamo's recompile limit hit on a call of this model: the call runs uncompiled, which dynamo only logs). If
 Inductor fails, the error names the attention blocks in the failing graph and says to retry with
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cpu_linears import route_linears_to_onednn
 from .errors import CompileError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class CompileStats:
     graph_breaks_before: int = 0
     graph_sizes: list[int] = field(default_factory=list)
     eager_fallbacks: list[str] = field(default_factory=list)  # why calls of this model ran uncompiled
+    onednn_linears: int = 0  # linear layers routed to oneDNN over all graphs (cpu_linears)
 
     @property
     def fell_back_to_eager(self) -> bool:
@@ -45,7 +48,7 @@ class CompileStats:
     def to_dict(self) -> dict:
         return {"backend": self.backend, "graphs": self.graphs, "seconds": round(self.seconds, 3),
                 "graph_breaks": self.graph_breaks, "graph_sizes": list(self.graph_sizes),
-                "eager_fallbacks": list(self.eager_fallbacks)}
+                "eager_fallbacks": list(self.eager_fallbacks), "onednn_linears": self.onednn_linears}
 
 
 def _graph_break_count() -> int:
@@ -80,6 +83,7 @@ def compile_model(model: nn.Module, *, backend: str = "inductor") -> CompileStat
         from torch._inductor.compile_fx import compile_fx
 
         start = time.perf_counter()
+        stats.onednn_linears += route_linears_to_onednn(gm)
         try:
             compiled = compile_fx(gm, example_inputs)
         except (torch._dynamo.exc.TorchDynamoException, IndexError):

@@ -88,6 +88,8 @@ def compile_line(data: dict[str, Any]) -> str:
     line = (f"compile: {comp['backend']}, {comp['graphs']} graph(s) compiled in {comp['seconds']:.2f} s "
             f"(nodes per graph: {sizes}), {comp['graph_breaks']} graph break(s)"
             + ("; graphs compile lazily on the first calls" if comp["graphs"] == 0 else ""))
+    if comp.get("onednn_linears"):
+        line += f"; {comp['onednn_linears']} linear layer(s) on oneDNN (measured faster than MKL on this CPU)"
     fallbacks = comp.get("eager_fallbacks") or []
     if fallbacks:
         line += (f"; FELL BACK TO EAGER on {len(fallbacks)} call(s), those calls ran uncompiled: "
