@@ -88,10 +88,7 @@ def _visible_columns(mask: torch.Tensor | None, start: int, stop: int) -> tuple[
     """[first, end): the key columns that some query row in [start, stop) may see (every head)."""
     if mask is None:
         return 0, stop
-    block = mask[:, start:stop]
-    seen = block.any(dim=0).any(dim=0) if block.dtype == torch.bool else \
-        (block > torch.finfo(block.dtype).min / 2).any(dim=0).any(dim=0)
-    columns = seen.nonzero()
+    columns = _allowed(mask[:, start:stop]).any(dim=0).any(dim=0).nonzero()
     if columns.numel() == 0:
         return 0, 0
     return int(columns[0]), int(columns[-1]) + 1
@@ -111,8 +108,12 @@ def _apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> None:
     row that sees nothing stays finite and a masked key never reaches a row that sees others."""
     if mask.dtype != torch.bool:
         scores.add_(mask)
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    scores.masked_fill_(~_allowed(mask), torch.finfo(scores.dtype).min)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Where a boolean (True) or additive (above half the dtype's minimum) mask lets a query see a key."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def _softmax(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
