@@ -2,7 +2,7 @@
 the unmodified transformers model (eager, DynamicCache), transformers with a StaticCache and torch.compile, both
 paths of ``gqla_compile.optimize`` (compiled, StaticCache) and, where .venv-vllm (.ci/run builds it; or ``--vllm-python``) runs
 vLLM's CPU build, vLLM serving the same weights saved as a DeepSeek-V3 checkpoint; then the attention part of the
-longest prefill against its FLOP roofline at the matmul rate measured in the same run (``matmul_rates``).
+longest prefill against its FLOP roofline at the matmul rate measured in the same run (``targets.matmul_rates``).
 
     python -m benchmarks.request [--quick [--compile] [--vllm]] [--no-compile] [--no-vllm] [--out benchmarks/results]
 
@@ -220,25 +220,6 @@ def _identical(tokens: dict[tuple, torch.Tensor]) -> dict[str, bool]:
     return out
 
 
-def matmul_rates(size: int = 2048) -> dict[str, float]:
-    """FLOP/s of one large float32 GEMM on this process's threads, per library torch can call here (MKL's
-    torch.mm; oneDNN's inner product, which the CPU attention kernels call): the best of them is the rate a
-    compute-bound prefill can reach (the roofline's compute side, measured in the same run as the attention
-    it is compared with)."""
-    from gqla_compile import kernels
-
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
-    products = {"mkl": lambda: a @ b}
-    if kernels.AVAILABLE:
-        products["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    rates = {}
-    for name, product in products.items():
-        timing = common.time_call(product, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.0)
-        rates[name] = 2 * size**3 / timing.median
-    return rates
-
-
 def causal_flops(form, length: int) -> float:
     """A form's FLOPs on a causal prefill of ``length`` tokens into an empty cache: the (query, key) pairs a
     causal kernel must score, length (length + 1) / 2, plus the per-token terms (the expansion, the absorption)."""
@@ -247,7 +228,7 @@ def causal_flops(form, length: int) -> float:
 
 def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
     """The attention core of one layer on the longest prompt (batch 1, a prefill into an empty cache), in each
-    compute form, against the form's causal FLOPs at the best matmul rate measured here (``matmul_rates``); the
+    compute form, against the form's causal FLOPs at the best matmul rate measured here (``targets.matmul_rates``); the
     cost model's figure for the CPU target is recorded beside it."""
     import gqla_compile
     from gqla_compile import targets
@@ -260,7 +241,7 @@ def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, dims.n_h, length, dims.d_n + dims.d_R, generator=generator)
     key = torch.randn(1, 1, length, dims.d_c + dims.d_R, generator=generator)
-    rates = matmul_rates()
+    rates = targets.matmul_rates(torch.float32, n=2048, budget_s=1.0)  # one 2048^3 GEMM per library
     rate = max(rates.values())
     choice = core.forms
     out = {"prompt": length, "matmul_rate_flops": rate, "matmul_rates_flops": rates, "target_cpu_peak_flops": targets.resolve("cpu").peak("float32"),
@@ -411,8 +392,7 @@ def summary(payload: dict[str, Any]) -> str:
 
 
 def _rates_text(roofline: dict[str, Any]) -> str:
-    rates = roofline.get("matmul_rates_flops") or {"torch.mm": roofline["matmul_rate_flops"]}
-    return ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in rates.items())
+    return ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in roofline["matmul_rates_flops"].items())
 
 
 def main(argv=None) -> int:

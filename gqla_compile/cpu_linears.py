@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .kernels import AVAILABLE, DTYPES
+from .kernels import AVAILABLE, DTYPES, inner_product
+from .targets import median_seconds
 
 logger = logging.getLogger(__name__)
 
 #: How much faster oneDNN must run the measured products (decode's one row and a prefill's 256) to be used:
 #: below it the measurement's noise could pick either.
 REQUIRED_SPEEDUP = 1.1
+#: Seconds each product is timed for (the median of its runs, at least 3).
+MEASURE_S = 0.02
 
 
 @torch.library.custom_op("gqla_compile::onednn_linear", mutates_args=())
@@ -33,7 +35,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0:
         return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
+    out = inner_product(rows.contiguous(), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -42,20 +44,10 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _best_seconds(product, repeats: int = 5) -> float:
-    product()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.lru_cache(maxsize=None)
 def onednn_is_faster(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN runs a linear layer's product at least REQUIRED_SPEEDUP times faster than MKL here, for
-    one row (a decode step) and for 256 (a prefill), on this process's threads; measured once (about 0.1 s)."""
+    one row (a decode step) and for 256 (a prefill), on this process's threads; measured once (about 0.15 s)."""
     if not AVAILABLE or dtype not in DTYPES:
         return False
     generator = torch.Generator().manual_seed(0)
@@ -64,8 +56,8 @@ def onednn_is_faster(dtype: torch.dtype = torch.float32) -> bool:
     for rows in (1, 256):
         x = torch.randn(rows, 1024, generator=generator).to(dtype)
         with torch.no_grad():
-            mkl = _best_seconds(lambda: F.linear(x, weight))
-            onednn = _best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))
+            mkl = median_seconds(lambda: F.linear(x, weight), MEASURE_S)
+            onednn = median_seconds(lambda: inner_product(x, weight), MEASURE_S)
         speedups.append(mkl / onednn)
     faster = min(speedups) >= REQUIRED_SPEEDUP
     logger.info("linear layers on CPU, %s: oneDNN %s MKL (%s)", dtype, "beats" if faster else "does not beat",

@@ -30,6 +30,11 @@ DTYPES = (torch.float32, torch.bfloat16)
 AVAILABLE = torch.backends.mkldnn.is_available()
 
 
+def inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` on oneDNN's inner product: x [M, K] dense rows, weight [N, K] dense either way."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 @torch.library.custom_op("gqla_compile::onednn_matmul", mutates_args=())
 def onednn_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x [N, M, K] @ y [N, K, P], one oneDNN inner product per leading index. ``x`` has dense rows; ``y``
@@ -43,7 +48,7 @@ def onednn_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 out[i] = torch.matmul(x[i], rows)
                 continue
             rows = rows.as_strided((rows.shape[0], rows.stride(0)), rows.stride())
-        out[i] = torch.ops.mkldnn._linear_pointwise(x[i], rows.t(), None, "none", [], "")[:, :width]
+        out[i] = inner_product(x[i], rows.t())[:, :width]
     return out
 
 

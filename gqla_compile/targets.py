@@ -243,7 +243,7 @@ def target_for_device_name(device_name: str) -> Target:
                              f"{', '.join(names())}) or register this chip with gqla_compile.targets.register")
 
 
-def _median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:
+def median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:
     """Median of repeated runs of ``fn`` within a time budget (after one warm-up run): on a shared machine
     the median is what a workload sees, the best run is not."""
     fn()
@@ -256,29 +256,35 @@ def _median_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 3
     return sorted(samples)[len(samples) // 2]
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
-    """The best square-GEMM rate of torch's CPU matmul libraries: MKL (torch.mm) and oneDNN, which the
-    decode core also runs (kernels.py). On an AMD CPU with AVX-512, MKL takes its AVX2 path at less than half
-    of oneDNN's rate: a roofline from torch.mm alone would hide that half of the chip."""
+def matmul_rates(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> dict[str, float]:
+    """FLOP/s of one square GEMM per CPU matmul library torch calls: MKL (torch.mm) and, where built in,
+    oneDNN, which the decode core also runs (kernels.py)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    rates = [2 * n**3 / _median_seconds(lambda: torch.mm(a, b), budget_s)]
+    products = {"mkl": lambda: torch.mm(a, b)}
     if cpu_kernels.AVAILABLE:
-        rates.append(2 * n**3 / _median_seconds(lambda: cpu_kernels.onednn_matmul(a[None], b[None]), budget_s))
-    return max(rates)
+        products["onednn"] = lambda: cpu_kernels.onednn_matmul(a[None], b[None])
+    return {name: 2 * n**3 / median_seconds(product, budget_s) for name, product in products.items()}
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5) -> float:
+    """The best square-GEMM rate of torch's CPU matmul libraries (:func:`matmul_rates`). On an AMD CPU with
+    AVX-512, MKL takes its AVX2 path at less than half of oneDNN's rate: a roofline from torch.mm alone would
+    hide that half of the chip."""
+    return max(matmul_rates(dtype, n, budget_s).values())
 
 
 def read_bandwidth(n_bytes: int = 256 * 2**20, budget_s: float = 0.5) -> float:
     """One streaming read (a sum) of a buffer far larger than the last-level cache, as decode reads weights
     and the cache."""
     data = torch.ones(n_bytes // 4)
-    return n_bytes / _median_seconds(lambda: data.sum(), budget_s)
+    return n_bytes / median_seconds(lambda: data.sum(), budget_s)
 
 
 def _copy_bandwidth(n_bytes: int = 64 * 2**20, budget_s: float = 0.5) -> float:
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
-    return 2 * n_bytes / _median_seconds(lambda: dst.copy_(src), budget_s)  # each byte read once, written once
+    return 2 * n_bytes / median_seconds(lambda: dst.copy_(src), budget_s)  # each byte read once, written once
 
 
 def _physical_memory() -> float:
@@ -321,7 +327,7 @@ def _gemv_efficiency(bandwidth: float, peak: float, budget_s: float) -> KernelEf
 
         roof = _roofline_seconds(count * weights[0].numel() * 4, count * 2 * rows * weights[0].numel(), bandwidth,
                                  peak)
-        efficiency.append(roof / _median_seconds(step, budget_s))
+        efficiency.append(roof / median_seconds(step, budget_s))
     return KernelEfficiency(GEMV_ROWS, tuple(efficiency))
 
 
@@ -346,7 +352,7 @@ def _attention_efficiency(decode: DecodePath, rope_key: str, bandwidth: float, p
         heads, tokens = (cached_heads, rows) if multi_token else (cached_heads * rows, 1)
         query = torch.randn(1, heads, tokens, decode.query_head_dims(dims), generator=generator)
         flops = 2 * heads * tokens * s * decode.attention_head_dims(dims)
-        seconds = _median_seconds(lambda: attention.attention_over_cache(query, keys, values, None, 1.0), budget_s)
+        seconds = median_seconds(lambda: attention.attention_over_cache(query, keys, values, None, 1.0), budget_s)
         efficiency.append(_roofline_seconds(cached_bytes, flops, bandwidth, peak) / seconds)
     return KernelEfficiency(all_rows, tuple(efficiency))
 
