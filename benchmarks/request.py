@@ -14,11 +14,13 @@ decoding when its time budget is spent (the eager model re-expands the whole con
 remaining steps are counted at its last measured step time, and the record says how many were measured.
 Compiled variants are warmed up first (``warm_up_shapes``: two short prompts, after which shapes are dynamic, and
 one request per regime Inductor compiles apart), and the record counts the graphs dynamo compiled during the
-timed requests (0: no recompiling per length).
+timed requests (0: no recompiling per length). Each variant runs in a process of its own, on the same weights
+saved as a checkpoint, so that none is timed in a process another variant has used.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,15 +74,17 @@ def model_config(cfg: dict[str, Any]):
         n_shared_experts=1, n_group=1, topk_group=1, tie_word_embeddings=False)
 
 
+def _variant_needs_compile(name: str) -> bool:
+    return name == "transformers static+compile"
+
+
 def _variant(reference, name: str, compile: bool):
-    """(model, cache kind) for one variant; None where it needs compile and compile is off."""
+    """(model, cache kind) for one variant."""
     import gqla_compile
 
     if name == "transformers eager":
         return reference, "dynamic"
-    if name == "transformers static+compile":
-        if not compile:
-            return None
+    if _variant_needs_compile(name):
         model = copy.deepcopy(reference)
         model.forward = torch.compile(model.forward)
         return model, "static"
@@ -178,33 +183,80 @@ def _unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def measure_variants(reference, cfg: dict[str, Any], *, compile: bool, log=print) -> dict[str, Any]:
-    vocab = reference.config.vocab_size
+def measure_variant(model, kind: str, cfg: dict[str, Any], *, compiled: bool, name: str,
+                    log=print) -> tuple[dict[str, Any], dict[str, list]]:
+    """One variant's requests: (its entry of the results, its greedy tokens per "batch/prompt")."""
+    vocab = model.config.vocab_size
     longest = max(cfg["answers"])
+    entry: dict[str, Any] = {"cache": kind, "points": []}
+    tokens: dict[str, list] = {}
+    for batch in cfg["batches"]:
+        if compiled:
+            _warm_up(model, kind, cfg, batch, vocab)
+        before = _unique_graphs()
+        for length in prompts(cfg, batch):
+            prompt = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+            log(f"[request] {name}: batch {batch}, prompt {length}")
+            request = run_request(model, kind, prompt, longest, cfg["budget_s"])
+            tokens[f"{batch}/{length}"] = request["tokens"].tolist()
+            entry["points"].append({"batch": batch, "prompt": length, **{
+                f"answer_{answer}": _figures(request, answer, batch) for answer in cfg["answers"]}})
+        if compiled:
+            entry.setdefault("graphs_compiled_during_requests", {})[str(batch)] = _unique_graphs() - before
+    return entry, tokens
+
+
+def _measure_in_process(folder: str, name: str, cfg: dict[str, Any], compile: bool) -> dict[str, Any]:
+    """The child's side of :func:`measure_variants`: the checkpoint in ``folder``, one variant's requests."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, kind = _variant(reference, name, compile)
+    entry, tokens = measure_variant(model, kind, cfg, compiled=name != "transformers eager" and compile, name=name,
+                                    log=lambda text: print(text, file=sys.stderr, flush=True))
+    return {"entry": entry, "tokens": tokens}
+
+
+def _run_child(spec: dict[str, Any], log) -> dict[str, Any]:
+    """Runs one variant's process, handing its progress lines to ``log``; its RESULT line, parsed."""
+    command = [sys.executable, "-m", "benchmarks.request", "--variant-spec", json.dumps(spec)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[1]) as child:
+        stdout = []
+        reader = threading.Thread(target=lambda: stdout.extend(child.stdout), daemon=True)
+        reader.start()
+        stderr = collections.deque(maxlen=40)
+        for line in child.stderr:
+            stderr.append(line)
+            if line.startswith("[request]"):
+                log(line.rstrip())
+        reader.join()
+    results = [line for line in stdout if line.startswith("RESULT ")]
+    if child.returncode or not results:
+        raise RuntimeError(f"the {spec['name']!r} variant's process failed (exit {child.returncode}); its last "
+                           "lines:\n" + "".join(stderr))
+    return json.loads(results[-1][len("RESULT "):])
+
+
+def measure_variants(reference, cfg: dict[str, Any], *, compile: bool, log=print) -> dict[str, Any]:
+    """Every variant, each in a process of its own (as vLLM's engine runs in its own): what one variant leaves
+    in a process (its compiled graphs, the allocator's state after 8k-token batches) does not reach the next."""
     results: dict[str, Any] = {}
     tokens: dict[tuple, torch.Tensor] = {}
-    for name in VARIANTS:
-        built = _variant(reference, name, compile)
-        if built is None:
-            results[name] = {"skipped": "compile is off (--no-compile)"}
-            continue
-        model, kind = built
-        entry: dict[str, Any] = {"cache": kind, "points": []}
-        compiled = name != "transformers eager" and compile
-        for batch in cfg["batches"]:
-            if compiled:
-                _warm_up(model, kind, cfg, batch, vocab)
-            before = _unique_graphs()
-            for length in prompts(cfg, batch):
-                prompt = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
-                log(f"[request] {name}: batch {batch}, prompt {length}")
-                request = run_request(model, kind, prompt, longest, cfg["budget_s"])
-                tokens[(name, batch, length)] = request["tokens"]
-                entry["points"].append({"batch": batch, "prompt": length, **{
-                    f"answer_{answer}": _figures(request, answer, batch) for answer in cfg["answers"]}})
-            entry.setdefault("graphs_compiled_during_requests", {})[str(batch)] = _unique_graphs() - before
-        results[name] = entry
-        del model
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder, safe_serialization=True)
+        for name in VARIANTS:
+            if _variant_needs_compile(name) and not compile:
+                results[name] = {"skipped": "compile is off (--no-compile)"}
+                continue
+            log(f"[request] {name}: own process")
+            spec = {"folder": folder, "name": name, "settings": cfg, "compile": compile,
+                    "threads": torch.get_num_threads()}
+            measured = _run_child(spec, log)
+            results[name] = measured["entry"]
+            for key, value in measured["tokens"].items():
+                batch, length = map(int, key.split("/"))
+                tokens[(name, batch, length)] = torch.tensor(value)
     return {"results": results, "identical_tokens": _identical(tokens)}
 
 
@@ -406,7 +458,14 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", default=None, help="the Python of vLLM's environment")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=None,
                         help="batch sizes to run instead of the mode's (comma-separated)")
+    parser.add_argument("--variant-spec", default=None, help=argparse.SUPPRESS)  # measure_variants' child process
     args = parser.parse_args(argv)
+    if args.variant_spec:
+        spec = json.loads(args.variant_spec)
+        common.apply_threads(spec["threads"])
+        measured = _measure_in_process(spec["folder"], spec["name"], spec["settings"], spec["compile"])
+        print("RESULT " + json.dumps(measured))
+        return 0
     common.apply_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     vllm = False if args.no_vllm else (True if args.vllm else None)

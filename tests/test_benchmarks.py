@@ -240,6 +240,17 @@ def test_quick_serving_without_vllm(tmp_path, monkeypatch):
     assert "vLLM rows skipped" in (tmp_path / "serving.md").read_text()
 
 
+def test_a_request_variant_whose_process_fails_raises_with_its_last_lines(tmp_path):
+    """Each variant runs in its own process; one that fails is an error naming the variant and showing the
+    child's last lines, not a missing row."""
+    from benchmarks import request
+
+    spec = {"folder": str(tmp_path / "no-checkpoint-here"), "name": "absorbed", "settings": request.settings(True),
+            "compile": False, "threads": 1}
+    with pytest.raises(RuntimeError, match=r"(?s)'absorbed' variant's process failed.*no-checkpoint-here"):
+        request._run_child(spec, log=lambda *_: None)
+
+
 def test_request_warm_up_compiles_every_regime_the_timed_requests_hit():
     """The request benchmark's warm-up holds a request of every (prompt, cache length) regime on either side of
     Inductor's reduction specialisation that a measured request falls in, at lengths no measured request has;
