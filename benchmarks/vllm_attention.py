@@ -23,11 +23,9 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "gqla_compile" / "serving"
@@ -35,16 +33,6 @@ MLA_LATENT, MLA_ROPE, MLA_BLOCK = 512, 64, 16  # vLLM-CPU's MLA kernel: 576-dim 
 ABSORBED_ROWS = (4, 16, 64, 128)  # query heads per (latent) cached head
 GROUPED_ROWS = (1, 2, 4, 8, 16)  # query heads per KV head
 GROUPED_KV_HEADS, GROUPED_HEAD, GROUPED_BLOCK = 4, 192, 128  # the serving benchmark's grouped layer
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _paged(batch: int, context: int, block: int) -> tuple[Any, Any, int]:
@@ -59,6 +47,7 @@ def _paged(batch: int, context: int, block: int) -> tuple[Any, Any, int]:
 def absorbed_points(batch: int, context: int, repeats: int) -> list[dict[str, float]]:
     """CPU_MLA's decode kernel: one new token per sequence, ``rows`` query heads over one 576-dim latent head."""
     import torch
+    from gqla_compile.targets import median_seconds
     from vllm import _custom_ops as ops
 
     table, lens, blocks = _paged(batch, context, MLA_BLOCK)
@@ -68,7 +57,7 @@ def absorbed_points(batch: int, context: int, repeats: int) -> list[dict[str, fl
     for rows in ABSORBED_ROWS:
         q = torch.randn(batch, rows, head)
         out = torch.zeros(batch, rows, MLA_LATENT)
-        seconds = _median_seconds(lambda: ops.mla_decode_kvcache_cpu(out, q, cache, head**-0.5, table, lens), repeats)
+        seconds = median_seconds(lambda: ops.mla_decode_kvcache_cpu(out, q, cache, head**-0.5, table, lens), 0.0, repeats)
         points.append({"rows": rows, "bytes": batch * context * head * 4,
                        "flops": 2 * batch * context * rows * (head + MLA_LATENT), "seconds": seconds})
     return points
@@ -77,6 +66,7 @@ def absorbed_points(batch: int, context: int, repeats: int) -> list[dict[str, fl
 def grouped_points(batch: int, context: int, repeats: int) -> list[dict[str, float]]:
     """CPU_ATTN's kernel on decode: one new token per sequence, ``rows`` query heads per KV head."""
     import torch
+    from gqla_compile.targets import median_seconds
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -102,7 +92,7 @@ def grouped_points(batch: int, context: int, repeats: int) -> list[dict[str, flo
                                             alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
                                             scheduler_metadata=meta, s_aux=None)
 
-        seconds = _median_seconds(run, repeats)
+        seconds = median_seconds(run, 0.0, repeats)
         points.append({"rows": rows, "bytes": batch * context * kv_heads * 2 * head * 4,
                        "flops": 2 * batch * context * heads * 2 * head, "seconds": seconds})
     return points
