@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,18 +109,35 @@ def _step(model, ids, cache, positions):
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+def best_of(run: Callable[[Any], object], setup: Callable[[], Any] = lambda: None) -> float:
+    """Seconds of the fastest of up to 3 calls ``run(setup())`` (``setup`` untimed), a second and third only
+    while the calls so far took under SHORT_S in all."""
+    runs: list[float] = []
+    while not runs or (len(runs) < 3 and sum(runs) < SHORT_S):
+        state = setup()
+        start = time.perf_counter()
+        run(state)
+        runs.append(time.perf_counter() - start)
+    return min(runs)
+
+
+def _prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
+    """The prompt every variant and vLLM get for (batch, length)."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
 def run_request(model, kind: str, prompt: torch.Tensor, answer: int, budget_s: float) -> dict[str, Any]:
-    """One request: prefill (time to first token, best of up to 3 into fresh caches where prefills are short,
-    as the vLLM part measures), then greedy decode steps while the budget lasts."""
+    """One request: prefill (time to first token, :func:`best_of` into fresh caches, as the vLLM part
+    measures), then greedy decode steps while the budget lasts."""
     batch, length = prompt.shape
     with torch.no_grad():
-        prefills = []
-        while not prefills or (len(prefills) < 3 and sum(prefills) < SHORT_S):
-            cache = _cache(model, kind, batch, length + answer)
-            start = time.perf_counter()
-            token = _step(model, prompt, cache, torch.arange(length))
-            prefills.append(time.perf_counter() - start)
-        ttft = min(prefills)
+        last = {}
+
+        def prefill(cache):
+            last["cache"], last["token"] = cache, _step(model, prompt, cache, torch.arange(length))
+
+        ttft = best_of(prefill, lambda: _cache(model, kind, batch, length + answer))
+        cache, token = last["cache"], last["token"]
         tokens, steps = [token], []
         deadline = time.perf_counter() + budget_s
         for position in range(length, length + answer - 1):
@@ -195,7 +212,7 @@ def measure_variant(model, kind: str, cfg: dict[str, Any], *, compiled: bool, na
             _warm_up(model, kind, cfg, batch, vocab)
         before = _unique_graphs()
         for length in prompts(cfg, batch):
-            prompt = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+            prompt = _prompt(batch, length, vocab)
             log(f"[request] {name}: batch {batch}, prompt {length}")
             request = run_request(model, kind, prompt, longest, cfg["budget_s"])
             tokens[f"{batch}/{length}"] = request["tokens"].tolist()
@@ -217,11 +234,12 @@ def _measure_in_process(folder: str, name: str, cfg: dict[str, Any], compile: bo
     return {"entry": entry, "tokens": tokens}
 
 
-def _run_child(spec: dict[str, Any], log) -> dict[str, Any]:
-    """Runs one variant's process, handing its progress lines to ``log``; its RESULT line, parsed."""
-    command = [sys.executable, "-m", "benchmarks.request", "--variant-spec", json.dumps(spec)]
+def _run_child(spec: dict[str, Any], log, *, python: str = sys.executable, env: dict[str, str] | None = None):
+    """Runs ``python -m benchmarks.request --child-spec SPEC`` (one variant's requests, or vLLM's), handing its
+    progress lines to ``log``; its RESULT line, parsed."""
+    command = [python, "-m", "benchmarks.request", "--child-spec", json.dumps(spec)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=Path(__file__).resolve().parents[1]) as child:
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1]) as child:
         stdout = []
         reader = threading.Thread(target=lambda: stdout.extend(child.stdout), daemon=True)
         reader.start()
@@ -233,7 +251,7 @@ def _run_child(spec: dict[str, Any], log) -> dict[str, Any]:
         reader.join()
     results = [line for line in stdout if line.startswith("RESULT ")]
     if child.returncode or not results:
-        raise RuntimeError(f"the {spec['name']!r} variant's process failed (exit {child.returncode}); its last "
+        raise RuntimeError(f"the {spec['name']!r} process failed (exit {child.returncode}); its last "
                            "lines:\n" + "".join(stderr))
     return json.loads(results[-1][len("RESULT "):])
 
@@ -313,56 +331,53 @@ def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_VLLM_SCRIPT = r"""
-import json, sys, time
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-import torch
-spec = json.loads(sys.argv[1])
-llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-          max_model_len=spec["max_len"], max_num_seqs=max(spec["batches"]), enable_prefix_caching=False)
-warm = [TokensPrompt(prompt_token_ids=list(range(1, 33)))]
-llm.generate(warm, SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
-points = []
-for batch in spec["batches"]:
-    for length in spec["prompts"][str(batch)]:
-        g = torch.Generator().manual_seed(length)
-        prompts = [TokensPrompt(prompt_token_ids=row) for row in torch.randint(0, spec["vocab"], (batch, length), generator=g).tolist()]
-        times = {}
-        for answer in (1, *spec["answers"]):
-            params = SamplingParams(max_tokens=answer, min_tokens=answer, ignore_eos=True, temperature=0.0)
-            runs = []
-            while not runs or (len(runs) < 3 and sum(runs) < spec["short_s"]):  # best of up to 3 where short
-                start = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                runs.append(time.perf_counter() - start)
-            times[answer] = min(runs)
-        points.append({"batch": batch, "prompt": length, "ttft_s": times[1],
-                       "total_s": {str(answer): times[answer] for answer in spec["answers"]}})
-print("RESULT " + json.dumps(points))
-"""
+def _measure_vllm_in_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The vLLM child's side of :func:`measure_vllm`: per (batch, prompt), a 1-token request's seconds (the time
+    to first token) and each answer's request's."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cfg = spec["settings"]
+    llm = LLM(model=spec["folder"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+              max_model_len=max(cfg["prompts"]) + max(cfg["answers"]) + 8, max_num_seqs=max(cfg["batches"]),
+              enable_prefix_caching=False)
+
+    def params(answer: int):
+        return SamplingParams(max_tokens=answer, min_tokens=answer, ignore_eos=True, temperature=0.0)
+
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 33)))], params(4), use_tqdm=False)  # warm-up
+    points = []
+    for batch in cfg["batches"]:
+        for length in prompts(cfg, batch):
+            print(f"[request] vLLM: batch {batch}, prompt {length}", file=sys.stderr, flush=True)
+            requests = [TokensPrompt(prompt_token_ids=row) for row in _prompt(batch, length, spec["vocab"]).tolist()]
+            seconds = {}
+            for answer in (1, *cfg["answers"]):
+                sampling = params(answer)
+                seconds[answer] = best_of(lambda _: llm.generate(requests, sampling, use_tqdm=False))
+            points.append({"batch": batch, "prompt": length, "ttft_s": seconds[1],
+                           "total_s": {str(answer): seconds[answer] for answer in cfg["answers"]}})
+    return points
 
 
-def measure_vllm(reference, cfg: dict[str, Any], python: str) -> dict[str, Any]:
+def measure_vllm(reference, cfg: dict[str, Any], python: str, log=print) -> dict[str, Any]:
     """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint (prefix caching off,
     one warm-up request): time to first token as a 1-token request, each answer as a request of the same prompts
     (best of up to 3 where requests take under SHORT_S: the difference of two short single runs is mostly noise
     on a shared machine)."""
     if not Path(python).is_file():
         return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+           "OMP_NUM_THREADS": str(torch.get_num_threads()), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder, safe_serialization=True)
-        spec = {"model": folder, "prompts": {str(b): prompts(cfg, b) for b in cfg["batches"]}, "answers": cfg["answers"], "batches": cfg["batches"],
-                "vocab": reference.config.vocab_size, "short_s": SHORT_S, "max_len": max(cfg["prompts"]) + max(cfg["answers"]) + 8}
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-               "OMP_NUM_THREADS": str(torch.get_num_threads()), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-        done = subprocess.run([python, "-c", _VLLM_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                              env=env, timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] }"}
+        spec = {"folder": folder, "name": "vllm", "settings": cfg, "vocab": reference.config.vocab_size}
+        try:
+            measured = _run_child(spec, log, python=python, env=env)
+        except RuntimeError as error:
+            return {"error": str(error)}
     points = []
-    for point in json.loads(lines[-1][len("RESULT "):]):
+    for point in measured:
         entry = {"batch": point["batch"], "prompt": point["prompt"]}
         for answer in cfg["answers"]:
             total = point["total_s"][str(answer)]
@@ -395,7 +410,7 @@ def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: boo
             payload["vllm_skipped"] = why_not
         else:
             log("[request] vLLM")
-            payload["results"]["vllm"] = measure_vllm(reference, cfg, python)
+            payload["results"]["vllm"] = measure_vllm(reference, cfg, python, log)
     payload["attention_roofline"] = attention_roofline(reference, cfg)
     payload["load_average_after"] = common.load_average()
     common.write_json(out, PART, payload)
@@ -458,12 +473,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", default=None, help="the Python of vLLM's environment")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=None,
                         help="batch sizes to run instead of the mode's (comma-separated)")
-    parser.add_argument("--variant-spec", default=None, help=argparse.SUPPRESS)  # measure_variants' child process
+    parser.add_argument("--child-spec", default=None, help=argparse.SUPPRESS)  # a process _run_child started
     args = parser.parse_args(argv)
-    if args.variant_spec:
-        spec = json.loads(args.variant_spec)
-        common.apply_threads(spec["threads"])
-        measured = _measure_in_process(spec["folder"], spec["name"], spec["settings"], spec["compile"])
+    if args.child_spec:
+        spec = json.loads(args.child_spec)
+        if spec["name"] == "vllm":
+            measured = _measure_vllm_in_process(spec)
+        else:
+            common.apply_threads(spec["threads"])
+            measured = _measure_in_process(spec["folder"], spec["name"], spec["settings"], spec["compile"])
         print("RESULT " + json.dumps(measured))
         return 0
     common.apply_threads(args.threads)

@@ -247,7 +247,7 @@ def test_a_request_variant_whose_process_fails_raises_with_its_last_lines(tmp_pa
 
     spec = {"folder": str(tmp_path / "no-checkpoint-here"), "name": "absorbed", "settings": request.settings(True),
             "compile": False, "threads": 1}
-    with pytest.raises(RuntimeError, match=r"(?s)'absorbed' variant's process failed.*no-checkpoint-here"):
+    with pytest.raises(RuntimeError, match=r"(?s)'absorbed' process failed.*no-checkpoint-here"):
         request._run_child(spec, log=lambda *_: None)
 
 
