@@ -256,25 +256,24 @@ def _run_child(spec: dict[str, Any], log, *, python: str = sys.executable, env: 
     return json.loads(results[-1][len("RESULT "):])
 
 
-def measure_variants(reference, cfg: dict[str, Any], *, compile: bool, log=print) -> dict[str, Any]:
-    """Every variant, each in a process of its own (as vLLM's engine runs in its own): what one variant leaves
-    in a process (its compiled graphs, the allocator's state after 8k-token batches) does not reach the next."""
+def measure_variants(folder: str, cfg: dict[str, Any], *, compile: bool, log=print) -> dict[str, Any]:
+    """Every variant of the checkpoint in ``folder``, each in a process of its own (as vLLM's engine runs in its
+    own): what one variant leaves in a process (its compiled graphs, the allocator's state after 8k-token
+    batches) does not reach the next."""
     results: dict[str, Any] = {}
     tokens: dict[tuple, torch.Tensor] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder, safe_serialization=True)
-        for name in VARIANTS:
-            if _variant_needs_compile(name) and not compile:
-                results[name] = {"skipped": "compile is off (--no-compile)"}
-                continue
-            log(f"[request] {name}: own process")
-            spec = {"folder": folder, "name": name, "settings": cfg, "compile": compile,
-                    "threads": torch.get_num_threads()}
-            measured = _run_child(spec, log)
-            results[name] = measured["entry"]
-            for key, value in measured["tokens"].items():
-                batch, length = map(int, key.split("/"))
-                tokens[(name, batch, length)] = torch.tensor(value)
+    for name in VARIANTS:
+        if _variant_needs_compile(name) and not compile:
+            results[name] = {"skipped": "compile is off (--no-compile)"}
+            continue
+        log(f"[request] {name}: own process")
+        spec = {"folder": folder, "name": name, "settings": cfg, "compile": compile,
+                "threads": torch.get_num_threads()}
+        measured = _run_child(spec, log)
+        results[name] = measured["entry"]
+        for key, value in measured["tokens"].items():
+            batch, length = map(int, key.split("/"))
+            tokens[(name, batch, length)] = torch.tensor(value)
     return {"results": results, "identical_tokens": _identical(tokens)}
 
 
@@ -334,10 +333,12 @@ def attention_roofline(reference, cfg: dict[str, Any]) -> dict[str, Any]:
 def _measure_vllm_in_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The vLLM child's side of :func:`measure_vllm`: per (batch, prompt), a 1-token request's seconds (the time
     to first token) and each answer's request's."""
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     cfg = spec["settings"]
+    vocab = AutoConfig.from_pretrained(spec["folder"]).vocab_size
     llm = LLM(model=spec["folder"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
               max_model_len=max(cfg["prompts"]) + max(cfg["answers"]) + 8, max_num_seqs=max(cfg["batches"]),
               enable_prefix_caching=False)
@@ -350,7 +351,7 @@ def _measure_vllm_in_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
     for batch in cfg["batches"]:
         for length in prompts(cfg, batch):
             print(f"[request] vLLM: batch {batch}, prompt {length}", file=sys.stderr, flush=True)
-            requests = [TokensPrompt(prompt_token_ids=row) for row in _prompt(batch, length, spec["vocab"]).tolist()]
+            requests = [TokensPrompt(prompt_token_ids=row) for row in _prompt(batch, length, vocab).tolist()]
             seconds = {}
             for answer in (1, *cfg["answers"]):
                 sampling = params(answer)
@@ -360,8 +361,8 @@ def _measure_vllm_in_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
-def measure_vllm(reference, cfg: dict[str, Any], python: str, log=print) -> dict[str, Any]:
-    """vLLM's CPU build in a subprocess, on the same weights saved as a DeepSeek-V3 checkpoint (prefix caching off,
+def measure_vllm(folder: str, cfg: dict[str, Any], python: str, log=print) -> dict[str, Any]:
+    """vLLM's CPU build in a subprocess, on the DeepSeek-V3 checkpoint in ``folder`` (prefix caching off,
     one warm-up request): time to first token as a 1-token request, each answer as a request of the same prompts
     (best of up to 3 where requests take under SHORT_S: the difference of two short single runs is mostly noise
     on a shared machine)."""
@@ -369,13 +370,10 @@ def measure_vllm(reference, cfg: dict[str, Any], python: str, log=print) -> dict
         return {"skipped": f"{python} not found (vLLM's CPU build is not installed)"}
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
            "OMP_NUM_THREADS": str(torch.get_num_threads()), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder, safe_serialization=True)
-        spec = {"folder": folder, "name": "vllm", "settings": cfg, "vocab": reference.config.vocab_size}
-        try:
-            measured = _run_child(spec, log, python=python, env=env)
-        except RuntimeError as error:
-            return {"error": str(error)}
+    try:
+        measured = _run_child({"folder": folder, "name": "vllm", "settings": cfg}, log, python=python, env=env)
+    except RuntimeError as error:
+        return {"error": str(error)}
     points = []
     for point in measured:
         entry = {"batch": point["batch"], "prompt": point["prompt"]}
@@ -403,14 +401,16 @@ def run(out: str, *, quick: bool = False, compile: bool | None = None, vllm: boo
     payload: dict[str, Any] = {"part": PART, "quick": quick, "settings": cfg, "machine": machine,
                                "parameters": common.parameter_count(reference), "dtype": "float32",
                                "threads": torch.get_num_threads()}
-    payload.update(measure_variants(reference, cfg, compile=compile, log=log))
-    if cfg["vllm"] if vllm is None else vllm:
-        python, why_not = common.vllm_python(vllm_python)
-        if python is None:
-            payload["vllm_skipped"] = why_not
-        else:
-            log("[request] vLLM")
-            payload["results"]["vllm"] = measure_vllm(reference, cfg, python, log)
+    with tempfile.TemporaryDirectory() as folder:  # the weights every process loads
+        reference.save_pretrained(folder, safe_serialization=True)
+        payload.update(measure_variants(folder, cfg, compile=compile, log=log))
+        if cfg["vllm"] if vllm is None else vllm:
+            python, why_not = common.vllm_python(vllm_python)
+            if python is None:
+                payload["vllm_skipped"] = why_not
+            else:
+                log("[request] vLLM")
+                payload["results"]["vllm"] = measure_vllm(folder, cfg, python, log)
     payload["attention_roofline"] = attention_roofline(reference, cfg)
     payload["load_average_after"] = common.load_average()
     common.write_json(out, PART, payload)
